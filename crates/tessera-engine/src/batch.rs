@@ -1,0 +1,127 @@
+//! Recording kernels into one command buffer. Ops (in `ops.rs`) validate, then call
+//! [`Batch::dispatch`]; [`Batch::submit`] writes every dispatch's parameters and submits once.
+
+use crate::gpu::Gpu;
+use crate::pool::PooledBuffer;
+use crate::shaders::Kernel;
+use crate::tensor::Tensor;
+
+/// Each dispatch's parameters take one slot of a shared uniform buffer. 256 bytes is the
+/// largest `min_uniform_buffer_offset_alignment` WebGPU allows, so every slot is aligned.
+const PARAMS_SLOT: u64 = 256;
+const SLOTS_PER_BUFFER: u64 = 64;
+
+/// Workgroups per dispatch dimension that every WebGPU adapter supports.
+const MAX_WORKGROUPS_PER_DIMENSION: u32 = 65_535;
+
+/// A sequence of kernels recorded for one submission.
+pub struct Batch<'g> {
+    gpu: &'g Gpu,
+    encoder: wgpu::CommandEncoder,
+    pass: Option<wgpu::ComputePass<'static>>,
+    /// Parameter buffers and the bytes to write into each at submit.
+    params: Vec<(PooledBuffer, Vec<u8>)>,
+    dispatches: u32,
+}
+
+impl Gpu {
+    /// Starts recording kernels.
+    pub fn batch(&self) -> Batch<'_> {
+        let encoder = self.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera batch") });
+        Batch { gpu: self, encoder, pass: None, params: Vec::new(), dispatches: 0 }
+    }
+}
+
+impl<'g> Batch<'g> {
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Kernels recorded so far.
+    pub fn dispatches(&self) -> u32 {
+        self.dispatches
+    }
+
+    /// Records `kernel` on a grid of workgroups (see [`linear_grid`]). `tensors` follow
+    /// `kernel.bindings()`.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(&mut self, kernel: Kernel, params: &P, tensors: &[&Tensor], grid: (u32, u32)) {
+        let bindings = kernel.bindings();
+        debug_assert_eq!(bindings.len(), tensors.len(), "{kernel:?} binds {} tensors", bindings.len());
+        let compiled = self.gpu.pipelines().get(kernel);
+        let (buffer, offset) = self.params_slot(bytemuck::bytes_of(params));
+
+        let mut entries = Vec::with_capacity(tensors.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &buffer,
+                offset,
+                size: wgpu::BufferSize::new(PARAMS_SLOT),
+            }),
+        });
+        for (&(binding, _), tensor) in bindings.iter().zip(tensors) {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: tensor.buffer(),
+                    offset: 0,
+                    size: wgpu::BufferSize::new(tensor.bytes().next_multiple_of(4)),
+                }),
+            });
+        }
+        let bind_group = self.gpu.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry_point()),
+            layout: &compiled.layout,
+            entries: &entries,
+        });
+
+        let (x, y) = grid;
+        debug_assert!(x <= MAX_WORKGROUPS_PER_DIMENSION && y <= MAX_WORKGROUPS_PER_DIMENSION);
+        let pass = self.pass.get_or_insert_with(|| {
+            self.encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("tessera"), timestamp_writes: None })
+                .forget_lifetime()
+        });
+        pass.set_pipeline(&compiled.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        self.dispatches += 1;
+    }
+
+    /// Returns a params buffer and the offset of a fresh slot holding `bytes`.
+    fn params_slot(&mut self, bytes: &[u8]) -> (wgpu::Buffer, u64) {
+        debug_assert!(bytes.len() as u64 <= PARAMS_SLOT);
+        let full = self.params.last().is_none_or(|(_, data)| data.len() as u64 >= PARAMS_SLOT * SLOTS_PER_BUFFER);
+        if full {
+            let buffer = self.gpu.pool().acquire(
+                PARAMS_SLOT * SLOTS_PER_BUFFER,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            );
+            self.params.push((buffer, Vec::with_capacity((PARAMS_SLOT * SLOTS_PER_BUFFER) as usize)));
+        }
+        let (buffer, data) = self.params.last_mut().expect("a params buffer was just ensured");
+        let offset = data.len() as u64;
+        data.extend_from_slice(bytes);
+        data.resize((offset + PARAMS_SLOT) as usize, 0);
+        (buffer.buffer().clone(), offset)
+    }
+
+    /// Sends everything recorded as one queue submission.
+    pub fn submit(mut self) -> wgpu::SubmissionIndex {
+        self.pass = None;
+        for (buffer, data) in &self.params {
+            self.gpu.queue().write_buffer(buffer.buffer(), 0, data);
+        }
+        self.gpu.submit(self.encoder.finish())
+    }
+}
+
+/// Lays `workgroups` out as a grid whose dimensions stay within the limit: 2D when one dimension
+/// would exceed it. Kernels recover the linear index with `linear_workgroup` and skip the extras.
+pub(crate) fn linear_grid(workgroups: u32) -> (u32, u32) {
+    if workgroups <= MAX_WORKGROUPS_PER_DIMENSION {
+        (workgroups, 1)
+    } else {
+        (MAX_WORKGROUPS_PER_DIMENSION, workgroups.div_ceil(MAX_WORKGROUPS_PER_DIMENSION))
+    }
+}

@@ -1,0 +1,27 @@
+//! Tessera's compute engine: WGSL kernels on `wgpu`, the same code natively and in the browser.
+//!
+//! - [`Gpu`] wraps a caller's `wgpu::Device` and `Queue` ([`Gpu::request`] finds one) together
+//!   with the pipeline cache and the buffer pool.
+//! - [`Tensor`] is a shape, a dtype and a pooled GPU buffer.
+//! - [`Batch`] records kernels; `Batch::submit` sends them in one queue submission.
+//!   The ops (`Batch::matmul`, `Batch::linear`, `Batch::attention`, ...) check shapes and dtypes
+//!   and return [`EngineError`] rather than letting a GPU validation error through.
+//! - [`reference`] holds a CPU version of every kernel, [`checks`] compares the two.
+
+mod batch;
+pub mod checks;
+mod error;
+mod gpu;
+mod ops;
+mod pool;
+pub mod quant;
+pub mod reference;
+pub mod shaders;
+mod tensor;
+
+pub use batch::Batch;
+pub use error::{EngineError, Result};
+pub use gpu::{AdapterSummary, Gpu};
+pub use ops::{AttentionParams, Layout};
+pub use pool::PoolStats;
+pub use tensor::{DType, Shape, Tensor};

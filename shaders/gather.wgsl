@@ -1,0 +1,79 @@
+// Embedding lookup: out[t, :] = table[ids[t], :], from an f32, Q8_0 or Q4_1 table [vocab, dim].
+// One invocation per output element. An id outside the table yields a zero row (the host checks
+// ids before they get here; this only keeps reads in bounds).
+
+struct Params {
+    tokens: u32,
+    dim: u32,
+    vocab: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(3) var<storage, read> table_q: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+struct Element {
+    valid: bool,
+    token: u32,
+    id: u32,
+    column: u32,
+}
+
+fn element(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Element {
+    let index = linear_workgroup(wid, nwg) * 256u + lid;
+    var e = Element(false, 0u, 0u, 0u);
+    if (index < p.tokens * p.dim) {
+        e.valid = true;
+        e.token = index / p.dim;
+        e.column = index % p.dim;
+        e.id = ids[e.token];
+    }
+    return e;
+}
+
+@compute @workgroup_size(256)
+fn gather_f32(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = element(lid, wid, nwg);
+    if (e.valid) {
+        var v = 0.0;
+        if (e.id < p.vocab) {
+            v = table[e.id * p.dim + e.column];
+        }
+        out[e.token * p.dim + e.column] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn gather_q8_0(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = element(lid, wid, nwg);
+    if (e.valid) {
+        var v = 0.0;
+        if (e.id < p.vocab) {
+            let base = (e.id * (p.dim / 32u) + e.column / 32u) * Q8_0_WORDS;
+            let i = e.column % 32u;
+            let q = signed_bytes(table_q[base + 1u + i / 4u]);
+            v = bitcast<f32>(table_q[base]) * q[i % 4u];
+        }
+        out[e.token * p.dim + e.column] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn gather_q4_1(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = element(lid, wid, nwg);
+    if (e.valid) {
+        var v = 0.0;
+        if (e.id < p.vocab) {
+            let base = (e.id * (p.dim / 32u) + e.column / 32u) * Q4_1_WORDS;
+            let i = e.column % 32u;
+            let dm = unpack2x16float(table_q[base]);
+            let byte = (table_q[base + 1u + (i % 16u) / 4u] >> (8u * (i % 4u))) & 0xffu;
+            let q = select(byte & 0xfu, byte >> 4u, i >= 16u);
+            v = dm.x * f32(q) + dm.y;
+        }
+        out[e.token * p.dim + e.column] = v;
+    }
+}

@@ -1,0 +1,96 @@
+// The tiled f32 multiply shared by `matmul.wgsl` and `matmul_quant.wgsl`.
+//
+// C[M, N] = A[M, K] · B (+ bias[N]) (or C += ...), where the including file says how B's tile is
+// loaded (row-major f32, transposed f32, or dequantized blocks). Each 16x16 workgroup computes a
+// 64x64 tile of C; each invocation owns a 4x4 block held in four named vec4 accumulators.
+// K advances 32 at a time through workgroup memory; A and B are read as vec4.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    // bit 0: add `bias`; bit 1: accumulate into `c` instead of overwriting it.
+    flags: u32,
+}
+
+const FLAG_BIAS: u32 = 1u;
+const FLAG_ACCUMULATE: u32 = 2u;
+
+const TILE_M: u32 = 64u;
+const TILE_N: u32 = 64u;
+const TILE_K: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+
+// A's tile, [TILE_M][TILE_K / 4]: row-major with K packed in vec4.
+var<workgroup> tile_a: array<vec4<f32>, 512>;
+// B's tile, [TILE_K][TILE_N / 4]: row-major with N packed in vec4.
+var<workgroup> tile_b: array<vec4<f32>, 512>;
+
+struct Accumulators {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+// Loads A's tile: 512 vec4, two per invocation; zero outside the matrix.
+fn load_tile_a(t: u32, m0: u32, k0: u32) {
+    let k4 = p.k / 4u;
+    for (var i = 0u; i < 2u; i = i + 1u) {
+        let slot = t + i * 256u;
+        let row = m0 + slot / 8u;
+        let kq = k0 / 4u + slot % 8u;
+        var v = vec4<f32>(0.0);
+        if (row < p.m && kq < k4) {
+            v = a[row * k4 + kq];
+        }
+        tile_a[slot] = v;
+    }
+}
+
+fn multiply_tiles(acc_in: Accumulators, tx: u32, ty: u32) -> Accumulators {
+    var acc = acc_in;
+    for (var kq = 0u; kq < TILE_K / 4u; kq = kq + 1u) {
+        let b0 = tile_b[(kq * 4u + 0u) * 16u + tx];
+        let b1 = tile_b[(kq * 4u + 1u) * 16u + tx];
+        let b2 = tile_b[(kq * 4u + 2u) * 16u + tx];
+        let b3 = tile_b[(kq * 4u + 3u) * 16u + tx];
+        let a0 = tile_a[(ty * 4u + 0u) * 8u + kq];
+        let a1 = tile_a[(ty * 4u + 1u) * 8u + kq];
+        let a2 = tile_a[(ty * 4u + 2u) * 8u + kq];
+        let a3 = tile_a[(ty * 4u + 3u) * 8u + kq];
+        acc.r0 = fma(vec4<f32>(a0.x), b0, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.w), b3, acc.r0))));
+        acc.r1 = fma(vec4<f32>(a1.x), b0, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.w), b3, acc.r1))));
+        acc.r2 = fma(vec4<f32>(a2.x), b0, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.w), b3, acc.r2))));
+        acc.r3 = fma(vec4<f32>(a3.x), b0, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.w), b3, acc.r3))));
+    }
+    return acc;
+}
+
+fn store_row(row: u32, col4: u32, value: vec4<f32>) {
+    let n4 = p.n / 4u;
+    if (row < p.m && col4 < n4) {
+        var v = value;
+        if ((p.flags & FLAG_BIAS) != 0u) {
+            v = v + bias[col4];
+        }
+        let index = row * n4 + col4;
+        if ((p.flags & FLAG_ACCUMULATE) != 0u) {
+            v = v + c[index];
+        }
+        c[index] = v;
+    }
+}
+
+fn store_tile(acc: Accumulators, m0: u32, n0: u32, tx: u32, ty: u32) {
+    let row = m0 + ty * 4u;
+    let col4 = n0 / 4u + tx;
+    store_row(row + 0u, col4, acc.r0);
+    store_row(row + 1u, col4, acc.r1);
+    store_row(row + 2u, col4, acc.r2);
+    store_row(row + 3u, col4, acc.r3);
+}
