@@ -26,7 +26,8 @@ struct Params {
 const FLAG_CAUSAL: u32 = 1u;
 const FLAG_MASK: u32 = 2u;
 const CHUNK: u32 = 256u;
-const NEG_INF: f32 = -3.4028235e38;
+// The lowest finite f32: masked scores, and the running maximum before any key.
+const NEG_INF: f32 = -0x1.fffffep+127f;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;

@@ -17,7 +17,7 @@ fn softmax(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
         return;
     }
     let base = row * p.dim;
-    var largest = -3.4028235e38;
+    var largest = -0x1.fffffep+127f;
     for (var i = lid; i < p.dim; i = i + 256u) {
         largest = max(largest, x[base + i]);
     }
