@@ -430,7 +430,7 @@ impl Batch<'_> {
         expect_dtype(op, "data", data, DType::F32)?;
         expect_dtype(op, "sums", sums, DType::F32)?;
         let len = data.shape().elements();
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(EngineError::shape(op, format!("data has {len} elements, not a multiple of 4")));
         }
         expect_distinct(op, sums, &[data])?;

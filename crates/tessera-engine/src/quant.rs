@@ -14,7 +14,7 @@ pub const Q8_0_GGUF_BYTES: usize = 34;
 pub const Q8_0_BYTES: usize = 36;
 
 fn blocks(op: &'static str, len: usize, block_bytes: usize) -> Result<usize> {
-    if len % block_bytes != 0 {
+    if !len.is_multiple_of(block_bytes) {
         return Err(EngineError::shape(op, format!("{len} bytes is not a whole number of {block_bytes}-byte blocks")));
     }
     Ok(len / block_bytes)
@@ -23,7 +23,7 @@ fn blocks(op: &'static str, len: usize, block_bytes: usize) -> Result<usize> {
 /// Quantizes to GGUF Q4_1 the way ggml's reference quantizer does. `values.len()` must be a
 /// multiple of 32.
 pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
-    assert!(values.len() % BLOCK == 0, "Q4_1 quantizes whole blocks of 32");
+    assert!(values.len().is_multiple_of(BLOCK), "Q4_1 quantizes whole blocks of 32");
     let mut out = Vec::with_capacity(values.len() / BLOCK * Q4_1_BYTES);
     for block in values.chunks_exact(BLOCK) {
         let min = block.iter().copied().fold(f32::INFINITY, f32::min);
@@ -42,7 +42,7 @@ pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
 
 /// Quantizes to GGUF Q8_0 (34-byte blocks) as ggml's reference quantizer does.
 pub fn quantize_q8_0_gguf(values: &[f32]) -> Vec<u8> {
-    assert!(values.len() % BLOCK == 0, "Q8_0 quantizes whole blocks of 32");
+    assert!(values.len().is_multiple_of(BLOCK), "Q8_0 quantizes whole blocks of 32");
     let mut out = Vec::with_capacity(values.len() / BLOCK * Q8_0_GGUF_BYTES);
     for block in values.chunks_exact(BLOCK) {
         let amax = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
