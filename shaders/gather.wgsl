@@ -1,6 +1,9 @@
-// Embedding lookup: out[t, :] = table[ids[t], :], from an f32, Q8_0 or Q4_1 table [vocab, dim].
+// Embedding lookup: out[t, :] = table[ids[t], :], from an f32 table [vocab, dim] (`gather_f32`) or
+// a Q4_1 or Q8_0 one (`gather_quant`, `FORMAT`).
 // One invocation per output element. An id outside the table yields a zero row (the host checks
 // ids before they get here; this only keeps reads in bounds).
+
+override FORMAT: u32;
 
 struct Params {
     tokens: u32,
@@ -47,32 +50,23 @@ fn gather_f32(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) 
 }
 
 @compute @workgroup_size(256)
-fn gather_q8_0(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn gather_quant(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let e = element(lid, wid, nwg);
     if (e.valid) {
         var v = 0.0;
         if (e.id < p.vocab) {
-            let base = (e.id * (p.dim / 32u) + e.column / 32u) * Q8_0_WORDS;
+            let block = e.id * (p.dim / 32u) + e.column / 32u;
             let i = e.column % 32u;
-            let q = signed_bytes(table_q[base + 1u + i / 4u]);
-            v = bitcast<f32>(table_q[base]) * q[i % 4u];
-        }
-        out[e.token * p.dim + e.column] = v;
-    }
-}
-
-@compute @workgroup_size(256)
-fn gather_q4_1(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let e = element(lid, wid, nwg);
-    if (e.valid) {
-        var v = 0.0;
-        if (e.id < p.vocab) {
-            let base = (e.id * (p.dim / 32u) + e.column / 32u) * Q4_1_WORDS;
-            let i = e.column % 32u;
-            let dm = unpack2x16float(table_q[base]);
-            let byte = (table_q[base + 1u + (i % 16u) / 4u] >> (8u * (i % 4u))) & 0xffu;
-            let q = select(byte & 0xfu, byte >> 4u, i >= 16u);
-            v = dm.x * f32(q) + dm.y;
+            if (FORMAT == FORMAT_Q4_1) {
+                let base = block * Q4_1_WORDS;
+                let dm = unpack2x16float(table_q[base]);
+                let byte = (table_q[base + 1u + (i % 16u) / 4u] >> (8u * (i % 4u))) & 0xffu;
+                let q = select(byte & 0xfu, byte >> 4u, i >= 16u);
+                v = dm.x * f32(q) + dm.y;
+            } else {
+                let base = block * Q8_0_WORDS;
+                v = bitcast<f32>(table_q[base]) * signed_bytes(table_q[base + 1u + i / 4u])[i % 4u];
+            }
         }
         out[e.token * p.dim + e.column] = v;
     }

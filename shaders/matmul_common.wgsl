@@ -1,7 +1,8 @@
 // The tiled f32 multiply shared by `matmul.wgsl` and `matmul_quant.wgsl`.
 //
-// C[M, N] = A[M, K] · B (+ bias[N]) (or C += ...), where the including file says how B's tile is
-// loaded (row-major f32, transposed f32, or dequantized blocks). Each 16x16 workgroup computes a
+// C[M, N] = A[M, K] · B (+ bias[N]) (or C += ...). The including file defines
+// `load_tile_b(t, n0, k0)`, which fills `tile_b` (row-major f32, transposed f32, or dequantized
+// blocks), and an entry point that calls `multiply_matrices`. Each 16x16 workgroup computes a
 // 64x64 tile of C; each invocation owns a 4x4 block held in four named vec4 accumulators.
 // K advances 32 at a time through workgroup memory; A and B are read as vec4.
 
@@ -93,4 +94,30 @@ fn store_tile(acc: Accumulators, m0: u32, n0: u32, tx: u32, ty: u32) {
     store_row(row + 1u, col4, acc.r1);
     store_row(row + 2u, col4, acc.r2);
     store_row(row + 3u, col4, acc.r3);
+}
+
+// The whole kernel: walk K a tile at a time, then store this workgroup's 64x64 tile of C.
+fn multiply_matrices(lid: vec3<u32>, wid: vec3<u32>) {
+    let t = lid.y * 16u + lid.x;
+    let m0 = wid.y * TILE_M;
+    let n0 = wid.x * TILE_N;
+    var acc = Accumulators(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
+        load_tile_a(t, m0, k0);
+        load_tile_b(t, n0, k0);
+        workgroupBarrier();
+        acc = multiply_tiles(acc, lid.x, lid.y);
+        workgroupBarrier();
+    }
+    store_tile(acc, m0, n0, lid.x, lid.y);
+}
+
+// Stores four values of B[n][k..k+4] into `tile_b`, which is [k][n].
+fn store_b_column(n_local: u32, k_local: u32, v: vec4<f32>) {
+    let col4 = n_local / 4u;
+    let lane = n_local % 4u;
+    tile_b[(k_local + 0u) * 16u + col4][lane] = v.x;
+    tile_b[(k_local + 1u) * 16u + col4][lane] = v.y;
+    tile_b[(k_local + 2u) * 16u + col4][lane] = v.z;
+    tile_b[(k_local + 3u) * 16u + col4][lane] = v.w;
 }

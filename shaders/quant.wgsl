@@ -10,6 +10,10 @@
 const Q4_1_WORDS: u32 = 5u;
 const Q8_0_WORDS: u32 = 9u;
 
+// Values of the `FORMAT` override constant in the families that read blocks.
+const FORMAT_Q4_1: u32 = 0u;
+const FORMAT_Q8_0: u32 = 1u;
+
 // The four weights in the low nibbles of a word: weights 4j..4j+4 of the block for word j.
 fn nibbles_low(q: u32) -> vec4<f32> {
     return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(0xfu));

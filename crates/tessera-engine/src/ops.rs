@@ -36,7 +36,7 @@ const ATTENTION_CAUSAL: u32 = 1;
 const ATTENTION_MASK: u32 = 2;
 const MATMUL_TILE: usize = 64;
 const SCALAR_TILE: usize = 16;
-const MATVEC_ROWS_PER_WORKGROUP: usize = 8;
+const MATVEC_ROWS_PER_WORKGROUP: usize = 128;
 /// Invocations per workgroup in every 1D kernel.
 const WORKGROUP: usize = 256;
 

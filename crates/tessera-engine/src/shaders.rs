@@ -73,6 +73,23 @@ impl Family {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Matmul => "matmul",
+            Family::MatmulScalar => "matmul_scalar",
+            Family::MatmulQuant => "matmul_quant",
+            Family::MatvecQuant => "matvec_quant",
+            Family::Gather => "gather",
+            Family::Norm => "norm",
+            Family::Softmax => "softmax",
+            Family::Rope => "rope",
+            Family::Activation => "activation",
+            Family::Attention => "attention",
+            Family::Pooling => "pooling",
+            Family::StreamRead => "stream_read",
+        }
+    }
+
     /// The full WGSL source of the module.
     pub fn source(self) -> String {
         self.parts().join("\n")
@@ -158,17 +175,13 @@ impl Kernel {
 
     pub fn entry_point(self) -> &'static str {
         match self {
-            Kernel::MatmulNn => "matmul_nn",
-            Kernel::MatmulNt => "matmul_nt",
+            Kernel::MatmulNn | Kernel::MatmulNt => "matmul",
             Kernel::MatmulScalarNn => "matmul_scalar_nn",
             Kernel::MatmulScalarNt => "matmul_scalar_nt",
-            Kernel::MatmulQ4_1 => "matmul_q4_1",
-            Kernel::MatmulQ8_0 => "matmul_q8_0",
-            Kernel::MatvecQ4_1 => "matvec_q4_1",
-            Kernel::MatvecQ8_0 => "matvec_q8_0",
+            Kernel::MatmulQ4_1 | Kernel::MatmulQ8_0 => "matmul_quant",
+            Kernel::MatvecQ4_1 | Kernel::MatvecQ8_0 => "matvec_quant",
             Kernel::GatherF32 => "gather_f32",
-            Kernel::GatherQ8_0 => "gather_q8_0",
-            Kernel::GatherQ4_1 => "gather_q4_1",
+            Kernel::GatherQ8_0 | Kernel::GatherQ4_1 => "gather_quant",
             Kernel::RmsNorm => "rms_norm",
             Kernel::LayerNorm => "layer_norm",
             Kernel::Softmax => "softmax",
@@ -179,6 +192,21 @@ impl Kernel {
             Kernel::Attention => "attention",
             Kernel::MeanPoolL2 => "mean_pool_l2",
             Kernel::StreamRead => "stream_read",
+        }
+    }
+
+    /// Values for the entry point's pipeline-overridable constants: the variants of one entry
+    /// point (B's layout, the block format) are compiled as separate pipelines.
+    pub fn constants(self) -> &'static [(&'static str, f64)] {
+        // `FORMAT_Q4_1` and `FORMAT_Q8_0` in `quant.wgsl`.
+        const Q4_1: &[(&str, f64)] = &[("FORMAT", 0.0)];
+        const Q8_0: &[(&str, f64)] = &[("FORMAT", 1.0)];
+        match self {
+            Kernel::MatmulNn => &[("TRANSPOSED_B", 0.0)],
+            Kernel::MatmulNt => &[("TRANSPOSED_B", 1.0)],
+            Kernel::MatmulQ4_1 | Kernel::MatvecQ4_1 | Kernel::GatherQ4_1 => Q4_1,
+            Kernel::MatmulQ8_0 | Kernel::MatvecQ8_0 | Kernel::GatherQ8_0 => Q8_0,
+            _ => &[],
         }
     }
 
@@ -240,7 +268,7 @@ impl PipelineCache {
                 .entry(family)
                 .or_insert_with(|| {
                     self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(kernel.entry_point()),
+                        label: Some(family.name()),
                         source: wgpu::ShaderSource::Wgsl(Cow::Owned(family.source())),
                     })
                 })
@@ -266,8 +294,8 @@ impl PipelineCache {
             entry_point: Some(kernel.entry_point()),
             // Every kernel writes its workgroup memory before reading it.
             compilation_options: wgpu::PipelineCompilationOptions {
+                constants: kernel.constants(),
                 zero_initialize_workgroup_memory: false,
-                ..Default::default()
             },
             cache: None,
         });

@@ -152,3 +152,36 @@ fn test() -> anyhow::Result<()> {
     build_web()?;
     run(Command::new("node").args(["--test", "tests/browser/"]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every Rust file says what it is for in its first line (`//!`), as ARCHITECTURE.md promises.
+    #[test]
+    fn every_rust_file_opens_with_a_doc_line() {
+        fn visit(dir: &Path, missing: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("readable source tree").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    visit(&path, missing);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    if !text.starts_with("//!") {
+                        missing.push(path);
+                    }
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        visit(&workspace_root().join("crates"), &mut missing);
+        assert!(missing.is_empty(), "these files do not open with a //! line: {missing:?}");
+    }
+
+    #[test]
+    fn the_wasm_bindgen_pin_is_found() {
+        std::env::set_current_dir(workspace_root()).unwrap();
+        let version = pinned_wasm_bindgen().unwrap();
+        assert!(version.split('.').count() == 3, "{version}");
+    }
+}

@@ -32,6 +32,13 @@ fn every_kernel_entry_point_matches_its_bindings() {
             .find(|e| e.name == kernel.entry_point())
             .unwrap_or_else(|| panic!("{kernel:?}: no entry point {}", kernel.entry_point()));
         assert_eq!(entry.stage, naga::ShaderStage::Compute, "{kernel:?}");
+        // Every constant the engine sets is an override the module declares.
+        for (name, _) in kernel.constants() {
+            assert!(
+                module.overrides.iter().any(|(_, o)| o.name.as_deref() == Some(*name)),
+                "{kernel:?}: the module has no override {name}"
+            );
+        }
         // Every binding the engine declares is a global of the module with the same access.
         for &(binding, access) in kernel.bindings() {
             let global = module
