@@ -6,27 +6,25 @@ override TRANSPOSED_B: bool;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 
 fn load_tile_b(t: u32, n0: u32, k0: u32) {
-    for (var i = 0u; i < 2u; i = i + 1u) {
-        let slot = t + i * 256u;
-        if (TRANSPOSED_B) {
-            // [TILE_N][TILE_K / 4] from B's rows, stored transposed.
-            let n_local = slot / 8u;
-            let kq = k0 / 4u + slot % 8u;
-            var v = vec4<f32>(0.0);
-            if (n0 + n_local < p.n && kq < p.k / 4u) {
-                v = b[(n0 + n_local) * (p.k / 4u) + kq];
-            }
-            store_b_column(n_local, (slot % 8u) * 4u, v);
-        } else {
-            // [TILE_K][TILE_N / 4] straight from B's rows.
-            let row = k0 + slot / 16u;
-            let col4 = n0 / 4u + slot % 16u;
-            var v = vec4<f32>(0.0);
-            if (row < p.k && col4 < p.n / 4u) {
-                v = b[row * (p.n / 4u) + col4];
-            }
-            tile_b[slot] = v;
+    // 256 vec4, one per invocation.
+    if (TRANSPOSED_B) {
+        // [TILE_N][TILE_K / 4] from B's rows, stored transposed.
+        let n_local = t / 4u;
+        let kq = k0 / 4u + t % 4u;
+        var v = vec4<f32>(0.0);
+        if (n0 + n_local < p.n && kq < p.k / 4u) {
+            v = b[(n0 + n_local) * (p.k / 4u) + kq];
         }
+        store_b_column(n_local, (t % 4u) * 4u, v);
+    } else {
+        // [TILE_K][TILE_N / 4] straight from B's rows.
+        let row = k0 + t / 16u;
+        let col4 = n0 / 4u + t % 16u;
+        var v = vec4<f32>(0.0);
+        if (row < p.k && col4 < p.n / 4u) {
+            v = b[row * (p.n / 4u) + col4];
+        }
+        tile_b[t] = v;
     }
 }
 

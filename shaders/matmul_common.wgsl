@@ -3,8 +3,9 @@
 // C[M, N] = A[M, K] · B (+ bias[N]) (or C += ...). The including file defines
 // `load_tile_b(t, n0, k0)`, which fills `tile_b` (row-major f32, transposed f32, or dequantized
 // blocks), and an entry point that calls `multiply_matrices`. Each 16x16 workgroup computes a
-// 64x64 tile of C; each invocation owns a 4x4 block held in four named vec4 accumulators.
-// K advances 32 at a time through workgroup memory; A and B are read as vec4.
+// 128x64 tile of C; each invocation owns an 8x4 block held in eight named vec4 accumulators, so
+// every value read from workgroup memory feeds 4 or 8 multiply-adds. K advances 16 at a time
+// through workgroup memory; A and B are read as vec4.
 
 struct Params {
     m: u32,
@@ -17,9 +18,9 @@ struct Params {
 const FLAG_BIAS: u32 = 1u;
 const FLAG_ACCUMULATE: u32 = 2u;
 
-const TILE_M: u32 = 64u;
+const TILE_M: u32 = 128u;
 const TILE_N: u32 = 64u;
-const TILE_K: u32 = 32u;
+const TILE_K: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -29,13 +30,17 @@ const TILE_K: u32 = 32u;
 // A's tile, [TILE_M][TILE_K / 4]: row-major with K packed in vec4.
 var<workgroup> tile_a: array<vec4<f32>, 512>;
 // B's tile, [TILE_K][TILE_N / 4]: row-major with N packed in vec4.
-var<workgroup> tile_b: array<vec4<f32>, 512>;
+var<workgroup> tile_b: array<vec4<f32>, 256>;
 
 struct Accumulators {
     r0: vec4<f32>,
     r1: vec4<f32>,
     r2: vec4<f32>,
     r3: vec4<f32>,
+    r4: vec4<f32>,
+    r5: vec4<f32>,
+    r6: vec4<f32>,
+    r7: vec4<f32>,
 }
 
 // Loads A's tile: 512 vec4, two per invocation; zero outside the matrix.
@@ -43,14 +48,19 @@ fn load_tile_a(t: u32, m0: u32, k0: u32) {
     let k4 = p.k / 4u;
     for (var i = 0u; i < 2u; i = i + 1u) {
         let slot = t + i * 256u;
-        let row = m0 + slot / 8u;
-        let kq = k0 / 4u + slot % 8u;
+        let row = m0 + slot / 4u;
+        let kq = k0 / 4u + slot % 4u;
         var v = vec4<f32>(0.0);
         if (row < p.m && kq < k4) {
             v = a[row * k4 + kq];
         }
         tile_a[slot] = v;
     }
+}
+
+// One row of A's tile times B's tile, added to `acc`.
+fn row_times_tile(acc: vec4<f32>, a_row: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(a_row.x), b0, fma(vec4<f32>(a_row.y), b1, fma(vec4<f32>(a_row.z), b2, fma(vec4<f32>(a_row.w), b3, acc))));
 }
 
 fn multiply_tiles(acc_in: Accumulators, tx: u32, ty: u32) -> Accumulators {
@@ -60,14 +70,15 @@ fn multiply_tiles(acc_in: Accumulators, tx: u32, ty: u32) -> Accumulators {
         let b1 = tile_b[(kq * 4u + 1u) * 16u + tx];
         let b2 = tile_b[(kq * 4u + 2u) * 16u + tx];
         let b3 = tile_b[(kq * 4u + 3u) * 16u + tx];
-        let a0 = tile_a[(ty * 4u + 0u) * 8u + kq];
-        let a1 = tile_a[(ty * 4u + 1u) * 8u + kq];
-        let a2 = tile_a[(ty * 4u + 2u) * 8u + kq];
-        let a3 = tile_a[(ty * 4u + 3u) * 8u + kq];
-        acc.r0 = fma(vec4<f32>(a0.x), b0, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.z), b2, fma(vec4<f32>(a0.w), b3, acc.r0))));
-        acc.r1 = fma(vec4<f32>(a1.x), b0, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.z), b2, fma(vec4<f32>(a1.w), b3, acc.r1))));
-        acc.r2 = fma(vec4<f32>(a2.x), b0, fma(vec4<f32>(a2.y), b1, fma(vec4<f32>(a2.z), b2, fma(vec4<f32>(a2.w), b3, acc.r2))));
-        acc.r3 = fma(vec4<f32>(a3.x), b0, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.z), b2, fma(vec4<f32>(a3.w), b3, acc.r3))));
+        let row = ty * 8u * (TILE_K / 4u) + kq;
+        acc.r0 = row_times_tile(acc.r0, tile_a[row + 0u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r1 = row_times_tile(acc.r1, tile_a[row + 1u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r2 = row_times_tile(acc.r2, tile_a[row + 2u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r3 = row_times_tile(acc.r3, tile_a[row + 3u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r4 = row_times_tile(acc.r4, tile_a[row + 4u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r5 = row_times_tile(acc.r5, tile_a[row + 5u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r6 = row_times_tile(acc.r6, tile_a[row + 6u * (TILE_K / 4u)], b0, b1, b2, b3);
+        acc.r7 = row_times_tile(acc.r7, tile_a[row + 7u * (TILE_K / 4u)], b0, b1, b2, b3);
     }
     return acc;
 }
@@ -88,20 +99,25 @@ fn store_row(row: u32, col4: u32, value: vec4<f32>) {
 }
 
 fn store_tile(acc: Accumulators, m0: u32, n0: u32, tx: u32, ty: u32) {
-    let row = m0 + ty * 4u;
+    let row = m0 + ty * 8u;
     let col4 = n0 / 4u + tx;
     store_row(row + 0u, col4, acc.r0);
     store_row(row + 1u, col4, acc.r1);
     store_row(row + 2u, col4, acc.r2);
     store_row(row + 3u, col4, acc.r3);
+    store_row(row + 4u, col4, acc.r4);
+    store_row(row + 5u, col4, acc.r5);
+    store_row(row + 6u, col4, acc.r6);
+    store_row(row + 7u, col4, acc.r7);
 }
 
-// The whole kernel: walk K a tile at a time, then store this workgroup's 64x64 tile of C.
+// The whole kernel: walk K a tile at a time, then store this workgroup's tile of C.
 fn multiply_matrices(lid: vec3<u32>, wid: vec3<u32>) {
     let t = lid.y * 16u + lid.x;
     let m0 = wid.y * TILE_M;
     let n0 = wid.x * TILE_N;
-    var acc = Accumulators(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let zero = vec4<f32>(0.0);
+    var acc = Accumulators(zero, zero, zero, zero, zero, zero, zero, zero);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + TILE_K) {
         load_tile_a(t, m0, k0);
         load_tile_b(t, n0, k0);

@@ -34,7 +34,9 @@ const FLAG_BIAS: u32 = 1;
 const FLAG_ACCUMULATE: u32 = 2;
 const ATTENTION_CAUSAL: u32 = 1;
 const ATTENTION_MASK: u32 = 2;
-const MATMUL_TILE: usize = 64;
+/// The tile of C each workgroup of `matmul_common.wgsl` computes.
+const MATMUL_TILE_M: usize = 128;
+const MATMUL_TILE_N: usize = 64;
 const SCALAR_TILE: usize = 16;
 const MATVEC_ROWS_PER_WORKGROUP: usize = 128;
 /// Invocations per workgroup in every 1D kernel.
@@ -176,8 +178,9 @@ impl Batch<'_> {
         expect_distinct(op, out, &[bias])?;
         let p = params(m, n, k, flags);
 
-        let tiles = |tile: usize| -> Result<(u32, u32)> {
-            let (x, y) = (n.div_ceil(tile), m.div_ceil(tile));
+        // Workgroups over (columns, rows) for a kernel whose workgroups each cover a tile of C.
+        let tiles = |tile_n: usize, tile_m: usize| -> Result<(u32, u32)> {
+            let (x, y) = (n.div_ceil(tile_n), m.div_ceil(tile_m));
             if x > 65_535 || y > 65_535 {
                 return Err(EngineError::shape(op, format!("[{m}, {k}] x [{k}, {n}] needs too many workgroups")));
             }
@@ -186,11 +189,11 @@ impl Batch<'_> {
         match (b.dtype(), layout) {
             (DType::F32, _) if k % 4 == 0 && n % 4 == 0 => {
                 let kernel = if layout == Layout::Nn { Kernel::MatmulNn } else { Kernel::MatmulNt };
-                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(MATMUL_TILE)?);
+                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(MATMUL_TILE_N, MATMUL_TILE_M)?);
             }
             (DType::F32, _) => {
                 let kernel = if layout == Layout::Nn { Kernel::MatmulScalarNn } else { Kernel::MatmulScalarNt };
-                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(SCALAR_TILE)?);
+                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(SCALAR_TILE, SCALAR_TILE)?);
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) if m == 1 => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatvecQ4_1 } else { Kernel::MatvecQ8_0 };
@@ -198,7 +201,7 @@ impl Batch<'_> {
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) if n % 4 == 0 => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatmulQ4_1 } else { Kernel::MatmulQ8_0 };
-                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(MATMUL_TILE)?);
+                self.dispatch(kernel, &p, &[a, b, bias, out], tiles(MATMUL_TILE_N, MATMUL_TILE_M)?);
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) => {
                 return Err(EngineError::Unsupported {
