@@ -11,6 +11,7 @@
 mod batch;
 pub mod checks;
 mod error;
+pub mod gguf;
 mod gpu;
 mod ops;
 mod pool;
