@@ -1,6 +1,7 @@
 //! Recording kernels into one command buffer. Ops (in `ops.rs`) validate, then call
 //! [`Batch::dispatch`]; [`Batch::submit`] writes every dispatch's parameters and submits once.
 
+use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
 use crate::pool::PooledBuffer;
 use crate::shaders::Kernel;
@@ -86,6 +87,36 @@ impl<'g> Batch<'g> {
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
         self.dispatches += 1;
+    }
+
+    /// Copies `elements` values from `source` (starting at element `source_offset`) into `target`
+    /// (at element `target_offset`): KV-cache appends, picking a row out of a batch.
+    pub fn copy(&mut self, source: &Tensor, source_offset: usize, target: &Tensor, target_offset: usize, elements: usize) -> Result<()> {
+        let op = "copy";
+        if source.dtype() != target.dtype() || source.dtype().is_quantized() {
+            return Err(EngineError::shape(op, format!("cannot copy {:?} into {:?}", source.dtype(), target.dtype())));
+        }
+        let fits = |offset: usize, tensor: &Tensor| offset.checked_add(elements).is_some_and(|end| end <= tensor.shape().elements());
+        if elements == 0 || !fits(source_offset, source) || !fits(target_offset, target) || source.same_buffer(target) {
+            return Err(EngineError::shape(
+                op,
+                format!(
+                    "{elements} elements from {source_offset} of {} to {target_offset} of {} (distinct tensors, in bounds)",
+                    source.shape(),
+                    target.shape()
+                ),
+            ));
+        }
+        self.pass = None;
+        let bytes = source.dtype().bytes(1) as u64;
+        self.encoder.copy_buffer_to_buffer(
+            source.buffer(),
+            source_offset as u64 * bytes,
+            target.buffer(),
+            target_offset as u64 * bytes,
+            elements as u64 * bytes,
+        );
+        Ok(())
     }
 
     /// Returns a params buffer and the offset of a fresh slot holding `bytes`.

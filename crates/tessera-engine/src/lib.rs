@@ -13,6 +13,7 @@ pub mod checks;
 mod error;
 pub mod gguf;
 mod gpu;
+pub mod llama;
 mod ops;
 mod pool;
 pub mod quant;

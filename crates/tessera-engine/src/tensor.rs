@@ -1,6 +1,7 @@
 //! Tensors: a shape, an element type and a GPU buffer (usually borrowed from the pool).
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::pool::PooledBuffer;
@@ -97,17 +98,18 @@ impl fmt::Debug for Shape {
     }
 }
 
-/// A tensor on the GPU. Dropping it returns its buffer to the pool it came from.
+/// A tensor on the GPU. Views ([`Tensor::view`]) share its buffer; dropping the last one returns
+/// the buffer to the pool it came from.
 #[derive(Debug)]
 pub struct Tensor {
-    pub(crate) buffer: PooledBuffer,
+    buffer: Arc<PooledBuffer>,
     shape: Shape,
     dtype: DType,
 }
 
 impl Tensor {
     pub(crate) fn new(buffer: PooledBuffer, shape: Shape, dtype: DType) -> Tensor {
-        Tensor { buffer, shape, dtype }
+        Tensor { buffer: Arc::new(buffer), shape, dtype }
     }
 
     pub fn shape(&self) -> Shape {
@@ -131,16 +133,13 @@ impl Tensor {
         self.buffer.buffer()
     }
 
-    /// Reinterprets the same data with another shape of the same element count.
-    pub fn reshape(self, dims: &[usize]) -> Result<Tensor> {
+    /// The same data with another shape of the same element count (no copy).
+    pub fn view(&self, dims: &[usize]) -> Result<Tensor> {
         let shape = Shape::try_new(dims)?;
-        if shape.elements() != self.shape.elements() {
-            return Err(EngineError::shape(
-                "reshape",
-                format!("cannot view {} as {} (element counts differ)", self.shape, shape),
-            ));
+        if shape.elements() != self.shape.elements() || shape.last() % self.dtype.block_size() != 0 {
+            return Err(EngineError::shape("view", format!("cannot view {} as {shape}", self.shape)));
         }
-        Ok(Tensor { shape, ..self })
+        Ok(Tensor { buffer: self.buffer.clone(), shape, dtype: self.dtype })
     }
 
     pub(crate) fn same_buffer(&self, other: &Tensor) -> bool {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod kernels;
+mod llama;
 mod shaders;
 
 use std::sync::OnceLock;

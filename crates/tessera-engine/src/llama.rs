@@ -1,0 +1,256 @@
+//! Llama-architecture language models from GGUF (SmolLM2 and its family), run as a sequence of
+//! stages: the token embedding, spans of transformer blocks `[a, b)`, and the head. A span takes a
+//! hidden-state tensor [tokens, dim] plus positions, keeps its own KV cache per session, and gives
+//! back a hidden-state tensor; running spans one after another is the whole model.
+
+use std::io::{Read, Seek};
+use std::ops::Range;
+
+use crate::batch::Batch;
+use crate::error::EngineError;
+use crate::gguf::{Gguf, GgufError, TensorInfo, TensorType, Value};
+use crate::gpu::Gpu;
+use crate::ops::AttentionParams;
+use crate::quant;
+use crate::tensor::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{file}: {problem}")]
+    Invalid { file: String, problem: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The hyper-parameters, from the GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub blocks: usize,
+    pub dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub eps: f32,
+    pub rope_theta: f32,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(file: &str, gguf: &Gguf) -> Result<LlamaConfig, ModelError> {
+        let invalid = |problem: String| ModelError::Invalid { file: file.to_string(), problem };
+        let arch = gguf.get("general.architecture").and_then(Value::as_str).unwrap_or("(none)");
+        if arch != "llama" {
+            return Err(invalid(format!("architecture {arch:?} is not supported (llama is)")));
+        }
+        let int = |key: &str| -> Result<usize, ModelError> {
+            let full = format!("llama.{key}");
+            gguf.get(&full).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| invalid(format!("metadata {full} is missing or not an integer")))
+        };
+        let float = |key: &str, default: f32| gguf.get(&format!("llama.{key}")).and_then(Value::as_f32).unwrap_or(default);
+        let dim = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let kv_heads = gguf.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |v| v as usize);
+        let vocab = match gguf.get("llama.vocab_size").and_then(Value::as_u64) {
+            Some(v) => v as usize,
+            None => gguf.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(<[Value]>::len).ok_or_else(|| invalid("no vocabulary size".into()))?,
+        };
+        let config = LlamaConfig {
+            blocks: int("block_count")?,
+            dim,
+            heads,
+            kv_heads,
+            head_dim: if heads > 0 { dim / heads } else { 0 },
+            ffn: int("feed_forward_length")?,
+            vocab,
+            context: int("context_length")?,
+            eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta: float("rope.freq_base", 10_000.0),
+        };
+        if heads == 0 || kv_heads == 0 || dim % heads != 0 || heads % kv_heads != 0 || config.blocks == 0 {
+            return Err(invalid(format!("inconsistent shape: {config:?}")));
+        }
+        Ok(config)
+    }
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded model: any subset of its stages may be present (a contributor loads only its span).
+pub struct Llama {
+    pub config: LlamaConfig,
+    embedding: Option<Tensor>,
+    blocks: Vec<Option<Block>>,
+    output_norm: Option<Tensor>,
+    /// `None` when the head is tied to the embedding.
+    output: Option<Tensor>,
+}
+
+/// What to load: the embedding and head, and which blocks.
+#[derive(Clone, Debug)]
+pub struct Stages {
+    pub embedding: bool,
+    pub blocks: Range<usize>,
+    pub head: bool,
+}
+
+impl Stages {
+    pub fn all(config: &LlamaConfig) -> Stages {
+        Stages { embedding: true, blocks: 0..config.blocks, head: true }
+    }
+}
+
+/// One generation session's KV cache for the blocks of a span.
+pub struct KvCache {
+    blocks: Range<usize>,
+    capacity: usize,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Tokens already in the cache.
+    pub len: usize,
+}
+
+impl Llama {
+    /// Loads `stages` of the model in `source` (named `file` in errors), one tensor at a time.
+    pub fn load<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, stages: &Stages) -> Result<Llama, ModelError> {
+        let gguf = Gguf::read(file, source)?;
+        let config = LlamaConfig::from_gguf(file, &gguf)?;
+        if stages.blocks.end > config.blocks || stages.blocks.start > stages.blocks.end {
+            return Err(ModelError::Invalid { file: file.into(), problem: format!("blocks {:?} outside 0..{}", stages.blocks, config.blocks) });
+        }
+        let mut load = |name: &str, dims: &[usize]| load_tensor(gpu, file, source, &gguf, name, dims);
+        let c = &config;
+        let (kv_dim, q_dim) = (c.kv_heads * c.head_dim, c.heads * c.head_dim);
+        let tied = gguf.tensor("output.weight").is_none();
+        let embedding = if stages.embedding || (stages.head && tied) { Some(load("token_embd.weight", &[c.vocab, c.dim])?) } else { None };
+        let mut blocks = Vec::with_capacity(c.blocks);
+        for i in 0..c.blocks {
+            if !stages.blocks.contains(&i) {
+                blocks.push(None);
+                continue;
+            }
+            let mut w = |name: &str, dims: &[usize]| load(&format!("blk.{i}.{name}.weight"), dims);
+            blocks.push(Some(Block {
+                attn_norm: w("attn_norm", &[c.dim])?,
+                q: w("attn_q", &[q_dim, c.dim])?,
+                k: w("attn_k", &[kv_dim, c.dim])?,
+                v: w("attn_v", &[kv_dim, c.dim])?,
+                o: w("attn_output", &[c.dim, q_dim])?,
+                ffn_norm: w("ffn_norm", &[c.dim])?,
+                gate: w("ffn_gate", &[c.ffn, c.dim])?,
+                up: w("ffn_up", &[c.ffn, c.dim])?,
+                down: w("ffn_down", &[c.dim, c.ffn])?,
+            }));
+        }
+        let output_norm = if stages.head { Some(load("output_norm.weight", &[c.dim])?) } else { None };
+        let output = if stages.head && !tied { Some(load("output.weight", &[c.vocab, c.dim])?) } else { None };
+        Ok(Llama { config, embedding, blocks, output_norm, output })
+    }
+
+    /// A KV cache for `blocks` holding up to `capacity` tokens.
+    pub fn kv_cache(&self, gpu: &Gpu, blocks: Range<usize>, capacity: usize) -> Result<KvCache, EngineError> {
+        let dims = [1, capacity, self.config.kv_heads, self.config.head_dim];
+        let k = blocks.clone().map(|_| gpu.empty(&dims, DType::F32)).collect::<Result<_, _>>()?;
+        let v = blocks.clone().map(|_| gpu.empty(&dims, DType::F32)).collect::<Result<_, _>>()?;
+        Ok(KvCache { blocks, capacity, k, v, len: 0 })
+    }
+
+    fn stage<'t, T>(tensor: &'t Option<T>, what: &str) -> Result<&'t T, EngineError> {
+        tensor.as_ref().ok_or_else(|| EngineError::Unsupported { op: "llama", detail: format!("the {what} is not loaded here") })
+    }
+
+    /// The embedding stage: hidden states [tokens, dim] for token `ids` [tokens] (u32).
+    pub fn embed(&self, batch: &mut Batch<'_>, ids: &Tensor, out: &Tensor) -> Result<(), EngineError> {
+        batch.gather(Self::stage(&self.embedding, "embedding")?, ids, out)
+    }
+
+    /// Runs the cache's blocks over `hidden` [tokens, dim] in place, for tokens at positions
+    /// `cache.len..` (`positions` holds them as u32), and appends to the cache.
+    pub fn forward_span(&self, batch: &mut Batch<'_>, hidden: &Tensor, positions: &Tensor, cache: &mut KvCache) -> Result<(), EngineError> {
+        let c = &self.config;
+        let gpu = batch.gpu();
+        let tokens = hidden.shape().rows();
+        if cache.len + tokens > cache.capacity {
+            return Err(EngineError::shape("llama", format!("{} cached + {tokens} new tokens exceed the cache's {}", cache.len, cache.capacity)));
+        }
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let normed = gpu.empty(&[tokens, c.dim], DType::F32)?;
+        let q = gpu.empty(&[tokens, c.heads, c.head_dim], DType::F32)?;
+        let k = gpu.empty(&[tokens, c.kv_heads, c.head_dim], DType::F32)?;
+        let v = gpu.empty(&[tokens, c.kv_heads, c.head_dim], DType::F32)?;
+        let attended = gpu.empty(&[1, tokens, c.heads, c.head_dim], DType::F32)?;
+        let gate = gpu.empty(&[tokens, c.ffn], DType::F32)?;
+        let up = gpu.empty(&[tokens, c.ffn], DType::F32)?;
+        let activated = gpu.empty(&[tokens, c.ffn], DType::F32)?;
+        let (q2, k2, v2) = (q.view(&[tokens, q_dim])?, k.view(&[tokens, kv_dim])?, v.view(&[tokens, kv_dim])?);
+        let (q4, attended2) = (q.view(&[1, tokens, c.heads, c.head_dim])?, attended.view(&[tokens, q_dim])?);
+        let attention = AttentionParams { causal: true, past: cache.len, kv_len: cache.len + tokens, scale: 1.0 / (c.head_dim as f32).sqrt() };
+        for (slot, index) in cache.blocks.clone().enumerate() {
+            let block = Self::stage(&self.blocks[index], "block")?;
+            batch.rms_norm(hidden, &block.attn_norm, c.eps, &normed)?;
+            batch.linear(&normed, &block.q, None, &q2, false)?;
+            batch.linear(&normed, &block.k, None, &k2, false)?;
+            batch.linear(&normed, &block.v, None, &v2, false)?;
+            batch.rope(&q, positions, c.rope_theta)?;
+            batch.rope(&k, positions, c.rope_theta)?;
+            batch.copy(&k, 0, &cache.k[slot], cache.len * kv_dim, tokens * kv_dim)?;
+            batch.copy(&v, 0, &cache.v[slot], cache.len * kv_dim, tokens * kv_dim)?;
+            batch.attention(&q4, &cache.k[slot], &cache.v[slot], None, &attended, attention)?;
+            batch.linear(&attended2, &block.o, None, hidden, true)?;
+            batch.rms_norm(hidden, &block.ffn_norm, c.eps, &normed)?;
+            batch.linear(&normed, &block.gate, None, &gate, false)?;
+            batch.linear(&normed, &block.up, None, &up, false)?;
+            batch.silu_mul(&gate, &up, &activated)?;
+            batch.linear(&activated, &block.down, None, hidden, true)?;
+        }
+        cache.len += tokens;
+        Ok(())
+    }
+
+    /// The head: final norm and logits [tokens, vocab] for `hidden` [tokens, dim].
+    pub fn head(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {
+        let normed = batch.gpu().empty(hidden.dims(), DType::F32)?;
+        batch.rms_norm(hidden, Self::stage(&self.output_norm, "output norm")?, self.config.eps, &normed)?;
+        let weight = match &self.output {
+            Some(output) => output,
+            None => Self::stage(&self.embedding, "tied embedding")?,
+        };
+        batch.linear(&normed, weight, None, logits, false)
+    }
+}
+
+/// Reads tensor `name`, checks it has `dims` (engine order: [rows, cols]), and uploads it in the
+/// engine's layout.
+fn load_tensor<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, gguf: &Gguf, name: &str, dims: &[usize]) -> Result<Tensor, ModelError> {
+    let invalid = |problem: String| ModelError::Invalid { file: file.to_string(), problem };
+    let info: &TensorInfo = gguf.tensor(name).ok_or_else(|| invalid(format!("tensor {name} is missing")))?;
+    let gguf_dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+    if gguf_dims != dims {
+        return Err(invalid(format!("tensor {name} has shape {gguf_dims:?}, expected {dims:?}")));
+    }
+    let bytes = gguf.read_tensor(file, source, info)?;
+    let tensor = match info.ty {
+        TensorType::F32 => gpu.upload_weights(dims, DType::F32, &bytes)?,
+        TensorType::Q4_1 => gpu.upload_weights(dims, DType::Q4_1, &bytes)?,
+        TensorType::Q8_0 => gpu.upload_weights(dims, DType::Q8_0, &quant::repack_q8_0(&bytes)?)?,
+        TensorType::F16 if dims.len() == 1 => {
+            let values: Vec<f32> = bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            gpu.upload_weights(dims, DType::F32, bytemuck::cast_slice(&values))?
+        }
+        other => return Err(invalid(format!("tensor {name} has type {other:?}, which the engine cannot run yet"))),
+    };
+    Ok(tensor)
+}

@@ -1,0 +1,123 @@
+//! SmolLM2-135M-Instruct (GGUF Q4_1) against the float64 reference in `tests/data`: teacher-forced
+//! logits at every position, greedy decoding, and the model split into spans.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tessera_engine::llama::{KvCache, Llama, Stages};
+use tessera_engine::{DType, Gpu};
+
+use crate::gpu;
+
+const MODEL: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The reference's own bound: a logit within this of the float64 value, and where the
+/// reference's top two are closer than this, either is a legitimate choice.
+const TOLERANCE: f32 = 0.05;
+
+#[derive(Deserialize)]
+struct Fixture {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    top5: Vec<Top5>,
+}
+
+#[derive(Deserialize)]
+struct Top5 {
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+impl Top5 {
+    fn margin(&self) -> f32 {
+        self.logits[0] - self.logits[1]
+    }
+}
+
+fn fixture() -> Fixture {
+    let text = include_str!("../data/smollm2-135m-instruct-q4_1.json");
+    serde_json::from_str(text).expect("the fixture parses")
+}
+
+/// Where `tessera models fetch` puts models: `$TESSERA_MODELS`, else `~/.cache/tessera/models`.
+fn model_path() -> PathBuf {
+    match std::env::var_os("TESSERA_MODELS") {
+        Some(dir) => PathBuf::from(dir).join(MODEL),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tessera/models").join(MODEL),
+    }
+}
+
+/// The model and a GPU, or `None` (loudly) where either is missing outside CI.
+fn model(stages: impl FnOnce(&Llama) -> Stages) -> Option<(&'static Gpu, Llama)> {
+    let gpu = gpu()?;
+    let path = model_path();
+    let Ok(mut file) = std::fs::File::open(&path) else {
+        assert!(std::env::var_os("CI").is_none(), "CI is set but {} is missing: run `tessera models fetch`", path.display());
+        eprintln!("NOT RUN: {} is missing; run `tessera models fetch`", path.display());
+        return None;
+    };
+    let name = path.display().to_string();
+    let header = Llama::load(gpu, &name, &mut file, &Stages { embedding: false, blocks: 0..0, head: false }).expect("header");
+    let stages = stages(&header);
+    Some((gpu, Llama::load(gpu, &name, &mut file, &stages).expect("the model loads")))
+}
+
+/// Logits [ids.len(), vocab] for `ids` from position 0, running the blocks as `spans`.
+fn logits(gpu: &Gpu, model: &Llama, spans: &[std::ops::Range<usize>], ids: &[u32]) -> Vec<f32> {
+    let c = &model.config;
+    let tokens = ids.len();
+    let mut caches: Vec<KvCache> = spans.iter().map(|s| model.kv_cache(gpu, s.clone(), 64).unwrap()).collect();
+    let ids_t = gpu.upload_u32(&[tokens], ids).unwrap();
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let positions = gpu.upload_u32(&[tokens], &positions).unwrap();
+    let hidden = gpu.empty(&[tokens, c.dim], DType::F32).unwrap();
+    let out = gpu.empty(&[tokens, c.vocab], DType::F32).unwrap();
+    let mut batch = gpu.batch();
+    model.embed(&mut batch, &ids_t, &hidden).unwrap();
+    for cache in &mut caches {
+        model.forward_span(&mut batch, &hidden, &positions, cache).unwrap();
+    }
+    model.head(&mut batch, &hidden, &out).unwrap();
+    batch.submit();
+    pollster::block_on(gpu.read_f32(&out)).unwrap()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+}
+
+#[test]
+fn teacher_forced_logits_match_the_reference() {
+    let Some((gpu, model)) = model(|m| Stages::all(&m.config)) else { return };
+    let vocab = model.config.vocab;
+    let whole = [0..model.config.blocks];
+    for case in fixture().cases {
+        let ids: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+        let ids = &ids[..case.top5.len()];
+        let logits = logits(gpu, &model, &whole, ids);
+        for (position, reference) in case.top5.iter().enumerate() {
+            let row = &logits[position * vocab..][..vocab];
+            if reference.margin() > TOLERANCE {
+                assert_eq!(argmax(row), reference.ids[0], "{:?} position {position}: top-1 differs", case.text);
+            }
+            for (&id, &expected) in reference.ids.iter().zip(&reference.logits) {
+                let got = row[id as usize];
+                assert!((got - expected).abs() <= TOLERANCE, "{:?} position {position}, token {id}: logit {got}, reference {expected}", case.text);
+            }
+        }
+    }
+}
+
+#[test]
+fn three_spans_equal_the_whole_model_bit_for_bit() {
+    let Some((gpu, model)) = model(|m| Stages::all(&m.config)) else { return };
+    let ids = &fixture().cases[0].prompt_ids;
+    let whole = logits(gpu, &model, &[0..30], ids);
+    let spans = logits(gpu, &model, &[0..10, 10..20, 20..30], ids);
+    assert!(whole.iter().zip(&spans).all(|(a, b)| a.to_bits() == b.to_bits()), "spans differ from the whole model");
+}
