@@ -21,6 +21,8 @@ pub mod quant;
 pub mod reference;
 pub mod shaders;
 mod tensor;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tokenizer;
 
 pub use batch::Batch;
 pub use error::{EngineError, Result};

@@ -5,6 +5,7 @@ mod bad_input;
 mod kernels;
 mod llama;
 mod shaders;
+mod tokenizer;
 
 use std::sync::OnceLock;
 
