@@ -1,5 +1,6 @@
 //! The engine's error type: every message names the operation and the values involved.
 
+use crate::gguf::GgufError;
 use crate::tensor::{DType, Shape};
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -27,5 +28,22 @@ pub enum EngineError {
 impl EngineError {
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         EngineError::Shape { op, detail: detail.into() }
+    }
+}
+
+/// Loading or running a model: every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{file}: {problem}")]
+    Invalid { file: String, problem: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl ModelError {
+    pub(crate) fn invalid(file: &str, problem: impl Into<String>) -> ModelError {
+        ModelError::Invalid { file: file.to_string(), problem: problem.into() }
     }
 }

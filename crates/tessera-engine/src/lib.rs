@@ -9,6 +9,7 @@
 //! - [`reference`] holds a CPU version of every kernel, [`checks`] compares the two.
 
 mod batch;
+pub mod bert;
 pub mod cache;
 pub mod checks;
 mod error;
@@ -18,6 +19,7 @@ pub mod llama;
 mod ops;
 mod pool;
 pub mod quant;
+pub mod safetensors;
 pub mod reference;
 pub mod shaders;
 mod tensor;
@@ -25,7 +27,7 @@ mod tensor;
 pub mod tokenizer;
 
 pub use batch::Batch;
-pub use error::{EngineError, Result};
+pub use error::{EngineError, ModelError, Result};
 pub use gpu::{AdapterSummary, Gpu};
 pub use ops::{AttentionParams, Layout};
 pub use pool::PoolStats;

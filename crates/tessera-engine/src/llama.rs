@@ -7,22 +7,12 @@ use std::io::{Read, Seek};
 use std::ops::Range;
 
 use crate::batch::Batch;
-use crate::error::EngineError;
-use crate::gguf::{Gguf, GgufError, TensorInfo, TensorType, Value};
+use crate::error::{EngineError, ModelError};
+use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::gpu::Gpu;
 use crate::ops::AttentionParams;
 use crate::quant;
 use crate::tensor::{DType, Tensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
-    #[error("{file}: {problem}")]
-    Invalid { file: String, problem: String },
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-}
 
 /// The hyper-parameters, from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]

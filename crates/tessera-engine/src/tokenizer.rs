@@ -10,7 +10,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::gguf::{Gguf, Value};
-use crate::llama::ModelError;
+use crate::error::ModelError;
 
 /// GGUF token types that are not text: control tokens and user-defined ones (`<|im_start|>`).
 const CONTROL: i64 = 3;

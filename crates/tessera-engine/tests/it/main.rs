@@ -2,6 +2,7 @@
 //! CPU reference on the adapter found here, and bad input turned into errors.
 
 mod bad_input;
+mod bert;
 mod kernels;
 mod llama;
 mod shaders;
