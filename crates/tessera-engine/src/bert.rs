@@ -40,7 +40,7 @@ impl BertConfig {
         if config.model_type != "bert" || config.hidden_act != "gelu" {
             return Err(ModelError::invalid(file, format!("model type {:?} with activation {:?} is not supported (bert with gelu is)", config.model_type, config.hidden_act)));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(ModelError::invalid(file, format!("{} heads do not divide hidden size {}", config.num_attention_heads, config.hidden_size)));
         }
         Ok(config)
