@@ -224,6 +224,13 @@ impl Llama {
     }
 }
 
+impl KvCache {
+    /// Tokens the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
 impl Llama {
     /// The head over the last row of `hidden` only: the logits [1, vocab] that pick the next token.
     pub fn last_logits(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {

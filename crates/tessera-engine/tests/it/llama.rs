@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
-use tessera_engine::llama::{KvCache, Llama, Stages};
+use tessera_engine::generate::{Sampler, Session};
+use tessera_engine::gguf::{Gguf, Value};
+use tessera_engine::llama::{KvCache, Llama, LlamaConfig, Stages};
 use tessera_engine::{DType, Gpu};
 
 use crate::gpu;
@@ -128,31 +130,40 @@ fn three_spans_equal_the_whole_model_bit_for_bit() {
 #[test]
 fn greedy_decoding_reproduces_the_reference() {
     let Some((gpu, model)) = model() else { return };
-    let c = &model.config;
     for case in fixture().cases {
-        let mut cache = model.kv_cache(gpu, 0..c.blocks, 64).unwrap();
-        let logits = gpu.empty(&[1, c.vocab], DType::F32).unwrap();
-        let mut input = case.prompt_ids.clone();
+        let mut session = Session::new(gpu, model, 64).unwrap();
+        let mut sampler = Sampler::greedy();
+        let mut logits = pollster::block_on(session.feed(&case.prompt_ids)).unwrap();
         let mut generated = Vec::new();
-        for step in 0..case.greedy_ids.len() {
-            let tokens = input.len();
-            let ids = gpu.upload_u32(&[tokens], &input).unwrap();
-            let positions: Vec<u32> = (cache.len as u32..(cache.len + tokens) as u32).collect();
-            let positions = gpu.upload_u32(&[tokens], &positions).unwrap();
-            let hidden = gpu.empty(&[tokens, c.dim], DType::F32).unwrap();
-            let mut batch = gpu.batch();
-            model.embed(&mut batch, &ids, &hidden).unwrap();
-            model.forward_span(&mut batch, &hidden, &positions, &mut cache).unwrap();
-            model.last_logits(&mut batch, &hidden, &logits).unwrap();
-            batch.submit();
-            let next = argmax(&pollster::block_on(gpu.read_f32(&logits)).unwrap());
+        for (step, &expected) in case.greedy_ids.iter().enumerate() {
+            let next = sampler.sample(&logits);
             generated.push(next);
-            input = vec![next];
-            let reference = &case.top5[case.prompt_ids.len() - 1 + step];
-            if reference.margin() < TOLERANCE {
+            if case.top5[case.prompt_ids.len() - 1 + step].margin() < TOLERANCE {
                 break; // a near-tie: both continuations are legitimate from here on
             }
-            assert_eq!(next, case.greedy_ids[step], "{:?}: step {step} after {generated:?}", case.text);
+            assert_eq!(next, expected, "{:?}: step {step} after {generated:?}", case.text);
+            logits = pollster::block_on(session.feed(&[next])).unwrap();
         }
     }
+}
+
+#[test]
+fn bad_tokens_and_overlong_input_are_errors() {
+    let Some((gpu, model)) = model() else { return };
+    let mut session = Session::new(gpu, model, 4).unwrap();
+    let error = pollster::block_on(session.feed(&[1, 60_000])).unwrap_err().to_string();
+    assert!(error.contains("60000") && error.contains("vocabulary"), "{error}");
+    let error = pollster::block_on(session.feed(&[1, 2, 3, 4, 5])).unwrap_err().to_string();
+    assert!(error.contains("exceed the context of 4"), "{error}");
+    assert!(session.is_empty());
+}
+
+#[test]
+fn an_unknown_architecture_is_an_error_naming_the_file() {
+    let Some(path) = crate::tokenizer::cached(MODEL) else { return };
+    let name = path.display().to_string();
+    let mut gguf = Gguf::read(&name, &mut std::fs::File::open(&path).unwrap()).unwrap();
+    gguf.metadata.insert("general.architecture".into(), Value::String("mamba".into()));
+    let error = LlamaConfig::from_gguf(&name, &gguf).unwrap_err().to_string();
+    assert!(error.starts_with(&name) && error.contains("\"mamba\" is not supported"), "{error}");
 }

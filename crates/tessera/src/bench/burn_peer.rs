@@ -28,7 +28,7 @@ use anyhow::{Context, anyhow, ensure};
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use tessera_engine::Gpu;
-use tessera_engine::checks::Rng;
+use tessera_engine::Rng;
 
 use super::seconds_per_iteration;
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use serde::Serialize;
-use tessera_engine::checks::Rng;
+use tessera_engine::Rng;
 use tessera_engine::{DType, Gpu, Layout, quant};
 
 use super::seconds_per_iteration;
