@@ -2,6 +2,7 @@
 
 mod bench;
 mod models;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +15,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generates text with a language model on this machine's GPU, streamed to stdout.
+    Run(run::RunArgs),
+    /// Prints one JSON line with the embedding of each text.
+    Embed(run::EmbedArgs),
     /// The default models: fetch them into the model cache, or list them.
     Models {
         #[command(subcommand)]
@@ -30,5 +35,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
         Command::Models { command } => models::run(command),
+        Command::Run(args) => run::run(args),
+        Command::Embed(args) => run::embed(args),
     }
 }

@@ -68,6 +68,16 @@ pub fn run(command: Models) -> anyhow::Result<()> {
     }
 }
 
+/// The main file of a default model (its folder, for a model of several files), if `name` is one.
+pub fn default_path(name: &str) -> Option<PathBuf> {
+    let spec = DEFAULTS.iter().find(|s| s.name == name)?;
+    let cache = model_cache_dir();
+    Some(match spec.files {
+        [(single, _)] => target(&cache, spec, single),
+        _ => cache.join(spec.name),
+    })
+}
+
 fn target(cache: &Path, spec: &Spec, inner: &str) -> PathBuf {
     cache.join(spec.name).join(Path::new(inner).file_name().expect("wheel paths name files"))
 }
