@@ -9,7 +9,7 @@ use crate::shaders::PipelineCache;
 use crate::tensor::{DType, Shape, Tensor};
 
 /// What a contributor reports about its adapter.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct AdapterSummary {
     pub name: String,
     pub backend: String,

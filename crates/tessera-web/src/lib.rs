@@ -21,16 +21,8 @@ fn js_error(error: impl std::fmt::Display) -> JsError {
 
 #[derive(Serialize)]
 struct SelfTest {
-    adapter: Adapter,
+    adapter: tessera_engine::AdapterSummary,
     reports: Vec<Report>,
-}
-
-#[derive(Serialize)]
-struct Adapter {
-    name: String,
-    backend: String,
-    device_type: String,
-    driver: String,
 }
 
 #[derive(Serialize)]
@@ -68,6 +60,5 @@ pub async fn self_test(seed: u32) -> Result<String, JsError> {
     if !errors.is_empty() {
         return Err(js_error(format!("the GPU reported errors: {errors:?}")));
     }
-    let adapter = Adapter { name: summary.name, backend: summary.backend, device_type: summary.device_type, driver: summary.driver };
-    serde_json::to_string(&SelfTest { adapter, reports }).map_err(js_error)
+    serde_json::to_string(&SelfTest { adapter: summary, reports }).map_err(js_error)
 }

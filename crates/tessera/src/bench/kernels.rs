@@ -15,17 +15,9 @@ const MATVEC_SHAPES: [(usize, usize); 3] = [(576, 1536), (1536, 576), (576, 4915
 
 #[derive(Serialize)]
 struct Report {
-    adapter: Adapter,
+    adapter: tessera_engine::AdapterSummary,
     matmul_f32: Vec<MatmulRow>,
     matvec_q4_1: Vec<MatvecRow>,
-}
-
-#[derive(Serialize)]
-struct Adapter {
-    name: String,
-    backend: String,
-    device_type: String,
-    driver: String,
 }
 
 #[derive(Serialize)]
@@ -133,7 +125,6 @@ pub fn run(json: bool) -> anyhow::Result<()> {
     let errors = gpu.take_device_errors();
     anyhow::ensure!(errors.is_empty(), "the device reported errors: {errors:?}");
     if json {
-        let adapter = Adapter { name: adapter.name, backend: adapter.backend, device_type: adapter.device_type, driver: adapter.driver };
         let report = Report { adapter, matmul_f32, matvec_q4_1 };
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
