@@ -1,6 +1,8 @@
 //! Recording kernels into one command buffer. Ops (in `ops.rs`) validate, then call
 //! [`Batch::dispatch`]; [`Batch::submit`] writes every dispatch's parameters and submits once.
 
+use std::sync::Arc;
+
 use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
 use crate::pool::PooledBuffer;
@@ -22,6 +24,9 @@ pub struct Batch<'g> {
     pass: Option<wgpu::ComputePass<'static>>,
     /// Parameter buffers and the bytes to write into each at submit.
     params: Vec<(PooledBuffer, Vec<u8>)>,
+    /// Every tensor buffer recorded so far, kept out of the pool until the batch is submitted
+    /// (see `pool.rs`).
+    bound: Vec<Arc<PooledBuffer>>,
     dispatches: u32,
 }
 
@@ -29,7 +34,7 @@ impl Gpu {
     /// Starts recording kernels.
     pub fn batch(&self) -> Batch<'_> {
         let encoder = self.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera batch") });
-        Batch { gpu: self, encoder, pass: None, params: Vec::new(), dispatches: 0 }
+        Batch { gpu: self, encoder, pass: None, params: Vec::new(), bound: Vec::new(), dispatches: 0 }
     }
 }
 
@@ -60,6 +65,7 @@ impl<'g> Batch<'g> {
                 size: wgpu::BufferSize::new(PARAMS_SLOT),
             }),
         });
+        self.bound.extend(tensors.iter().map(|t| t.keep_alive()));
         for (&(binding, _), tensor) in bindings.iter().zip(tensors) {
             entries.push(wgpu::BindGroupEntry {
                 binding,
@@ -108,6 +114,7 @@ impl<'g> Batch<'g> {
             ));
         }
         self.pass = None;
+        self.bound.extend([source.keep_alive(), target.keep_alive()]);
         let bytes = source.dtype().bytes(1) as u64;
         self.encoder.copy_buffer_to_buffer(
             source.buffer(),
@@ -137,7 +144,8 @@ impl<'g> Batch<'g> {
         (buffer.buffer().clone(), offset)
     }
 
-    /// Sends everything recorded as one queue submission.
+    /// Sends everything recorded as one queue submission. The buffers it used return to the
+    /// pool (if nothing else holds them) only after this.
     pub fn submit(mut self) -> wgpu::SubmissionIndex {
         self.pass = None;
         for (buffer, data) in &self.params {

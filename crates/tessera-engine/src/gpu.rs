@@ -212,11 +212,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Submits command buffers and makes buffers dropped before now reusable.
     pub(crate) fn submit(&self, commands: wgpu::CommandBuffer) -> wgpu::SubmissionIndex {
-        let index = self.queue.submit([commands]);
-        self.pool.recycle();
-        index
+        self.queue.submit([commands])
     }
 
     /// Copies a tensor back to the CPU as raw bytes.

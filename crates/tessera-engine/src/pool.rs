@@ -1,10 +1,10 @@
 //! A pool of GPU buffers keyed by size and usage, so steady-state loops (the decode step)
-//! allocate nothing: a dropped tensor's buffer goes back to the pool and a later request of the
-//! same size takes it.
+//! allocate nothing: a buffer goes back to the pool when its last tensor is dropped, and a later
+//! request of the same size takes it.
 //!
-//! A dropped buffer is only *retired* until the next queue submission: commands recorded in an
-//! open batch may still read it, and `Queue::write_buffer` into a reused buffer would land before
-//! them. [`BufferPool::recycle`], called after every submit, makes retired buffers available.
+//! A `Batch` holds the buffers it binds until it is submitted. Without that, a buffer dropped
+//! while a batch that reads it is still open (on this thread or another) could be taken again and
+//! filled with `Queue::write_buffer`, which lands before the batch's commands run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,6 @@ pub struct PoolStats {
 #[derive(Default)]
 struct Inner {
     free: HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>,
-    retired: Vec<wgpu::Buffer>,
     stats: PoolStats,
 }
 
@@ -73,21 +72,11 @@ impl BufferPool {
         self.lock().stats
     }
 
-    /// Makes buffers dropped before the last submission available again.
-    pub(crate) fn recycle(&self) {
-        let mut inner = self.lock();
-        let retired = std::mem::take(&mut inner.retired);
-        for buffer in retired {
-            inner.free.entry((buffer.size(), buffer.usage())).or_default().push(buffer);
-        }
-    }
-
     /// Frees every idle buffer.
     pub(crate) fn trim(&self) {
         let mut inner = self.lock();
-        // Retired buffers may still be in use by submitted work: dropping our handle is safe
-        // (wgpu keeps them alive until that work is done), destroying them would not be.
-        inner.retired.clear();
+        // Idle buffers may still be read by submitted work: dropping our handles is safe (wgpu
+        // keeps them alive until that work is done), destroying them would not be.
         inner.free.clear();
         inner.stats.idle_bytes = 0;
     }
@@ -126,6 +115,6 @@ impl Drop for PooledBuffer {
         let (Some(buffer), Some(pool)) = (self.buffer.take(), self.pool.take()) else { return };
         let mut inner = pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         inner.stats.idle_bytes += buffer.size();
-        inner.retired.push(buffer);
+        inner.free.entry((buffer.size(), buffer.usage())).or_default().push(buffer);
     }
 }

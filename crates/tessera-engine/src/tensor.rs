@@ -136,6 +136,11 @@ impl Tensor {
         self.buffer.buffer()
     }
 
+    /// A handle that keeps the buffer out of the pool while it lives.
+    pub(crate) fn keep_alive(&self) -> Arc<PooledBuffer> {
+        self.buffer.clone()
+    }
+
     /// The same data with another shape of the same element count (no copy).
     pub fn view(&self, dims: &[usize]) -> Result<Tensor> {
         let shape = Shape::try_new(dims)?;
