@@ -136,3 +136,24 @@ fn the_pool_reuses_buffers_in_a_steady_loop() {
     assert_eq!(after.created, before.created, "the steady loop created buffers");
     assert!(after.reused >= before.reused + 5 * 4, "{before:?} -> {after:?}");
 }
+
+/// A tensor dropped while a batch that reads it is still open must not be reused (and
+/// overwritten) before that batch runs, even if another batch is submitted in between, as
+/// happens when threads share a device.
+#[test]
+fn an_open_batch_keeps_its_inputs_from_being_reused() {
+    let Some(gpu) = gpu() else { return };
+    let y = gpu.upload_f32(&[64], &[1.0; 64]).unwrap();
+    let out = gpu.empty(&[64], tessera_engine::DType::F32).unwrap();
+    let mut open = gpu.batch();
+    {
+        let x = gpu.upload_f32(&[64], &[2.0; 64]).unwrap();
+        open.add(&x, &y, &out).unwrap();
+    }
+    gpu.batch().submit();
+    // Same size as `x`: were `x`'s buffer free, this would take it and overwrite it first.
+    let other = gpu.upload_f32(&[64], &[100.0; 64]).unwrap();
+    open.submit();
+    assert_eq!(pollster::block_on(gpu.read_f32(&out)).unwrap(), vec![3.0; 64]);
+    drop(other);
+}
