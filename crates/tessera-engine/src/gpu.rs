@@ -154,17 +154,20 @@ impl Gpu {
         Ok(Tensor::new(self.pool.acquire(bytes, TENSOR_USAGE), shape, dtype))
     }
 
+    /// The shape of `dims` after checking that `data` is exactly its bytes in `dtype`'s layout.
+    fn shape_of_data(op: &'static str, dims: &[usize], dtype: DType, data: &[u8]) -> Result<Shape> {
+        let shape = Self::shape_for(op, dims, dtype)?;
+        let expected = dtype.bytes(shape.elements());
+        if data.len() != expected {
+            return Err(EngineError::shape(op, format!("{dtype:?} tensor of shape {shape} takes {expected} bytes, got {}", data.len())));
+        }
+        Ok(shape)
+    }
+
     /// A tensor holding `data`, which must be exactly the bytes of `dims` in `dtype`'s layout
     /// (for Q8_0, the repacked layout of [`crate::quant::repack_q8_0`]).
     pub fn upload(&self, dims: &[usize], dtype: DType, data: &[u8]) -> Result<Tensor> {
-        let shape = Self::shape_for("upload", dims, dtype)?;
-        let expected = dtype.bytes(shape.elements());
-        if data.len() != expected {
-            return Err(EngineError::shape(
-                "upload",
-                format!("{dtype:?} tensor of shape {shape} takes {expected} bytes, got {}", data.len()),
-            ));
-        }
+        Self::shape_of_data("upload", dims, dtype, data)?;
         let tensor = self.empty(dims, dtype)?;
         self.queue.write_buffer(tensor.buffer(), 0, data);
         Ok(tensor)
@@ -173,18 +176,11 @@ impl Gpu {
     /// Like [`Gpu::upload`], but the buffer has exactly the data's size and never returns to the
     /// pool: for weights, which live as long as the model.
     pub fn upload_weights(&self, dims: &[usize], dtype: DType, data: &[u8]) -> Result<Tensor> {
-        let shape = Self::shape_for("upload_weights", dims, dtype)?;
-        let expected = dtype.bytes(shape.elements());
-        if data.len() != expected {
-            return Err(EngineError::shape(
-                "upload_weights",
-                format!("{dtype:?} tensor of shape {shape} takes {expected} bytes, got {}", data.len()),
-            ));
-        }
-        self.check_size("upload_weights", expected as u64)?;
+        let shape = Self::shape_of_data("upload_weights", dims, dtype, data)?;
+        self.check_size("upload_weights", data.len() as u64)?;
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("tessera weights"),
-            size: (expected as u64).next_multiple_of(4),
+            size: (data.len() as u64).next_multiple_of(4),
             usage: TENSOR_USAGE,
             mapped_at_creation: false,
         });

@@ -108,7 +108,7 @@ fn install_debian_packages() -> anyhow::Result<()> {
 
 /// The `wasm-bindgen` version pinned in the workspace manifest (`wasm-bindgen = "=X"`).
 fn pinned_wasm_bindgen() -> anyhow::Result<String> {
-    let manifest = std::fs::read_to_string("Cargo.toml").context("reading Cargo.toml")?;
+    let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).context("reading Cargo.toml")?;
     manifest
         .lines()
         .find_map(|line| line.trim().strip_prefix("wasm-bindgen = \"=")?.strip_suffix('"').map(str::to_string))
@@ -182,7 +182,6 @@ mod tests {
 
     #[test]
     fn the_wasm_bindgen_pin_is_found() {
-        std::env::set_current_dir(workspace_root()).unwrap();
         let version = pinned_wasm_bindgen().unwrap();
         assert!(version.split('.').count() == 3, "{version}");
     }
