@@ -1,0 +1,216 @@
+//! Control messages: JSON objects tagged by `"type"`, one serde enum per direction.
+
+use serde::{Deserialize, Serialize};
+
+/// The control protocol version a `Hello` and a `Welcome` carry. Peers must speak the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+macro_rules! id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id!(
+    /// A contributor, as numbered by the coordinator for one connection.
+    ContributorId
+);
+id!(
+    /// A job (a client request split into units).
+    JobId
+);
+id!(
+    /// A work unit; unique across jobs.
+    UnitId
+);
+
+/// The adapter limits that decide which work a contributor can take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterLimits {
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+}
+
+/// What a contributor offers, sent in its `Hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The adapter's name, as `wgpu` or WebGPU reports it.
+    pub adapter: String,
+    /// `vulkan`, `metal`, `dx12`, `gl` or `webgpu`.
+    pub backend: String,
+    pub limits: AdapterLimits,
+    /// Bytes of GPU memory the contributor lets us use.
+    pub memory_budget_bytes: u64,
+    /// The contributor's micro-benchmark result (matmul GFLOP/s); higher is faster.
+    pub benchmark_score: f64,
+    /// Units it is willing to hold at once.
+    pub max_concurrent_units: u32,
+}
+
+/// What a unit asks a contributor to compute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Work {
+    /// Sentence embeddings of already tokenized inputs; the result is an F32 tensor
+    /// `[inputs.len(), hidden]` of L2-normalised rows.
+    Embedding {
+        /// The model's weights, by CIDv1 (raw codec, sha2-256).
+        model: String,
+        /// Token id sequences, one per input.
+        inputs: Vec<Vec<u32>>,
+    },
+}
+
+/// Where a result's bytes are: binary frames of this stream, of this total length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef {
+    pub stream: u64,
+    pub bytes: u64,
+}
+
+/// A session-description or ICE message relayed between two contributors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SignalPayload {
+    Offer {
+        sdp: String,
+    },
+    Answer {
+        sdp: String,
+    },
+    Candidate {
+        candidate: String,
+        sdp_mid: Option<String>,
+        sdp_m_line_index: Option<u16>,
+    },
+}
+
+/// Why a peer rejected something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    UnsupportedVersion,
+    Malformed,
+    TooLarge,
+    NotJoined,
+    UnknownUnit,
+    UnknownPeer,
+    BlobNotFound,
+    Internal,
+    /// A code this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Messages a contributor sends (to the coordinator, or to a peer over a direct channel).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContributorMessage {
+    /// The first message on a connection: the version spoken and what the contributor offers.
+    Hello {
+        protocol_version: u32,
+        capabilities: Capabilities,
+    },
+    /// Still alive; sent every `heartbeat_interval_ms` of the `Welcome`.
+    Heartbeat,
+    /// Leaving now; the coordinator reissues whatever the contributor holds.
+    Leave,
+    /// A unit's result; the bytes follow as binary frames of kind `Tensor`.
+    UnitResult { unit: UnitId, payload: PayloadRef },
+    /// Asks for bytes `[offset, offset + length)` of a blob, sent back as `Blob` frames on `stream`.
+    BlobRequest {
+        cid: String,
+        offset: u64,
+        length: u64,
+        stream: u64,
+    },
+    /// Announces blobs this contributor holds and verified.
+    BlobHave { cids: Vec<String> },
+    /// Relays a WebRTC signal to contributor `to`; `from` must be the sender's own id.
+    Signal {
+        from: ContributorId,
+        to: ContributorId,
+        payload: SignalPayload,
+    },
+    /// Something the contributor received was rejected.
+    Error { code: ErrorCode, message: String },
+}
+
+/// Messages the coordinator sends to a contributor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordinatorMessage {
+    /// The answer to a `Hello`: the contributor's id and how often to send heartbeats.
+    Welcome {
+        protocol_version: u32,
+        contributor: ContributorId,
+        heartbeat_interval_ms: u64,
+    },
+    /// Compute this unit and send its `UnitResult` within `deadline_ms` milliseconds.
+    Assign {
+        job: JobId,
+        unit: UnitId,
+        deadline_ms: u64,
+        work: Work,
+    },
+    /// Stop working on this unit; its result is no longer needed.
+    Cancel { unit: UnitId },
+    /// Asks for a blob range, as `ContributorMessage::BlobRequest`.
+    BlobRequest {
+        cid: String,
+        offset: u64,
+        length: u64,
+        stream: u64,
+    },
+    /// Announces blobs the coordinator serves.
+    BlobHave { cids: Vec<String> },
+    /// A WebRTC signal from contributor `from`, relayed.
+    Signal {
+        from: ContributorId,
+        to: ContributorId,
+        payload: SignalPayload,
+    },
+    /// Something the contributor sent was rejected; after a fatal one the connection closes.
+    Error { code: ErrorCode, message: String },
+}
+
+/// A control message type: the `"type"` tags it knows, for precise errors.
+pub trait Message: serde::de::DeserializeOwned + Serialize {
+    const TYPES: &'static [&'static str];
+}
+
+impl Message for ContributorMessage {
+    const TYPES: &'static [&'static str] = &[
+        "hello",
+        "heartbeat",
+        "leave",
+        "unit_result",
+        "blob_request",
+        "blob_have",
+        "signal",
+        "error",
+    ];
+}
+
+impl Message for CoordinatorMessage {
+    const TYPES: &'static [&'static str] = &[
+        "welcome",
+        "assign",
+        "cancel",
+        "blob_request",
+        "blob_have",
+        "signal",
+        "error",
+    ];
+}
