@@ -27,6 +27,8 @@ pub struct Batch<'g> {
     /// Every tensor buffer recorded so far, kept out of the pool until the batch is submitted
     /// (see `pool.rs`).
     bound: Vec<Arc<PooledBuffer>>,
+    /// Temporaries handed out by [`Batch::scratch`].
+    scratch: Vec<(&'static str, Tensor)>,
     dispatches: u32,
 }
 
@@ -34,13 +36,27 @@ impl Gpu {
     /// Starts recording kernels.
     pub fn batch(&self) -> Batch<'_> {
         let encoder = self.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera batch") });
-        Batch { gpu: self, encoder, pass: None, params: Vec::new(), bound: Vec::new(), dispatches: 0 }
+        Batch { gpu: self, encoder, pass: None, params: Vec::new(), bound: Vec::new(), scratch: Vec::new(), dispatches: 0 }
     }
 }
 
 impl<'g> Batch<'g> {
     pub fn gpu(&self) -> &'g Gpu {
         self.gpu
+    }
+
+    /// A temporary for an op that needs one: the same tensor each time this batch is asked for
+    /// `name` with these dims (F32). Kernels run in recording order, so an op may reuse its
+    /// temporaries across calls, as a model's blocks do; an op must give each of its
+    /// temporaries its own name, and not keep them past its return.
+    pub(crate) fn scratch(&mut self, name: &'static str, dims: &[usize]) -> Result<Tensor> {
+        if let Some((_, t)) = self.scratch.iter().find(|(n, t)| *n == name && t.dims() == dims) {
+            return t.view(dims);
+        }
+        let t = self.gpu.empty(dims, crate::tensor::DType::F32)?;
+        let handle = t.view(dims)?;
+        self.scratch.push((name, t));
+        Ok(handle)
     }
 
     /// Kernels recorded so far.

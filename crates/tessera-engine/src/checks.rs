@@ -23,6 +23,12 @@ pub enum Case {
     LayerNorm { rows: usize, dim: usize },
     Softmax { rows: usize, dim: usize },
     Rope { tokens: usize, heads: usize, head_dim: usize, theta: f32 },
+    /// [`crate::Batch::norm_linear`]; fused for one row of quantized weights.
+    NormLinear { m: usize, k: usize, n: usize, dtype: DType, accumulate: bool },
+    /// [`crate::Batch::norm_glu`]; fused for one row of quantized weights.
+    NormGlu { m: usize, k: usize, n: usize, dtype: DType },
+    /// [`crate::Batch::rope_qkv`], into caches of `capacity` rows after `past` cached ones.
+    RopeQkv { tokens: usize, heads: usize, kv_heads: usize, head_dim: usize, past: usize, capacity: usize },
     SiluMul { len: usize },
     Gelu { len: usize },
     Add { len: usize },
@@ -43,6 +49,11 @@ impl Case {
             Case::LayerNorm { .. } => "layer_norm",
             Case::Softmax { .. } => "softmax",
             Case::Rope { .. } => "rope",
+            Case::NormLinear { m: 1, dtype: DType::Q4_1 | DType::Q8_0, .. } => "matvec_quant_norm",
+            Case::NormLinear { .. } => "norm_linear",
+            Case::NormGlu { m: 1, dtype: DType::Q4_1 | DType::Q8_0, .. } => "matvec_quant_norm_glu",
+            Case::NormGlu { .. } => "norm_glu",
+            Case::RopeQkv { .. } => "rope_qkv",
             Case::SiluMul { .. } => "silu_mul",
             Case::Gelu { .. } => "gelu",
             Case::Add { .. } => "add",
@@ -60,7 +71,9 @@ impl Case {
             Case::Gather { .. } => 1e-6,
             Case::RmsNorm { .. } | Case::LayerNorm { .. } | Case::Softmax { .. } | Case::MeanPool { .. } => 1e-5,
             // WGSL only promises sin/cos to 2^-11 absolute; angles are pos * freq in f32.
-            Case::Rope { .. } => 2e-3,
+            Case::Rope { .. } | Case::RopeQkv { .. } => 2e-3,
+            // The fused kernels scale the dot product by 1/rms instead of each x value.
+            Case::NormLinear { .. } | Case::NormGlu { .. } => 3e-5,
             Case::SiluMul { .. } | Case::Gelu { .. } | Case::Add { .. } => 1e-5,
             Case::Attention { .. } => 2e-5,
         }
@@ -103,6 +116,17 @@ pub fn cases() -> Vec<Case> {
         Softmax { rows: 7, dim: 5 },
         Rope { tokens: 5, heads: 3, head_dim: 64, theta: 100_000.0 },
         Rope { tokens: 3, heads: 2, head_dim: 6, theta: 10_000.0 },
+        NormLinear { m: 1, k: 576, n: 131, dtype: DType::Q4_1, accumulate: false },
+        NormLinear { m: 1, k: 1536, n: 40, dtype: DType::Q8_0, accumulate: true },
+        NormLinear { m: 1, k: 64, n: 600, dtype: DType::Q4_1, accumulate: true },
+        NormLinear { m: 3, k: 96, n: 36, dtype: DType::Q4_1, accumulate: true },
+        NormLinear { m: 2, k: 20, n: 12, dtype: DType::F32, accumulate: false },
+        NormGlu { m: 1, k: 576, n: 153, dtype: DType::Q4_1 },
+        NormGlu { m: 1, k: 128, n: 70, dtype: DType::Q8_0 },
+        NormGlu { m: 4, k: 64, n: 24, dtype: DType::Q4_1 },
+        // A decode step into a cache, and a prefill of 5 tokens after 2 cached ones.
+        RopeQkv { tokens: 1, heads: 9, kv_heads: 3, head_dim: 64, past: 6, capacity: 8 },
+        RopeQkv { tokens: 5, heads: 4, kv_heads: 2, head_dim: 6, past: 2, capacity: 9 },
         SiluMul { len: 1000 },
         Gelu { len: 777 },
         Add { len: 1025 },
@@ -253,6 +277,61 @@ pub async fn run(gpu: &Gpu, case: &Case, seed: u64) -> Result<Report> {
             batch.rope(&tx, &tp, theta)?;
             batch.submit();
             (gpu.read_f32(&tx).await?, reference::rope(&x, heads, head_dim, &positions, theta))
+        }
+        Case::NormLinear { m, k, n, dtype, accumulate } => {
+            let (x, g) = (rng.vec(m * k, -2.0, 2.0), rng.vec(k, -1.0, 1.0));
+            let (w, exact) = quantized_weight(gpu, dtype, n, k, &rng.vec(n * k, -1.0, 1.0))?;
+            let acc = rng.vec(m * n, -1.0, 1.0);
+            let (tx, tg) = (gpu.upload_f32(&[m, k], &x)?, gpu.upload_f32(&[k], &g)?);
+            let out = if accumulate { gpu.upload_f32(&[m, n], &acc)? } else { poisoned(gpu, &[m, n])? };
+            let eps = 1e-5;
+            let mut batch = gpu.batch();
+            batch.norm_linear(&tx, &tg, eps, &w, &out, accumulate)?;
+            batch.submit();
+            let normed = reference::rms_norm(&x, &g, eps);
+            (gpu.read_f32(&out).await?, reference::linear(&normed, &exact, None, accumulate.then_some(&acc[..]), m, k, n))
+        }
+        Case::NormGlu { m, k, n, dtype } => {
+            let (x, g) = (rng.vec(m * k, -2.0, 2.0), rng.vec(k, -1.0, 1.0));
+            let (gate, gate_exact) = quantized_weight(gpu, dtype, n, k, &rng.vec(n * k, -1.0, 1.0))?;
+            let (up, up_exact) = quantized_weight(gpu, dtype, n, k, &rng.vec(n * k, -1.0, 1.0))?;
+            let (tx, tg, out) = (gpu.upload_f32(&[m, k], &x)?, gpu.upload_f32(&[k], &g)?, poisoned(gpu, &[m, n])?);
+            let eps = 1e-5;
+            let mut batch = gpu.batch();
+            batch.norm_glu(&tx, &tg, eps, &gate, &up, &out)?;
+            batch.submit();
+            let normed = reference::rms_norm(&x, &g, eps);
+            let gated = reference::linear(&normed, &gate_exact, None, None, m, k, n);
+            let upped = reference::linear(&normed, &up_exact, None, None, m, k, n);
+            (gpu.read_f32(&out).await?, reference::silu_mul(&gated, &upped))
+        }
+        Case::RopeQkv { tokens, heads, kv_heads, head_dim, past, capacity } => {
+            let theta = 100_000.0;
+            let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+            let qkv = rng.vec(tokens * (q_width + 2 * kv_width), -1.0, 1.0);
+            let positions: Vec<u32> = (0..tokens).map(|_| rng.below(1024)).collect();
+            // The caches start full of other values, which must survive outside the new rows.
+            let (k_cache, v_cache) = (rng.vec(capacity * kv_width, -1.0, 1.0), rng.vec(capacity * kv_width, -1.0, 1.0));
+            let cache_dims = [1, capacity, kv_heads, head_dim];
+            let tqkv = gpu.upload_f32(&[tokens, q_width + 2 * kv_width], &qkv)?;
+            let tp = gpu.upload_u32(&[tokens], &positions)?;
+            let (tk, tv) = (gpu.upload_f32(&cache_dims, &k_cache)?, gpu.upload_f32(&cache_dims, &v_cache)?);
+            let tq = poisoned(gpu, &[tokens, heads, head_dim])?;
+            let mut batch = gpu.batch();
+            batch.rope_qkv(&tqkv, &tp, theta, &tq, &tk, &tv, past)?;
+            batch.submit();
+            let part = |start: usize, width: usize| -> Vec<f32> {
+                qkv.chunks(q_width + 2 * kv_width).flat_map(|row| row[start..start + width].to_vec()).collect()
+            };
+            let q = reference::rope(&part(0, q_width), heads, head_dim, &positions, theta);
+            let k = reference::rope(&part(q_width, kv_width), kv_heads, head_dim, &positions, theta);
+            let (mut k_expected, mut v_expected) = (k_cache, v_cache);
+            k_expected[past * kv_width..(past + tokens) * kv_width].copy_from_slice(&k);
+            v_expected[past * kv_width..(past + tokens) * kv_width].copy_from_slice(&part(q_width + kv_width, kv_width));
+            let mut got = gpu.read_f32(&tq).await?;
+            got.extend(gpu.read_f32(&tk).await?);
+            got.extend(gpu.read_f32(&tv).await?);
+            (got, [q, k_expected, v_expected].concat())
         }
         Case::SiluMul { len } | Case::Add { len } => {
             let (a, b) = (rng.vec(len, -6.0, 6.0), rng.vec(len, -2.0, 2.0));

@@ -13,6 +13,7 @@ pub mod bert;
 pub mod cache;
 pub mod checks;
 mod error;
+mod fused;
 pub mod gguf;
 mod gpu;
 pub mod generate;

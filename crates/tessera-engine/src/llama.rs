@@ -69,9 +69,9 @@ impl LlamaConfig {
 
 struct Block {
     attn_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// The q, k and v projections stacked row-wise into one weight [q_dim + 2 kv_dim, dim], so
+    /// one kernel computes all three.
+    qkv: Tensor,
     o: Tensor,
     ffn_norm: Tensor,
     gate: Tensor,
@@ -123,23 +123,23 @@ impl Llama {
         if stages.blocks.start > stages.blocks.end.min(config.blocks) {
             return Err(ModelError::Invalid { file: file.into(), problem: format!("blocks {:?} outside 0..{}", stages.blocks, config.blocks) });
         }
-        let mut load = |name: &str, dims: &[usize]| load_tensor(gpu, file, source, &gguf, name, dims);
         let c = &config;
         let (kv_dim, q_dim) = (c.kv_heads * c.head_dim, c.heads * c.head_dim);
         let tied = gguf.tensor("output.weight").is_none();
-        let embedding = if stages.embedding || (stages.head && tied) { Some(load("token_embd.weight", &[c.vocab, c.dim])?) } else { None };
+        let embedding = if stages.embedding || (stages.head && tied) { Some(load_tensor(gpu, file, source, &gguf, "token_embd.weight", &[c.vocab, c.dim])?) } else { None };
         let mut blocks = Vec::with_capacity(c.blocks);
         for i in 0..c.blocks {
             if !stages.blocks.contains(&i) {
                 blocks.push(None);
                 continue;
             }
-            let mut w = |name: &str, dims: &[usize]| load(&format!("blk.{i}.{name}.weight"), dims);
+            let name = |part: &str| format!("blk.{i}.{part}.weight");
+            let (q, k, v) = (name("attn_q"), name("attn_k"), name("attn_v"));
+            let qkv = load_stacked(gpu, file, source, &gguf, &[(&q, q_dim), (&k, kv_dim), (&v, kv_dim)], &[q_dim + 2 * kv_dim, c.dim])?;
+            let mut w = |part: &str, dims: &[usize]| load_tensor(gpu, file, source, &gguf, &name(part), dims);
             blocks.push(Some(Block {
                 attn_norm: w("attn_norm", &[c.dim])?,
-                q: w("attn_q", &[q_dim, c.dim])?,
-                k: w("attn_k", &[kv_dim, c.dim])?,
-                v: w("attn_v", &[kv_dim, c.dim])?,
+                qkv,
                 o: w("attn_output", &[c.dim, q_dim])?,
                 ffn_norm: w("ffn_norm", &[c.dim])?,
                 gate: w("ffn_gate", &[c.ffn, c.dim])?,
@@ -147,8 +147,8 @@ impl Llama {
                 down: w("ffn_down", &[c.dim, c.ffn])?,
             }));
         }
-        let output_norm = if stages.head { Some(load("output_norm.weight", &[c.dim])?) } else { None };
-        let output = if stages.head && !tied { Some(load("output.weight", &[c.vocab, c.dim])?) } else { None };
+        let output_norm = if stages.head { Some(load_tensor(gpu, file, source, &gguf, "output_norm.weight", &[c.dim])?) } else { None };
+        let output = if stages.head && !tied { Some(load_tensor(gpu, file, source, &gguf, "output.weight", &[c.vocab, c.dim])?) } else { None };
         Ok(Llama { config, embedding, blocks, output_norm, output })
     }
 
@@ -179,33 +179,21 @@ impl Llama {
             return Err(EngineError::shape("llama", format!("{} cached + {tokens} new tokens exceed the cache's {}", cache.len, cache.capacity)));
         }
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let normed = gpu.empty(&[tokens, c.dim], DType::F32)?;
+        let qkv = gpu.empty(&[tokens, q_dim + 2 * kv_dim], DType::F32)?;
         let q = gpu.empty(&[tokens, c.heads, c.head_dim], DType::F32)?;
-        let k = gpu.empty(&[tokens, c.kv_heads, c.head_dim], DType::F32)?;
-        let v = gpu.empty(&[tokens, c.kv_heads, c.head_dim], DType::F32)?;
         let attended = gpu.empty(&[1, tokens, c.heads, c.head_dim], DType::F32)?;
-        let gate = gpu.empty(&[tokens, c.ffn], DType::F32)?;
-        let up = gpu.empty(&[tokens, c.ffn], DType::F32)?;
         let activated = gpu.empty(&[tokens, c.ffn], DType::F32)?;
-        let (q2, k2, v2) = (q.view(&[tokens, q_dim])?, k.view(&[tokens, kv_dim])?, v.view(&[tokens, kv_dim])?);
         let (q4, attended2) = (q.view(&[1, tokens, c.heads, c.head_dim])?, attended.view(&[tokens, q_dim])?);
         let attention = AttentionParams { causal: true, past: cache.len, kv_len: cache.len + tokens, scale: 1.0 / (c.head_dim as f32).sqrt() };
+        // Six kernels a block for one token (see `fused.rs`); a prompt's rows take ten.
         for (slot, index) in cache.blocks.clone().enumerate() {
             let block = Self::stage(&self.blocks[index], "block")?;
-            batch.rms_norm(hidden, &block.attn_norm, c.eps, &normed)?;
-            batch.linear(&normed, &block.q, None, &q2, false)?;
-            batch.linear(&normed, &block.k, None, &k2, false)?;
-            batch.linear(&normed, &block.v, None, &v2, false)?;
-            batch.rope(&q, positions, c.rope_theta)?;
-            batch.rope(&k, positions, c.rope_theta)?;
-            batch.copy(&k, 0, &cache.k[slot], cache.len * kv_dim, tokens * kv_dim)?;
-            batch.copy(&v, 0, &cache.v[slot], cache.len * kv_dim, tokens * kv_dim)?;
-            batch.attention(&q4, &cache.k[slot], &cache.v[slot], None, &attended, attention)?;
+            let (k_cache, v_cache) = (&cache.k[slot], &cache.v[slot]);
+            batch.norm_linear(hidden, &block.attn_norm, c.eps, &block.qkv, &qkv, false)?;
+            batch.rope_qkv(&qkv, positions, c.rope_theta, &q, k_cache, v_cache, cache.len)?;
+            batch.attention(&q4, k_cache, v_cache, None, &attended, attention)?;
             batch.linear(&attended2, &block.o, None, hidden, true)?;
-            batch.rms_norm(hidden, &block.ffn_norm, c.eps, &normed)?;
-            batch.linear(&normed, &block.gate, None, &gate, false)?;
-            batch.linear(&normed, &block.up, None, &up, false)?;
-            batch.silu_mul(&gate, &up, &activated)?;
+            batch.norm_glu(hidden, &block.ffn_norm, c.eps, &block.gate, &block.up, &activated)?;
             batch.linear(&activated, &block.down, None, hidden, true)?;
         }
         cache.len += tokens;
@@ -214,13 +202,11 @@ impl Llama {
 
     /// The head: final norm and logits [tokens, vocab] for `hidden` [tokens, dim].
     pub fn head(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {
-        let normed = batch.gpu().empty(hidden.dims(), DType::F32)?;
-        batch.rms_norm(hidden, Self::stage(&self.output_norm, "output norm")?, self.config.eps, &normed)?;
         let weight = match &self.output {
             Some(output) => output,
             None => Self::stage(&self.embedding, "tied embedding")?,
         };
-        batch.linear(&normed, weight, None, logits, false)
+        batch.norm_linear(hidden, Self::stage(&self.output_norm, "output norm")?, self.config.eps, weight, logits, false)
     }
 }
 
@@ -235,8 +221,12 @@ impl Llama {
     /// The head over the last row of `hidden` only: the logits [1, vocab] that pick the next token.
     pub fn last_logits(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {
         let dim = self.config.dim;
+        let rows = hidden.shape().rows();
+        if rows == 1 {
+            return self.head(batch, hidden, logits);
+        }
         let last = batch.gpu().empty(&[1, dim], DType::F32)?;
-        batch.copy(hidden, (hidden.shape().rows() - 1) * dim, &last, 0, dim)?;
+        batch.copy(hidden, (rows - 1) * dim, &last, 0, dim)?;
         self.head(batch, &last, logits)
     }
 }
@@ -244,6 +234,43 @@ impl Llama {
 /// Reads tensor `name`, checks it has `dims` (engine order: [rows, cols]), and uploads it in the
 /// engine's layout.
 fn load_tensor<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, gguf: &Gguf, name: &str, dims: &[usize]) -> Result<Tensor, ModelError> {
+    load_stacked(gpu, file, source, gguf, &[(name, dims[0])], dims)
+}
+
+/// Reads the 2-D tensors `parts` (name and row count) and uploads their rows stacked into one
+/// weight of `dims`, so one kernel computes what would take one per part; they must share a type.
+fn load_stacked<R: Read + Seek>(
+    gpu: &Gpu,
+    file: &str,
+    source: &mut R,
+    gguf: &Gguf,
+    parts: &[(&str, usize)],
+    dims: &[usize],
+) -> Result<Tensor, ModelError> {
+    let mut stacked = Vec::new();
+    let mut stacked_type = None;
+    for &(name, rows) in parts {
+        let part_dims = if dims.len() == 1 { dims.to_vec() } else { vec![rows, dims[1]] };
+        let (dtype, bytes) = tensor_bytes(file, source, gguf, name, &part_dims)?;
+        if stacked_type.is_some_and(|t| t != dtype) {
+            return Err(ModelError::Invalid {
+                file: file.into(),
+                problem: format!("{name} is {dtype:?} but the tensors stacked with it are {stacked_type:?}; they must match"),
+            });
+        }
+        stacked_type = Some(dtype);
+        if parts.len() == 1 {
+            return Ok(gpu.upload_weights(dims, dtype, &bytes)?);
+        }
+        stacked.extend_from_slice(&bytes);
+    }
+    debug_assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), dims[0]);
+    Ok(gpu.upload_weights(dims, stacked_type.unwrap_or(DType::F32), &stacked)?)
+}
+
+/// Reads tensor `name`, checks it has `dims`, and converts it to the engine's layout: the dtype
+/// and bytes to upload.
+fn tensor_bytes<R: Read + Seek>(file: &str, source: &mut R, gguf: &Gguf, name: &str, dims: &[usize]) -> Result<(DType, Vec<u8>), ModelError> {
     let invalid = |problem: String| ModelError::Invalid { file: file.to_string(), problem };
     let info: &TensorInfo = gguf.tensor(name).ok_or_else(|| invalid(format!("tensor {name} is missing")))?;
     let gguf_dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
@@ -251,15 +278,14 @@ fn load_tensor<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, gguf: &Ggu
         return Err(invalid(format!("tensor {name} has shape {gguf_dims:?}, expected {dims:?}")));
     }
     let bytes = gguf.read_tensor(file, source, info)?;
-    let tensor = match info.ty {
-        TensorType::F32 => gpu.upload_weights(dims, DType::F32, &bytes)?,
-        TensorType::Q4_1 => gpu.upload_weights(dims, DType::Q4_1, &bytes)?,
-        TensorType::Q8_0 => gpu.upload_weights(dims, DType::Q8_0, &quant::repack_q8_0(&bytes)?)?,
+    Ok(match info.ty {
+        TensorType::F32 => (DType::F32, bytes),
+        TensorType::Q4_1 => (DType::Q4_1, bytes),
+        TensorType::Q8_0 => (DType::Q8_0, quant::repack_q8_0(&bytes)?),
         TensorType::F16 if dims.len() == 1 => {
             let values: Vec<f32> = bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-            gpu.upload_weights(dims, DType::F32, bytemuck::cast_slice(&values))?
+            (DType::F32, bytemuck::cast_slice(&values).to_vec())
         }
         other => return Err(invalid(format!("tensor {name} has type {other:?}, which the engine cannot run yet"))),
-    };
-    Ok(tensor)
+    })
 }

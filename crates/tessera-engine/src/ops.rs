@@ -31,20 +31,20 @@ pub struct AttentionParams {
 }
 
 const FLAG_BIAS: u32 = 1;
-const FLAG_ACCUMULATE: u32 = 2;
+pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 const ATTENTION_CAUSAL: u32 = 1;
 const ATTENTION_MASK: u32 = 2;
 /// The tile of C each workgroup of `matmul_common.wgsl` computes.
 const MATMUL_TILE_M: usize = 128;
 const MATMUL_TILE_N: usize = 64;
 const SCALAR_TILE: usize = 16;
-const MATVEC_ROWS_PER_WORKGROUP: usize = 128;
+pub(crate) const MATVEC_ROWS_PER_WORKGROUP: usize = 128;
 /// Invocations per workgroup in every 1D kernel.
-const WORKGROUP: usize = 256;
+pub(crate) const WORKGROUP: usize = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct Params4 {
+pub(crate) struct Params4 {
     a: u32,
     b: u32,
     c: u32,
@@ -67,13 +67,42 @@ struct AttentionGpuParams {
     pad: [u32; 2],
 }
 
+/// `rope.wgsl`'s parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub(crate) struct RopeParams {
+    pub(crate) tokens: u32,
+    pub(crate) heads: u32,
+    pub(crate) head_dim: u32,
+    pub(crate) log2_base: f32,
+    pub(crate) kv_heads: u32,
+    pub(crate) past: u32,
+}
+
+impl RopeParams {
+    pub(crate) fn new(tokens: usize, heads: usize, head_dim: usize, theta: f32) -> RopeParams {
+        RopeParams { tokens: tokens as u32, heads: heads as u32, head_dim: head_dim as u32, log2_base: theta.log2(), kv_heads: 0, past: 0 }
+    }
+}
+
+/// Rotary embedding needs pairs, and a frequency base above 1.
+pub(crate) fn check_rope(op: &'static str, head_dim: usize, theta: f32) -> Result<()> {
+    if !head_dim.is_multiple_of(2) {
+        return Err(EngineError::shape(op, format!("head_dim must be even, got {head_dim}")));
+    }
+    if !(theta > 1.0 && theta.is_finite()) {
+        return Err(EngineError::shape(op, format!("frequency base must be finite and above 1, got {theta}")));
+    }
+    Ok(())
+}
+
 fn params(a: usize, b: usize, c: usize, d: u32) -> Params4 {
     // Callers have checked every size against the device's binding limit (at most 4 GiB),
     // so element counts fit in u32.
     Params4 { a: a as u32, b: b as u32, c: c as u32, d }
 }
 
-fn expect_dtype(op: &'static str, what: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
+pub(crate) fn expect_dtype(op: &'static str, what: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
     if t.dtype() == dtype {
         Ok(())
     } else {
@@ -91,14 +120,14 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 /// The output of a kernel must not share a buffer with its inputs.
-fn expect_distinct(op: &'static str, out: &Tensor, inputs: &[&Tensor]) -> Result<()> {
+pub(crate) fn expect_distinct(op: &'static str, out: &Tensor, inputs: &[&Tensor]) -> Result<()> {
     if inputs.iter().any(|t| t.same_buffer(out)) {
         return Err(EngineError::shape(op, "the output tensor is also an input; use a separate output"));
     }
     Ok(())
 }
 
-fn expect_dims(op: &'static str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
+pub(crate) fn expect_dims(op: &'static str, what: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
     if t.dims() == dims {
         Ok(())
     } else {
@@ -119,7 +148,7 @@ fn expect_same_elements(op: &'static str, tensors: &[(&str, &Tensor)]) -> Result
     Ok(())
 }
 
-fn groups(count: usize, per_group: usize) -> u32 {
+pub(crate) fn groups(count: usize, per_group: usize) -> u32 {
     count.div_ceil(per_group) as u32
 }
 
@@ -197,7 +226,8 @@ impl Batch<'_> {
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) if m == 1 => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatvecQ4_1 } else { Kernel::MatvecQ8_0 };
-                self.dispatch(kernel, &p_matvec(n, k, flags), &[a, b, bias, out], linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP)));
+                // No normalisation: `a` stands in for the norm weight.
+                self.dispatch(kernel, &p_matvec(n, k, flags, 0.0), &[a, b, bias, a, out], linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP)));
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) if n % 4 == 0 => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatmulQ4_1 } else { Kernel::MatmulQ8_0 };
@@ -301,14 +331,9 @@ impl Batch<'_> {
         let [tokens, heads, head_dim] = x.dims() else {
             return Err(EngineError::shape(op, format!("x must be [tokens, heads, head_dim], got {}", x.shape())));
         };
-        if head_dim % 2 != 0 {
-            return Err(EngineError::shape(op, format!("head_dim must be even, got {head_dim}")));
-        }
-        if !(theta > 1.0 && theta.is_finite()) {
-            return Err(EngineError::shape(op, format!("frequency base must be finite and above 1, got {theta}")));
-        }
+        check_rope(op, *head_dim, theta)?;
         expect_dims(op, "positions", positions, &[*tokens])?;
-        let p = Params4 { a: *tokens as u32, b: *heads as u32, c: *head_dim as u32, d: theta.log2().to_bits() };
+        let p = RopeParams::new(*tokens, *heads, *head_dim, theta);
         self.dispatch(Kernel::Rope, &p, &[positions, x], linear_grid(groups(tokens * heads * head_dim / 2, WORKGROUP)));
         Ok(())
     }
@@ -443,7 +468,7 @@ impl Batch<'_> {
     }
 }
 
-/// The matvec kernel's parameters: `n`, `k`, `flags`.
-fn p_matvec(n: usize, k: usize, flags: u32) -> Params4 {
-    Params4 { a: n as u32, b: k as u32, c: flags, d: 0 }
+/// The matvec kernels' parameters: `n`, `k`, `flags` and the fused normalisation's `eps`.
+pub(crate) fn p_matvec(n: usize, k: usize, flags: u32, eps: f32) -> Params4 {
+    Params4 { a: n as u32, b: k as u32, c: flags, d: eps.to_bits() }
 }

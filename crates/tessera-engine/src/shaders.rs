@@ -61,7 +61,7 @@ impl Family {
             Family::Matmul => &[COMMON, MATMUL_COMMON, MATMUL],
             Family::MatmulScalar => &[COMMON, MATMUL_SCALAR],
             Family::MatmulQuant => &[COMMON, QUANT, MATMUL_COMMON, MATMUL_QUANT],
-            Family::MatvecQuant => &[COMMON, QUANT, MATVEC_QUANT],
+            Family::MatvecQuant => &[COMMON, REDUCE, QUANT, MATVEC_QUANT],
             Family::Gather => &[COMMON, QUANT, GATHER],
             Family::Norm => &[COMMON, REDUCE, NORM],
             Family::Softmax => &[COMMON, REDUCE, SOFTMAX],
@@ -116,6 +116,10 @@ pub enum Kernel {
     MatmulQ8_0,
     MatvecQ4_1,
     MatvecQ8_0,
+    MatvecNormQ4_1,
+    MatvecNormQ8_0,
+    MatvecNormGluQ4_1,
+    MatvecNormGluQ8_0,
     GatherF32,
     GatherQ8_0,
     GatherQ4_1,
@@ -123,6 +127,7 @@ pub enum Kernel {
     LayerNorm,
     Softmax,
     Rope,
+    RopeQkv,
     SiluMul,
     Gelu,
     Add,
@@ -132,7 +137,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 26] = [
         Kernel::MatmulNn,
         Kernel::MatmulNt,
         Kernel::MatmulScalarNn,
@@ -141,6 +146,10 @@ impl Kernel {
         Kernel::MatmulQ8_0,
         Kernel::MatvecQ4_1,
         Kernel::MatvecQ8_0,
+        Kernel::MatvecNormQ4_1,
+        Kernel::MatvecNormQ8_0,
+        Kernel::MatvecNormGluQ4_1,
+        Kernel::MatvecNormGluQ8_0,
         Kernel::GatherF32,
         Kernel::GatherQ8_0,
         Kernel::GatherQ4_1,
@@ -148,6 +157,7 @@ impl Kernel {
         Kernel::LayerNorm,
         Kernel::Softmax,
         Kernel::Rope,
+        Kernel::RopeQkv,
         Kernel::SiluMul,
         Kernel::Gelu,
         Kernel::Add,
@@ -161,11 +171,16 @@ impl Kernel {
             Kernel::MatmulNn | Kernel::MatmulNt => Family::Matmul,
             Kernel::MatmulScalarNn | Kernel::MatmulScalarNt => Family::MatmulScalar,
             Kernel::MatmulQ4_1 | Kernel::MatmulQ8_0 => Family::MatmulQuant,
-            Kernel::MatvecQ4_1 | Kernel::MatvecQ8_0 => Family::MatvecQuant,
+            Kernel::MatvecQ4_1
+            | Kernel::MatvecQ8_0
+            | Kernel::MatvecNormQ4_1
+            | Kernel::MatvecNormQ8_0
+            | Kernel::MatvecNormGluQ4_1
+            | Kernel::MatvecNormGluQ8_0 => Family::MatvecQuant,
             Kernel::GatherF32 | Kernel::GatherQ8_0 | Kernel::GatherQ4_1 => Family::Gather,
             Kernel::RmsNorm | Kernel::LayerNorm => Family::Norm,
             Kernel::Softmax => Family::Softmax,
-            Kernel::Rope => Family::Rope,
+            Kernel::Rope | Kernel::RopeQkv => Family::Rope,
             Kernel::SiluMul | Kernel::Gelu | Kernel::Add => Family::Activation,
             Kernel::Attention => Family::Attention,
             Kernel::MeanPoolL2 => Family::Pooling,
@@ -180,12 +195,15 @@ impl Kernel {
             Kernel::MatmulScalarNt => "matmul_scalar_nt",
             Kernel::MatmulQ4_1 | Kernel::MatmulQ8_0 => "matmul_quant",
             Kernel::MatvecQ4_1 | Kernel::MatvecQ8_0 => "matvec_quant",
+            Kernel::MatvecNormQ4_1 | Kernel::MatvecNormQ8_0 => "matvec_quant_norm",
+            Kernel::MatvecNormGluQ4_1 | Kernel::MatvecNormGluQ8_0 => "matvec_quant_norm_glu",
             Kernel::GatherF32 => "gather_f32",
             Kernel::GatherQ8_0 | Kernel::GatherQ4_1 => "gather_quant",
             Kernel::RmsNorm => "rms_norm",
             Kernel::LayerNorm => "layer_norm",
             Kernel::Softmax => "softmax",
             Kernel::Rope => "rope",
+            Kernel::RopeQkv => "rope_qkv",
             Kernel::SiluMul => "silu_mul",
             Kernel::Gelu => "gelu",
             Kernel::Add => "add",
@@ -204,8 +222,8 @@ impl Kernel {
         match self {
             Kernel::MatmulNn => &[("TRANSPOSED_B", 0.0)],
             Kernel::MatmulNt => &[("TRANSPOSED_B", 1.0)],
-            Kernel::MatmulQ4_1 | Kernel::MatvecQ4_1 | Kernel::GatherQ4_1 => Q4_1,
-            Kernel::MatmulQ8_0 | Kernel::MatvecQ8_0 | Kernel::GatherQ8_0 => Q8_0,
+            Kernel::MatmulQ4_1 | Kernel::MatvecQ4_1 | Kernel::MatvecNormQ4_1 | Kernel::MatvecNormGluQ4_1 | Kernel::GatherQ4_1 => Q4_1,
+            Kernel::MatmulQ8_0 | Kernel::MatvecQ8_0 | Kernel::MatvecNormQ8_0 | Kernel::MatvecNormGluQ8_0 | Kernel::GatherQ8_0 => Q8_0,
             _ => &[],
         }
     }
@@ -219,14 +237,20 @@ impl Kernel {
             | Kernel::MatmulScalarNt
             | Kernel::MatmulQ4_1
             | Kernel::MatmulQ8_0
-            | Kernel::MatvecQ4_1
-            | Kernel::MatvecQ8_0
             | Kernel::LayerNorm => &[(1, Read), (2, Read), (3, Read), (4, ReadWrite)],
+            // x, w, bias, norm weight, y: the matvec kernels share helpers, and with them every
+            // binding the helpers touch (an unused one gets any read-only buffer).
+            Kernel::MatvecQ4_1 | Kernel::MatvecQ8_0 | Kernel::MatvecNormQ4_1 | Kernel::MatvecNormQ8_0 => {
+                &[(1, Read), (2, Read), (3, Read), (5, Read), (4, ReadWrite)]
+            }
+            // x, gate, up, bias, norm weight, y.
+            Kernel::MatvecNormGluQ4_1 | Kernel::MatvecNormGluQ8_0 => &[(1, Read), (2, Read), (6, Read), (3, Read), (5, Read), (4, ReadWrite)],
             Kernel::RmsNorm => &[(1, Read), (2, Read), (4, ReadWrite)],
             Kernel::GatherF32 => &[(1, Read), (2, Read), (4, ReadWrite)],
             Kernel::GatherQ8_0 | Kernel::GatherQ4_1 => &[(1, Read), (3, Read), (4, ReadWrite)],
             Kernel::Softmax => &[(1, ReadWrite)],
             Kernel::Rope => &[(1, Read), (2, ReadWrite)],
+            Kernel::RopeQkv => &[(1, Read), (3, Read), (4, ReadWrite), (5, ReadWrite), (6, ReadWrite)],
             Kernel::SiluMul | Kernel::Add => &[(1, Read), (2, Read), (3, ReadWrite)],
             Kernel::Gelu => &[(1, Read), (3, ReadWrite)],
             Kernel::Attention => &[(1, Read), (2, Read), (3, Read), (4, Read), (5, ReadWrite)],

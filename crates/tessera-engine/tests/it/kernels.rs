@@ -67,6 +67,28 @@ fn rope() {
 }
 
 #[test]
+fn rope_qkv() {
+    check("rope_qkv");
+}
+
+#[test]
+fn matvec_quant_norm() {
+    check("matvec_quant_norm");
+}
+
+#[test]
+fn matvec_quant_norm_glu() {
+    check("matvec_quant_norm_glu");
+}
+
+/// The unfused forms of the fused ops, for several rows or f32 weights.
+#[test]
+fn norm_linear_and_norm_glu() {
+    check("norm_linear");
+    check("norm_glu");
+}
+
+#[test]
 fn silu_mul() {
     check("silu_mul");
 }
@@ -95,7 +117,8 @@ fn mean_pool_l2() {
 fn every_case_belongs_to_a_test() {
     let tested = [
         "matmul", "linear_f32", "matvec_quant", "matmul_quant", "gather", "rms_norm", "layer_norm", "softmax", "rope",
-        "silu_mul", "gelu", "add", "attention", "mean_pool_l2",
+        "silu_mul", "gelu", "add", "attention", "mean_pool_l2", "rope_qkv", "matvec_quant_norm", "matvec_quant_norm_glu",
+        "norm_linear", "norm_glu",
     ];
     for case in checks::cases() {
         assert!(tested.contains(&case.kernel()), "{} has cases but no test", case.kernel());

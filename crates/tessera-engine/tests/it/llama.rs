@@ -147,6 +147,29 @@ fn greedy_decoding_reproduces_the_reference() {
     }
 }
 
+/// The decode loop's budget: one token through the whole model is one batch (so one submit) of
+/// at most 200 kernels, and copies nothing outside them.
+#[test]
+fn a_decode_step_is_one_batch_of_at_most_200_kernels() {
+    let Some((gpu, model)) = model() else { return };
+    let c = &model.config;
+    let mut cache = model.kv_cache(gpu, 0..c.blocks, 8).unwrap();
+    cache.len = 3;
+    let ids = gpu.upload_u32(&[1], &[1]).unwrap();
+    let positions = gpu.upload_u32(&[1], &[3]).unwrap();
+    let hidden = gpu.empty(&[1, c.dim], DType::F32).unwrap();
+    let logits = gpu.empty(&[1, c.vocab], DType::F32).unwrap();
+    let mut batch = gpu.batch();
+    model.embed(&mut batch, &ids, &hidden).unwrap();
+    model.forward_span(&mut batch, &hidden, &positions, &mut cache).unwrap();
+    model.last_logits(&mut batch, &hidden, &logits).unwrap();
+    let dispatches = batch.dispatches();
+    batch.submit();
+    assert!(dispatches <= 200, "a decode step records {dispatches} kernels");
+    assert_eq!(dispatches as usize, 2 + 6 * c.blocks, "embedding, six kernels a block, head");
+    assert!(pollster::block_on(gpu.read_f32(&logits)).unwrap().iter().all(|v| v.is_finite()));
+}
+
 #[test]
 fn bad_tokens_and_overlong_input_are_errors() {
     let Some((gpu, model)) = model() else { return };
