@@ -12,6 +12,7 @@ mod batch;
 pub mod bert;
 pub mod cache;
 pub mod checks;
+pub mod cid;
 mod error;
 mod fused;
 pub mod gguf;
