@@ -43,6 +43,11 @@ impl Cid {
         Ok(Cid { sha256: hasher.finalize().into() })
     }
 
+    /// The CID of the blob whose sha256 is `digest`.
+    pub fn from_sha256(digest: [u8; 32]) -> Cid {
+        Cid { sha256: digest }
+    }
+
     /// The blob's sha256.
     pub fn sha256(&self) -> &[u8; 32] {
         &self.sha256
