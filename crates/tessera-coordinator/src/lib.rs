@@ -1,0 +1,23 @@
+//! Tessera's coordinator core. `scheduler` is a sans-IO state machine (membership, liveness,
+//! dispatch, reconciliation) that never reads a clock or touches a socket; `store` and
+//! `sqlite` persist units and accepted results before anything is acknowledged; `bench`
+//! measures the scheduler with thousands of simulated contributors.
+
+pub mod bench;
+pub mod reconcile;
+pub mod scheduler;
+pub mod sqlite;
+pub mod store;
+pub mod time;
+
+pub use bench::{BenchConfig, BenchStore, SchedulerBenchReport, bench_scheduler};
+pub use reconcile::{EMBEDDING_MIN_COSINE, JobKind, embeddings_agree};
+pub use scheduler::{
+    Config, JobSpec, JobStatus, Output, Report, Reputation, Scheduler, SchedulerError,
+};
+pub use sqlite::{Durability, SqliteStore};
+pub use store::{
+    AcceptedUnit, JobOutcome, JobRecord, MemoryStore, RecoveredJob, Snapshot, Store, StoreError,
+    UnitRecord,
+};
+pub use time::Millis;

@@ -1,0 +1,429 @@
+//! Thousands of simulated contributors in simulated time: churn, deadlines, crashes, liars,
+//! duplicates and late results, and a coordinator restart from its store mid-job.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+
+use tessera_coordinator::{
+    Config, JobOutcome, JobSpec, MemoryStore, Millis, Output, Scheduler, Store,
+};
+use tessera_protocol::{ContributorId, JobId, Tensor, UnitId, Work};
+
+use crate::common::{Rng, caps, honest, perturbed};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Honest,
+    /// Returns perturbed vectors.
+    Liar,
+    /// Answers after the deadline.
+    Slow,
+    /// Sends every result twice.
+    Duplicator,
+    /// Stops answering and heartbeating at some point, without a word.
+    Crasher,
+}
+
+#[derive(Debug)]
+enum Event {
+    Result {
+        who: ContributorId,
+        unit: UnitId,
+        result: Tensor,
+    },
+    Heartbeat(ContributorId),
+    Crash(ContributorId),
+    Leave(ContributorId),
+    Join,
+    Submit(usize),
+    Restart,
+}
+
+struct Params {
+    seed: u64,
+    contributors: usize,
+    slots: u32,
+    jobs: usize,
+    inputs_per_job: usize,
+    inputs_per_unit: usize,
+    deadline_ms: u64,
+    liars: f64,
+    restart_at: Option<u64>,
+}
+
+struct Sim {
+    rng: Rng,
+    now: Millis,
+    seq: u64,
+    events: BinaryHeap<Reverse<(Millis, u64)>>,
+    payloads: HashMap<u64, Event>,
+    behaviour: HashMap<ContributorId, Behaviour>,
+    alive: HashSet<ContributorId>,
+    next_id: u64,
+    liar_share: f64,
+    slots: u32,
+    deadline_ms: u64,
+    inputs_per_unit: usize,
+    jobs: Vec<Vec<Vec<u32>>>,
+    job_ids: Vec<JobId>,
+    accepted: BTreeMap<(JobId, u32), Tensor>,
+    done: HashSet<JobId>,
+    lost: usize,
+    liar_ids: HashSet<ContributorId>,
+}
+
+impl Sim {
+    fn at(&mut self, t: Millis, e: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((t, self.seq)));
+        self.payloads.insert(self.seq, e);
+    }
+
+    fn pick_behaviour(&mut self) -> Behaviour {
+        let x = self.rng.unit();
+        if x < self.liar_share {
+            Behaviour::Liar
+        } else if x < self.liar_share + 0.03 {
+            Behaviour::Slow
+        } else if x < self.liar_share + 0.08 {
+            Behaviour::Duplicator
+        } else if x < self.liar_share + 0.12 {
+            Behaviour::Crasher
+        } else {
+            Behaviour::Honest
+        }
+    }
+
+    fn join(&mut self, s: &mut Scheduler<MemoryStore>, behaviour: Option<Behaviour>) {
+        let id = ContributorId(self.next_id);
+        self.next_id += 1;
+        let b = behaviour.unwrap_or_else(|| self.pick_behaviour());
+        s.join(self.now, id, caps(self.slots)).unwrap();
+        self.behaviour.insert(id, b);
+        self.alive.insert(id);
+        if b == Behaviour::Liar {
+            self.liar_ids.insert(id);
+        }
+        let first = self.now.plus(1000 + self.rng.below(4000));
+        self.at(first, Event::Heartbeat(id));
+        if b == Behaviour::Crasher {
+            let t = self.now.plus(self.rng.below(20_000));
+            self.at(t, Event::Crash(id));
+        }
+    }
+
+    fn handle_outputs(&mut self, s: &mut Scheduler<MemoryStore>) {
+        while let Some(out) = s.poll() {
+            match out {
+                Output::Assign {
+                    contributor,
+                    unit,
+                    deadline,
+                    work,
+                    ..
+                } => {
+                    let Some(&b) = self.behaviour.get(&contributor) else {
+                        continue;
+                    };
+                    let latency = 50 + self.rng.below(3_000);
+                    let result = match b {
+                        Behaviour::Liar => perturbed(&work, &mut self.rng),
+                        _ => honest(&work),
+                    };
+                    match b {
+                        Behaviour::Crasher if self.rng.unit() < 0.5 => {}
+                        Behaviour::Slow => {
+                            let t = deadline.plus(1 + self.rng.below(2_000));
+                            self.at(
+                                t,
+                                Event::Result {
+                                    who: contributor,
+                                    unit,
+                                    result,
+                                },
+                            );
+                        }
+                        Behaviour::Duplicator => {
+                            let t = self.now.plus(latency);
+                            self.at(
+                                t,
+                                Event::Result {
+                                    who: contributor,
+                                    unit,
+                                    result: result.clone(),
+                                },
+                            );
+                            let again = t.plus(self.rng.below(5_000));
+                            self.at(
+                                again,
+                                Event::Result {
+                                    who: contributor,
+                                    unit,
+                                    result,
+                                },
+                            );
+                        }
+                        _ => {
+                            let t = self.now.plus(latency);
+                            self.at(
+                                t,
+                                Event::Result {
+                                    who: contributor,
+                                    unit,
+                                    result,
+                                },
+                            );
+                        }
+                    }
+                }
+                Output::UnitAccepted {
+                    job, index, result, ..
+                } => {
+                    let previous = self.accepted.insert((job, index), result);
+                    assert!(
+                        previous.is_none(),
+                        "unit {index} of job {job} accepted twice"
+                    );
+                }
+                Output::JobDone { job } => {
+                    assert!(self.done.insert(job), "job {job} done twice");
+                }
+                Output::JobFailed { job, reason } => panic!("job {job} failed: {reason}"),
+                Output::ContributorLost { contributor }
+                | Output::ContributorExcluded { contributor } => {
+                    self.lost += 1;
+                    self.alive.remove(&contributor);
+                }
+                Output::Cancel { .. } => {}
+            }
+        }
+    }
+}
+
+fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
+    let config = Config {
+        heartbeat_timeout_ms: 15_000,
+        ..Config::default()
+    };
+    let mut rng = Rng(p.seed);
+    let jobs: Vec<Vec<Vec<u32>>> = (0..p.jobs)
+        .map(|_| {
+            (0..p.inputs_per_job)
+                .map(|_| {
+                    (0..1 + rng.below(6))
+                        .map(|_| rng.below(30_000) as u32)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let mut sim = Sim {
+        rng,
+        now: Millis(0),
+        seq: 0,
+        events: BinaryHeap::new(),
+        payloads: HashMap::new(),
+        behaviour: HashMap::new(),
+        alive: HashSet::new(),
+        next_id: 1,
+        liar_share: p.liars,
+        slots: p.slots,
+        deadline_ms: p.deadline_ms,
+        inputs_per_unit: p.inputs_per_unit,
+        jobs,
+        job_ids: Vec::new(),
+        accepted: BTreeMap::new(),
+        done: HashSet::new(),
+        lost: 0,
+        liar_ids: HashSet::new(),
+    };
+    let mut s = Scheduler::restore(config.clone(), MemoryStore::new(), sim.now).unwrap();
+    for _ in 0..p.contributors {
+        sim.join(&mut s, None);
+    }
+    for j in 0..p.jobs {
+        let t = Millis(j as u64 * 1_500);
+        sim.at(t, Event::Submit(j));
+    }
+    // Churn: graceful leaves and new joins spread over the run.
+    for _ in 0..p.contributors / 10 {
+        let t = Millis(sim.rng.below(30_000));
+        let who = ContributorId(1 + sim.rng.below(p.contributors as u64));
+        sim.at(t, Event::Leave(who));
+        let t = Millis(sim.rng.below(30_000));
+        sim.at(t, Event::Join);
+    }
+    if let Some(t) = p.restart_at {
+        sim.at(Millis(t), Event::Restart);
+    }
+    let mut missed: HashMap<ContributorId, u64> = HashMap::new();
+    let mut steps = 0u64;
+    while sim.done.len() < p.jobs {
+        steps += 1;
+        assert!(steps < 5_000_000, "simulation did not finish");
+        let next_event = sim.events.peek().map(|Reverse((t, _))| *t);
+        let next = match (next_event, s.poll_timeout()) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => panic!(
+                "nothing left to happen, {} of {} jobs done",
+                sim.done.len(),
+                p.jobs
+            ),
+        };
+        sim.now = sim.now.max(next);
+        if next_event == Some(next) {
+            let Some(Reverse((_, seq))) = sim.events.pop() else {
+                unreachable!()
+            };
+            let Some(event) = sim.payloads.remove(&seq) else {
+                unreachable!()
+            };
+            match event {
+                Event::Result { who, unit, result } => {
+                    if sim.alive.contains(&who) {
+                        s.report(sim.now, who, unit, result).unwrap();
+                    }
+                }
+                Event::Heartbeat(who) => {
+                    if sim.alive.contains(&who) {
+                        s.heartbeat(sim.now, who).unwrap();
+                        let t = sim.now.plus(5_000);
+                        sim.at(t, Event::Heartbeat(who));
+                    }
+                }
+                Event::Crash(who) => {
+                    sim.alive.remove(&who);
+                }
+                Event::Leave(who) => {
+                    if sim.alive.remove(&who) {
+                        s.leave(sim.now, who).unwrap();
+                    }
+                }
+                Event::Join => sim.join(&mut s, None),
+                Event::Submit(j) => {
+                    let mut spec = JobSpec::embedding("bafkreisim", sim.jobs[j].clone());
+                    spec.inputs_per_unit = sim.inputs_per_unit;
+                    spec.unit_deadline_ms = sim.deadline_ms;
+                    let id = s.submit(sim.now, spec).unwrap();
+                    sim.job_ids.push(id);
+                }
+                Event::Restart => {
+                    // Every connection drops with the coordinator; contributors come back
+                    // under new ids, and results in flight are lost.
+                    sim.handle_outputs(&mut s);
+                    for id in sim.behaviour.keys() {
+                        if let Some((_, _, r)) = s.contributor(*id) {
+                            *missed.entry(*id).or_default() += r.missed_deadlines;
+                        }
+                    }
+                    let store = s.into_store();
+                    s = Scheduler::restore(config.clone(), store, sim.now).unwrap();
+                    let back: Vec<Behaviour> =
+                        sim.alive.drain().map(|id| sim.behaviour[&id]).collect();
+                    for b in back {
+                        sim.join(&mut s, Some(b));
+                    }
+                }
+            }
+        }
+        s.tick(sim.now).unwrap();
+        sim.handle_outputs(&mut s);
+    }
+    for id in sim.behaviour.keys() {
+        if let Some((_, _, r)) = s.contributor(*id) {
+            *missed.entry(*id).or_default() += r.missed_deadlines;
+        }
+    }
+    (sim, s.into_store(), missed)
+}
+
+fn check(sim: &Sim, store: &mut MemoryStore, p: &Params) {
+    assert_eq!(sim.job_ids.len(), p.jobs);
+    let units_per_job = p.inputs_per_job.div_ceil(p.inputs_per_unit);
+    for (j, &job) in sim.job_ids.iter().enumerate() {
+        assert_eq!(store.outcome(job), Some(&JobOutcome::Done), "job {job}");
+        let stored = store.results(job).unwrap();
+        assert_eq!(
+            stored.len(),
+            units_per_job,
+            "job {job}: every unit stored once"
+        );
+        for (index, result) in stored {
+            let start = index as usize * p.inputs_per_unit;
+            let end = (start + p.inputs_per_unit).min(p.inputs_per_job);
+            let work = Work::Embedding {
+                model: "bafkreisim".into(),
+                inputs: sim.jobs[j][start..end].to_vec(),
+            };
+            assert_eq!(
+                result,
+                honest(&work),
+                "job {job} unit {index}: accepted result is not the honest one"
+            );
+            assert_eq!(
+                sim.accepted.get(&(job, index)),
+                Some(&result),
+                "job {job} unit {index}: reported as stored"
+            );
+        }
+        for a in store.accepted(job) {
+            for who in &a.agreed {
+                assert!(
+                    !sim.liar_ids.contains(who),
+                    "a liar's result was accepted for unit {}",
+                    a.unit
+                );
+            }
+        }
+    }
+    assert_eq!(
+        sim.accepted.len(),
+        units_per_job * p.jobs,
+        "no unit accepted outside the jobs"
+    );
+}
+
+#[test]
+fn thousands_of_contributors_with_churn_liars_and_a_restart() {
+    let p = Params {
+        seed: 0x5eed_0001,
+        contributors: 2_000,
+        slots: 1,
+        jobs: 6,
+        inputs_per_job: 600,
+        inputs_per_unit: 2,
+        deadline_ms: 8_000,
+        liars: 0.08,
+        restart_at: Some(4_000),
+    };
+    let (sim, mut store, missed) = run(Params { ..p });
+    check(&sim, &mut store, &p);
+    // The scenario really exercised what it claims to.
+    assert!(sim.lost > 0, "no contributor was lost or excluded");
+    assert!(missed.values().sum::<u64>() > 0, "no deadline was missed");
+    let rejected: usize = sim
+        .job_ids
+        .iter()
+        .flat_map(|&j| store.accepted(j))
+        .map(|a| a.rejected.len())
+        .sum();
+    assert!(rejected > 0, "no vote was lost");
+}
+
+#[test]
+fn few_contributors_many_units_with_slots_and_heavy_lying() {
+    let p = Params {
+        seed: 0x5eed_0002,
+        contributors: 300,
+        slots: 3,
+        jobs: 4,
+        inputs_per_job: 1_500,
+        inputs_per_unit: 3,
+        deadline_ms: 6_000,
+        liars: 0.2,
+        restart_at: Some(9_000),
+    };
+    let (sim, mut store, _) = run(Params { ..p });
+    check(&sim, &mut store, &p);
+}
