@@ -499,7 +499,8 @@ impl<S: Store> Scheduler<S> {
                     unit: unit_id,
                     job: unit.job,
                     index: unit.index,
-                    result: unit.results[winner].1.clone(),
+                    // Moved out, not copied: the unit is dropped once accepted.
+                    result: std::mem::replace(&mut unit.results[winner].1, empty_tensor()),
                     agreed: agreed.iter().map(|&i| unit.results[i].0).collect(),
                     rejected: (0..unit.results.len())
                         .filter(|i| !agreed.contains(i))
@@ -509,6 +510,7 @@ impl<S: Store> Scheduler<S> {
                 };
                 if let Err(e) = self.store.accept_unit(&accepted) {
                     // Undo, so that nothing is acknowledged that is not stored.
+                    unit.results[winner].1 = accepted.result;
                     unit.results.pop();
                     unit.attempts[attempt].state = previous;
                     if previous == AttemptState::Running
@@ -914,6 +916,11 @@ impl<S: Store> Scheduler<S> {
         }
         self.skipped = skipped;
     }
+}
+
+/// A placeholder for a result moved out of its unit.
+fn empty_tensor() -> Tensor {
+    Tensor::from_f32(vec![0], &[]).unwrap_or_else(|_| unreachable!("an empty tensor is valid"))
 }
 
 /// The most results that agree with any one result (itself included).
