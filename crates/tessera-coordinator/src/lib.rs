@@ -1,9 +1,12 @@
 //! Tessera's coordinator core. `scheduler` is a sans-IO state machine (membership, liveness,
 //! dispatch, reconciliation) that never reads a clock or touches a socket; `store` and
 //! `sqlite` persist units and accepted results before anything is acknowledged; `bench`
-//! measures the scheduler with thousands of simulated contributors.
+//! measures the scheduler with thousands of simulated contributors. `blobs` keeps model weights
+//! as content-addressed files; `openai` holds the OpenAI-compatible API's shapes.
 
 pub mod bench;
+pub mod blobs;
+pub mod openai;
 pub mod reconcile;
 pub mod scheduler;
 pub mod sqlite;
