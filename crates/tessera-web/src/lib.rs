@@ -1,14 +1,29 @@
 //! The browser contributor, compiled to WebAssembly: Tessera's engine on the page's WebGPU adapter.
 //!
-//! So far it exposes the kernel self-test, which a volunteer's page runs to show that this
-//! browser computes every kernel as the CPU reference does (the same cases the native tests run).
-//! JavaScript sees plain JSON and `Error`s; `JsError` conversion happens in [`js_error`] only.
+//! - [`self_test`]: the kernel self-test a volunteer's page runs to show that this browser
+//!   computes every kernel as the CPU reference does (the same cases the native tests run).
+//! - [`Engine`]: the page's GPU; it loads models from bytes the page fetched
+//!   ([`llama::LlamaModel`], [`bert::BertModel`]), which run prompts as spans of layers, decode,
+//!   embed and time themselves.
+//!
+//! JavaScript sees opaque handles, plain JSON strings and `Uint8Array`s, and `Error`s;
+//! `JsError` conversion happens in [`js_error`] only.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+mod bert;
+mod bytes;
+mod llama;
+
+use std::rc::Rc;
+
+use js_sys::Uint8Array;
 use serde::Serialize;
 use tessera_engine::{Gpu, checks};
 use wasm_bindgen::prelude::*;
+
+pub use bert::BertModel;
+pub use llama::LlamaModel;
 
 #[wasm_bindgen(start)]
 fn start() {
@@ -17,6 +32,62 @@ fn start() {
 
 fn js_error(error: impl std::fmt::Display) -> JsError {
     JsError::new(&error.to_string())
+}
+
+/// Fails if the GPU reported an error that no op caught (an engine bug or a lost device).
+fn check_device(gpu: &Gpu) -> Result<(), JsError> {
+    let errors = gpu.take_device_errors();
+    if errors.is_empty() { Ok(()) } else { Err(js_error(format!("the GPU reported errors: {errors:?}"))) }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String, JsError> {
+    serde_json::to_string(value).map_err(js_error)
+}
+
+fn from_json<'a, T: serde::Deserialize<'a>>(what: &str, json: &'a str) -> Result<T, JsError> {
+    serde_json::from_str(json).map_err(|e| js_error(format!("{what}: {e}")))
+}
+
+/// Milliseconds on the page's clock.
+fn now_ms() -> f64 {
+    js_sys::Date::now()
+}
+
+/// The page's WebGPU device, shared by the models loaded on it.
+#[wasm_bindgen]
+pub struct Engine {
+    gpu: Rc<Gpu>,
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Opens this browser's WebGPU adapter; rejects when there is none.
+    pub async fn open() -> Result<Engine, JsError> {
+        Ok(Engine { gpu: Rc::new(Gpu::request().await.map_err(js_error)?) })
+    }
+
+    /// The adapter as JSON: `{name, backend, device_type, driver}`.
+    pub fn adapter(&self) -> Result<String, JsError> {
+        to_json(self.gpu.adapter())
+    }
+
+    /// Loads `stages` (JSON `{"embedding": bool, "blocks": [a, b], "head": bool}`) of the
+    /// llama-family GGUF in `bytes` (called `name` in errors).
+    #[wasm_bindgen(js_name = loadLlama)]
+    pub fn load_llama(&self, name: &str, bytes: &Uint8Array, stages: &str) -> Result<LlamaModel, JsError> {
+        let model = LlamaModel::load(self.gpu.clone(), name, bytes, stages)?;
+        check_device(&self.gpu)?;
+        Ok(model)
+    }
+
+    /// Loads a BERT encoder from its `config.json` text and its safetensors `bytes` (called
+    /// `name` in errors).
+    #[wasm_bindgen(js_name = loadBert)]
+    pub fn load_bert(&self, name: &str, config: &str, bytes: &Uint8Array) -> Result<BertModel, JsError> {
+        let model = BertModel::load(self.gpu.clone(), name, config, bytes)?;
+        check_device(&self.gpu)?;
+        Ok(model)
+    }
 }
 
 #[derive(Serialize)]
@@ -56,9 +127,6 @@ pub async fn self_test(seed: u32) -> Result<String, JsError> {
             passed: report.passed(),
         });
     }
-    let errors = gpu.take_device_errors();
-    if !errors.is_empty() {
-        return Err(js_error(format!("the GPU reported errors: {errors:?}")));
-    }
-    serde_json::to_string(&SelfTest { adapter: summary, reports }).map_err(js_error)
+    check_device(&gpu)?;
+    to_json(&SelfTest { adapter: summary, reports })
 }
