@@ -1,5 +1,7 @@
-//! `bench_scheduler`: units dispatched and reconciled per second with thousands of simulated
-//! contributors in one process, and the coordinator's memory per connected contributor.
+//! `bench_scheduler`: units dispatched, reconciled and committed per second with thousands of
+//! simulated contributors in one process, and the coordinator's memory per connected
+//! contributor. The scheduler is flushed (one store transaction) every `reports_per_flush`
+//! reports and at the end of each simulated millisecond, as a shell flushes after each burst.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -30,6 +32,8 @@ pub struct BenchConfig {
     pub inputs_per_unit: usize,
     pub hidden: usize,
     pub store: BenchStore,
+    /// Reports between two `flush`es (group commits); also flushed once per simulated ms.
+    pub reports_per_flush: usize,
 }
 
 impl Default for BenchConfig {
@@ -41,6 +45,7 @@ impl Default for BenchConfig {
             inputs_per_unit: 8,
             hidden: 384,
             store: BenchStore::Memory,
+            reports_per_flush: 256,
         }
     }
 }
@@ -53,9 +58,11 @@ pub struct SchedulerBenchReport {
     pub replicas: u8,
     pub result_bytes: usize,
     pub store: String,
+    /// Store transactions (`flush`es that had something to commit).
+    pub flushes: usize,
     /// Wall time from the first submission to the last job done.
     pub elapsed: Duration,
-    /// Units dispatched to `replicas` contributors, reconciled and stored, per second.
+    /// Units dispatched to `replicas` contributors, reconciled and committed, per second.
     pub units_per_second: f64,
     /// Results compared per second (`replicas` per unit).
     pub results_per_second: f64,
@@ -71,6 +78,12 @@ impl fmt::Display for SchedulerBenchReport {
             f,
             "scheduler: {} contributors, {} units x {} replicas, {} B results, {} store",
             self.contributors, self.units, self.replicas, self.result_bytes, self.store
+        )?;
+        writeln!(
+            f,
+            "  group commit:                {:>10} flushes ({:.0} units each)",
+            self.flushes,
+            self.units as f64 / self.flushes.max(1) as f64
         )?;
         writeln!(
             f,
@@ -192,6 +205,16 @@ fn run<S: Store>(
         submitted += count;
         jobs_left += 1;
     }
+    let mut flushes = 0usize;
+    let mut flush = |s: &mut Scheduler<S>, now: Millis| -> Result<(), SchedulerError> {
+        if s.needs_flush() {
+            s.flush(now)?;
+            flushes += 1;
+        }
+        Ok(())
+    };
+    flush(&mut s, now)?;
+    let every = config.reports_per_flush.max(1);
     let mut answers: Vec<(ContributorId, UnitId, usize)> = Vec::new();
     let mut units_accepted = 0usize;
     while jobs_left > 0 {
@@ -224,9 +247,13 @@ fn run<S: Store>(
             ));
         }
         now = now.plus(1);
-        for (contributor, unit, p) in answers.drain(..) {
+        for (i, (contributor, unit, p)) in answers.drain(..).enumerate() {
             s.report(now, contributor, unit, pool[p].clone())?;
+            if (i + 1) % every == 0 {
+                flush(&mut s, now)?;
+            }
         }
+        flush(&mut s, now)?;
     }
     let elapsed = start.elapsed();
     let secs = elapsed.as_secs_f64().max(1e-9);
@@ -236,6 +263,7 @@ fn run<S: Store>(
         replicas,
         result_bytes: rows * hidden * 4,
         store: store_name,
+        flushes,
         elapsed,
         units_per_second: units_accepted as f64 / secs,
         results_per_second: (units_accepted * usize::from(replicas)) as f64 / secs,

@@ -20,7 +20,7 @@ pub use scheduler::{
 };
 pub use sqlite::{Durability, SqliteStore};
 pub use store::{
-    AcceptedUnit, JobOutcome, JobRecord, MemoryStore, RecoveredJob, Snapshot, Store, StoreError,
-    UnitRecord,
+    AcceptedUnit, Batch, JobOutcome, JobRecord, MemoryStore, RecoveredJob, Snapshot, Store,
+    StoreError, UnitRecord,
 };
 pub use time::Millis;

@@ -1,7 +1,15 @@
 //! The scheduler: a sans-IO state machine for membership, liveness, dispatch and
 //! reconciliation. The shell feeds it events with the current time (`join`, `heartbeat`,
-//! `leave`, `submit`, `report`, `tick`) and drains `poll` for what to do; `poll_timeout` says
-//! when to call `tick` next.
+//! `leave`, `submit`, `report`, `tick`), calls `flush` to commit, and drains `poll` for what to
+//! do; `poll_timeout` says when to call `tick` next.
+//!
+//! Group commit: new jobs, accepted units and finished jobs are staged in a `Batch`, not
+//! written one by one. `flush` commits the whole batch in one store transaction and only then
+//! releases what it acknowledges (`UnitAccepted`, `JobDone`, `JobFailed`) and dispatches the
+//! new jobs' units. A failed commit releases nothing and keeps the batch for the next `flush`;
+//! a coordinator that stops before a flush resumes from the store, where staged units are
+//! still open, so they are done again and reported once. The shell decides the cadence
+//! (e.g. after each burst of messages, or every few milliseconds while `needs_flush`).
 //!
 //! Indexing: contributors with a free slot wait in a FIFO (`free`); units that need replicas
 //! wait in another (`pending`); dispatch pairs their heads, skipping at most `MAX_TRIES`
@@ -17,7 +25,9 @@ use std::sync::Arc;
 use tessera_protocol::{Capabilities, ContributorId, JobId, Tensor, UnitId, Work};
 
 use crate::reconcile::JobKind;
-use crate::store::{AcceptedUnit, JobOutcome, JobRecord, Snapshot, Store, StoreError, UnitRecord};
+use crate::store::{
+    AcceptedUnit, Batch, JobOutcome, JobRecord, Snapshot, Store, StoreError, UnitRecord,
+};
 use crate::time::Millis;
 
 /// Most free contributors looked at for one unit before moving on to the next unit.
@@ -124,16 +134,16 @@ pub enum Output {
         contributor: ContributorId,
         unit: UnitId,
     },
-    /// A unit's result was accepted and stored.
+    /// A unit's result was accepted and committed to the store.
     UnitAccepted {
         job: JobId,
         unit: UnitId,
         index: u32,
         result: Tensor,
     },
-    /// Every unit of the job is accepted and stored.
+    /// Every unit of the job is accepted, and that is committed to the store.
     JobDone { job: JobId },
-    /// The job cannot complete; the reason says which unit and why.
+    /// The job cannot complete (committed to the store); the reason says which unit and why.
     JobFailed { job: JobId, reason: String },
     /// No heartbeat within the timeout: its units were reissued; close its connection.
     ContributorLost { contributor: ContributorId },
@@ -146,7 +156,8 @@ pub enum Output {
 pub enum Report {
     /// Recorded; the unit waits for more results.
     Recorded,
-    /// This result completed the unit's quorum, and the unit is accepted.
+    /// This result completed the unit's quorum: the unit is accepted and staged, and
+    /// `UnitAccepted` follows the next successful `flush`.
     Accepted,
     /// The unit was already decided (accepted, or its job ended); ignored.
     Stale,
@@ -260,6 +271,8 @@ pub struct Scheduler<S: Store> {
     deadlines: BinaryHeap<Reverse<(Millis, UnitId, ContributorId)>>,
     liveness: BinaryHeap<Reverse<(Millis, ContributorId)>>,
     outputs: VecDeque<Output>,
+    /// Writes not yet committed; what they acknowledge is released by `flush`.
+    staged: Batch,
     next_job: u64,
     next_unit: u64,
     skipped: Vec<ContributorId>,
@@ -267,7 +280,8 @@ pub struct Scheduler<S: Store> {
 
 impl<S: Store> Scheduler<S> {
     /// A scheduler resuming whatever unfinished jobs `store` holds (none for a new store).
-    /// Units of those jobs that were in flight are simply handed out again.
+    /// Units of those jobs that were in flight, or accepted but never flushed, are simply
+    /// handed out again. Jobs found complete are finished and flushed before this returns.
     pub fn restore(config: Config, mut store: S, now: Millis) -> Result<Self, SchedulerError> {
         let Snapshot {
             jobs,
@@ -285,6 +299,7 @@ impl<S: Store> Scheduler<S> {
             deadlines: BinaryHeap::new(),
             liveness: BinaryHeap::new(),
             outputs: VecDeque::new(),
+            staged: Batch::default(),
             next_job,
             next_unit,
             skipped: Vec::new(),
@@ -300,9 +315,10 @@ impl<S: Store> Scheduler<S> {
             let id = job.record.id;
             s.insert_job(job.record, first_unit, open);
             if s.jobs.get(&id).is_some_and(|j| j.open_units == 0) {
-                s.finish_job(id, JobOutcome::Done)?;
+                s.finish_job(id, JobOutcome::Done);
             }
         }
+        s.flush(now)?;
         s.dispatch(now);
         Ok(s)
     }
@@ -315,9 +331,56 @@ impl<S: Store> Scheduler<S> {
         &mut self.store
     }
 
-    /// Gives the store back, e.g. to restart from it.
+    /// Gives the store back, e.g. to restart from it. Staged writes are dropped, as in a
+    /// crash: call `flush` first to keep them.
     pub fn into_store(self) -> S {
         self.store
+    }
+
+    /// Commits every staged write in one store transaction, then releases the outputs they
+    /// acknowledge (`UnitAccepted`, then `JobDone`/`JobFailed`) and dispatches the units of
+    /// the jobs it stored. On a store error nothing is released and the batch stays staged,
+    /// to be committed whole by the next `flush`; the scheduler keeps running meanwhile.
+    pub fn flush(&mut self, now: Millis) -> Result<(), SchedulerError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.store.commit(&self.staged)?;
+        let Batch {
+            jobs,
+            accepted,
+            finished,
+        } = std::mem::take(&mut self.staged);
+        for (record, units) in jobs {
+            let first_unit = units.first().map_or(self.next_unit, |u| u.id.0);
+            self.insert_job(record, first_unit, units);
+        }
+        for a in accepted {
+            self.outputs.push_back(Output::UnitAccepted {
+                job: a.job,
+                unit: a.unit,
+                index: a.index,
+                result: a.result,
+            });
+        }
+        for (job, outcome) in finished {
+            self.outputs.push_back(match outcome {
+                JobOutcome::Done => Output::JobDone { job },
+                JobOutcome::Failed(reason) => Output::JobFailed { job, reason },
+            });
+        }
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// Whether writes are staged, waiting for `flush`.
+    pub fn needs_flush(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// The writes staged since the last successful `flush`.
+    pub fn unflushed(&self) -> &Batch {
+        &self.staged
     }
 
     /// The next thing the shell must do.
@@ -379,12 +442,13 @@ impl<S: Store> Scheduler<S> {
         if !self.contributors.contains_key(&id) {
             return Err(SchedulerError::UnknownContributor(id));
         }
-        self.remove_contributor(id)?;
+        self.remove_contributor(id);
         self.dispatch(now);
         Ok(())
     }
 
-    /// Splits a job into units and stores them; returns its id only once stored.
+    /// Splits a job into units and stages them; returns the job's id. The job is written by
+    /// the next successful `flush`, and its units are handed out only after that.
     pub fn submit(&mut self, now: Millis, spec: JobSpec) -> Result<JobId, SchedulerError> {
         let invalid = |m: &str| Err(SchedulerError::InvalidJob(m.to_owned()));
         if spec.inputs.is_empty() {
@@ -430,16 +494,14 @@ impl<S: Store> Scheduler<S> {
             unit_count,
             submitted: now,
         };
-        self.store.create_job(&record, &units)?;
         self.next_job += 1;
         self.next_unit += u64::from(unit_count);
-        self.insert_job(record, first_unit, units);
-        self.dispatch(now);
+        self.staged.jobs.push((record, units));
         Ok(id)
     }
 
-    /// A contributor returned a unit's result. The result is stored before the unit is
-    /// reported accepted; on a store error nothing changes, and the same report may be retried.
+    /// A contributor returned a unit's result. An accepted unit is staged, not yet written:
+    /// its `UnitAccepted` comes after the next successful `flush`.
     pub fn report(
         &mut self,
         now: Millis,
@@ -480,9 +542,9 @@ impl<S: Store> Scheduler<S> {
         if let Err(reason) = kind.check_shape(&unit.work, &result) {
             c.reputation.rejected += 1;
             let excluded = self.maybe_exclude(from);
-            self.top_up(unit_id, quorum)?;
+            self.top_up(unit_id, quorum);
             if excluded {
-                self.remove_contributor(from)?;
+                self.remove_contributor(from);
             }
             self.dispatch(now);
             return Ok(Report::Invalid(reason));
@@ -508,30 +570,18 @@ impl<S: Store> Scheduler<S> {
                         .collect(),
                     at: now,
                 };
-                if let Err(e) = self.store.accept_unit(&accepted) {
-                    // Undo, so that nothing is acknowledged that is not stored.
-                    unit.results[winner].1 = accepted.result;
-                    unit.results.pop();
-                    unit.attempts[attempt].state = previous;
-                    if previous == AttemptState::Running
-                        && let Some(c) = self.contributors.get_mut(&from)
-                    {
-                        c.holding.push(unit_id);
-                    }
-                    return Err(e.into());
-                }
-                self.on_accepted(accepted)?;
+                self.on_accepted(accepted);
                 self.dispatch(now);
                 Ok(Report::Accepted)
             }
             Decision::Wait => {
-                self.top_up(unit_id, quorum)?;
+                self.top_up(unit_id, quorum);
                 self.dispatch(now);
                 Ok(Report::Recorded)
             }
             Decision::Fail(reason) => {
                 let job = unit.job;
-                self.fail_job(job, reason)?;
+                self.fail_job(job, reason);
                 self.dispatch(now);
                 Ok(Report::Recorded)
             }
@@ -565,7 +615,7 @@ impl<S: Store> Scheduler<S> {
                 }
             }
             let quorum = self.quorum_of(unit_id);
-            self.top_up(unit_id, quorum)?;
+            self.top_up(unit_id, quorum);
         }
         while let Some(&Reverse((due, id))) = self.liveness.peek() {
             if due > now {
@@ -580,7 +630,7 @@ impl<S: Store> Scheduler<S> {
                 self.liveness.push(Reverse((expires, id)));
                 continue;
             }
-            self.remove_contributor(id)?;
+            self.remove_contributor(id);
             self.outputs
                 .push_back(Output::ContributorLost { contributor: id });
         }
@@ -600,12 +650,23 @@ impl<S: Store> Scheduler<S> {
             .map(|c| (&c.capabilities, c.holding.len(), c.reputation))
     }
 
-    /// Progress of a running job; `None` once it ended (see the store) or if unknown.
+    /// Progress of a running (or staged) job; `None` once it ended (see the store) or if
+    /// unknown. Units accepted but not yet flushed count as accepted.
     pub fn job_status(&self, job: JobId) -> Option<JobStatus> {
-        self.jobs.get(&job).map(|j| JobStatus {
-            units_total: j.record.unit_count,
-            units_accepted: j.record.unit_count - j.open_units,
-        })
+        if let Some(j) = self.jobs.get(&job) {
+            return Some(JobStatus {
+                units_total: j.record.unit_count,
+                units_accepted: j.record.unit_count - j.open_units,
+            });
+        }
+        self.staged
+            .jobs
+            .iter()
+            .find(|(r, _)| r.id == job)
+            .map(|(r, _)| JobStatus {
+                units_total: r.unit_count,
+                units_accepted: 0,
+            })
     }
 
     /// Jobs running.
@@ -671,12 +732,12 @@ impl<S: Store> Scheduler<S> {
 
     /// Plans enough further replicas that a quorum is still reachable, counting results that
     /// agree and replicas still running; fails the job past the attempt limit.
-    fn top_up(&mut self, unit_id: UnitId, quorum: usize) -> Result<(), SchedulerError> {
+    fn top_up(&mut self, unit_id: UnitId, quorum: usize) {
         let Some(unit) = self.units.get_mut(&unit_id) else {
-            return Ok(());
+            return;
         };
         let Some(job) = self.jobs.get(&unit.job) else {
-            return Ok(());
+            return;
         };
         let best = best_support(job.record.kind, &unit.results);
         let running = unit
@@ -687,7 +748,7 @@ impl<S: Store> Scheduler<S> {
         let outstanding = running + unit.to_dispatch as usize;
         let needed = quorum.saturating_sub(best);
         if outstanding >= needed {
-            return Ok(());
+            return;
         }
         let more = needed - outstanding;
         if unit.attempts.len() + unit.to_dispatch as usize + more
@@ -698,7 +759,8 @@ impl<S: Store> Scheduler<S> {
                 "unit {unit_id} (index {index}) was handed out {} times without {quorum} agreeing results",
                 unit.attempts.len()
             );
-            return self.fail_job(job, reason);
+            self.fail_job(job, reason);
+            return;
         }
         unit.to_dispatch += more as u32;
         if !unit.queued {
@@ -706,7 +768,6 @@ impl<S: Store> Scheduler<S> {
             // Reissues go first: their job is furthest along.
             self.pending.push_front(unit_id);
         }
-        Ok(())
     }
 
     fn maybe_exclude(&mut self, id: ContributorId) -> bool {
@@ -724,9 +785,9 @@ impl<S: Store> Scheduler<S> {
         false
     }
 
-    fn remove_contributor(&mut self, id: ContributorId) -> Result<(), SchedulerError> {
+    fn remove_contributor(&mut self, id: ContributorId) {
         let Some(c) = self.contributors.remove(&id) else {
-            return Ok(());
+            return;
         };
         for unit_id in c.holding {
             let Some(unit) = self.units.get_mut(&unit_id) else {
@@ -738,14 +799,14 @@ impl<S: Store> Scheduler<S> {
                 }
             }
             let quorum = self.quorum_of(unit_id);
-            self.top_up(unit_id, quorum)?;
+            self.top_up(unit_id, quorum);
         }
-        Ok(())
     }
 
-    fn on_accepted(&mut self, accepted: AcceptedUnit) -> Result<(), SchedulerError> {
+    /// Stages an accepted unit and frees what it held; `flush` releases `UnitAccepted`.
+    fn on_accepted(&mut self, accepted: AcceptedUnit) {
         let Some(unit) = self.units.remove(&accepted.unit) else {
-            return Ok(());
+            return;
         };
         for a in &unit.attempts {
             if a.state == AttemptState::Running {
@@ -772,33 +833,28 @@ impl<S: Store> Scheduler<S> {
                 c.reputation.rejected += 1;
             }
             if self.maybe_exclude(id) {
-                self.remove_contributor(id)?;
+                self.remove_contributor(id);
             }
         }
         let job_id = accepted.job;
-        self.outputs.push_back(Output::UnitAccepted {
-            job: job_id,
-            unit: accepted.unit,
-            index: accepted.index,
-            result: accepted.result,
-        });
+        self.staged.accepted.push(accepted);
         if let Some(job) = self.jobs.get_mut(&job_id) {
             job.open_units -= 1;
             if job.open_units == 0 {
-                self.finish_job(job_id, JobOutcome::Done)?;
+                self.finish_job(job_id, JobOutcome::Done);
             }
         }
-        Ok(())
     }
 
-    fn fail_job(&mut self, job_id: JobId, reason: String) -> Result<(), SchedulerError> {
-        self.finish_job(job_id, JobOutcome::Failed(reason))
+    fn fail_job(&mut self, job_id: JobId, reason: String) {
+        self.finish_job(job_id, JobOutcome::Failed(reason));
     }
 
-    fn finish_job(&mut self, job_id: JobId, outcome: JobOutcome) -> Result<(), SchedulerError> {
-        self.store.finish_job(job_id, &outcome)?;
+    /// Stages how a job ended and cancels its running replicas; `flush` releases
+    /// `JobDone`/`JobFailed`.
+    fn finish_job(&mut self, job_id: JobId, outcome: JobOutcome) {
         let Some(job) = self.jobs.remove(&job_id) else {
-            return Ok(());
+            return;
         };
         for u in job.first_unit..job.first_unit + u64::from(job.record.unit_count) {
             let Some(unit) = self.units.remove(&UnitId(u)) else {
@@ -822,14 +878,7 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
-        self.outputs.push_back(match outcome {
-            JobOutcome::Done => Output::JobDone { job: job_id },
-            JobOutcome::Failed(reason) => Output::JobFailed {
-                job: job_id,
-                reason,
-            },
-        });
-        Ok(())
+        self.staged.finished.push((job_id, outcome));
     }
 
     /// Pairs units that need replicas with contributors that have a free slot.

@@ -1,27 +1,35 @@
-//! `SqliteStore`: the `Store` in an embedded SQLite database in WAL mode.
+//! `SqliteStore`: the `Store` in an embedded SQLite database in WAL mode. One `commit` is one
+//! transaction (group commit), written with cached prepared statements. Results are stored
+//! compactly: the tensor's little-endian element bytes (f32 LE for embeddings) as a BLOB, with
+//! its dtype code and dims beside it; token ids and contributor ids are LE BLOBs too, not JSON.
 
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tessera_protocol::{ContributorId, JobId, Tensor, UnitId, Work};
+use tessera_protocol::{ContributorId, DType, JobId, Tensor, UnitId, Work};
 
 use crate::reconcile::JobKind;
 use crate::store::{
-    AcceptedUnit, JobOutcome, JobRecord, RecoveredJob, Snapshot, Store, StoreError, UnitRecord,
+    Batch, JobOutcome, JobRecord, RecoveredJob, Snapshot, Store, StoreError, UnitRecord,
 };
 use crate::time::Millis;
 
 /// Largest stored result the loader accepts (a unit's embeddings are far smaller).
 const MAX_RESULT_BYTES: usize = 256 << 20;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-/// How hard each commit pushes to disk.
+/// What a successful `commit` (and so every acknowledgement) survives. Both levels are
+/// atomic: after any crash the database holds whole batches only, never part of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// `synchronous=FULL`: a commit survives power loss.
+    /// `synchronous=FULL`: the WAL is synced at every commit, so a commit survives a crash of
+    /// the coordinator and a power loss or OS crash. Costs one fsync per flush.
     Full,
-    /// `synchronous=NORMAL`: a commit survives a crash of the coordinator (WAL), not of the
-    /// machine. SQLite's recommended setting for WAL.
+    /// `synchronous=NORMAL`: the WAL is synced only at checkpoints. A commit survives a crash
+    /// of the coordinator process (it is in the OS's page cache), but a power loss or OS crash
+    /// may roll back the last commits since the previous checkpoint, results already
+    /// acknowledged included (those units are then done again). SQLite's recommended setting
+    /// for WAL, and the one the benchmark uses.
     Normal,
 }
 
@@ -72,6 +80,7 @@ impl SqliteStore {
             "PRAGMA synchronous={sync};
              PRAGMA foreign_keys=ON;
              PRAGMA busy_timeout=5000;
+             PRAGMA cache_size=-65536;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS jobs (
                  id INTEGER PRIMARY KEY,
@@ -80,22 +89,32 @@ impl SqliteStore {
                  replicas INTEGER NOT NULL,
                  unit_deadline_ms INTEGER NOT NULL,
                  min_memory_bytes INTEGER NOT NULL,
+                 first_unit INTEGER NOT NULL,
                  unit_count INTEGER NOT NULL,
                  submitted_ms INTEGER NOT NULL,
                  state TEXT NOT NULL DEFAULT 'running',
                  failure TEXT
              );
+             -- A job's units have consecutive ids from jobs.first_unit, in idx order.
+             -- inputs: per input, its token count then its token ids, all u32 LE.
              CREATE TABLE IF NOT EXISTS units (
                  id INTEGER PRIMARY KEY,
                  job INTEGER NOT NULL REFERENCES jobs(id),
                  idx INTEGER NOT NULL,
-                 work TEXT NOT NULL,
-                 result BLOB,
-                 agreed TEXT,
-                 rejected TEXT,
-                 accepted_ms INTEGER
+                 inputs BLOB NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS units_by_job ON units(job, idx);
+             -- One row per accepted unit. agreed, rejected: contributor ids, u64 LE.
+             -- dims: u64 LE; data: the elements, LE (f32 LE for embeddings).
+             CREATE TABLE IF NOT EXISTS results (
+                 unit INTEGER PRIMARY KEY REFERENCES units(id),
+                 idx INTEGER NOT NULL,
+                 accepted_ms INTEGER NOT NULL,
+                 agreed BLOB NOT NULL,
+                 rejected BLOB NOT NULL,
+                 dtype INTEGER NOT NULL,
+                 dims BLOB NOT NULL,
+                 data BLOB NOT NULL
+             );
              INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION});"
         ))
         .map_err(|source| StoreError::Open {
@@ -143,118 +162,185 @@ impl SqliteStore {
     }
 }
 
-fn ids_json(ids: &[ContributorId]) -> String {
-    let raw: Vec<u64> = ids.iter().map(|c| c.0).collect();
-    serde_json::to_string(&raw).unwrap_or_else(|_| "[]".into())
+fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+fn ids_blob(ids: &[ContributorId]) -> Vec<u8> {
+    ids.iter().flat_map(|c| c.0.to_le_bytes()).collect()
+}
+
+fn u64s_blob(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn blob_u64s(what: &str, bytes: &[u8]) -> Result<Vec<u64>, StoreError> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(corrupt(
+            what,
+            format!("{} bytes is not a list of u64", bytes.len()),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        .collect())
+}
+
+/// A unit's work as stored: the model lives in its job's row.
+fn inputs_blob(work: &Work) -> Vec<u8> {
+    let Work::Embedding { inputs, .. } = work;
+    let words: usize = inputs.iter().map(|i| i.len() + 1).sum();
+    let mut out = Vec::with_capacity(words * 4);
+    for input in inputs {
+        // Inputs are token lists far below 2^32 tokens.
+        out.extend_from_slice(&(input.len() as u32).to_le_bytes());
+        for t in input {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn blob_inputs(what: &str, bytes: &[u8]) -> Result<Vec<Vec<u32>>, StoreError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(corrupt(what, format!("{} bytes of token ids", bytes.len())));
+    }
+    let mut words = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let mut inputs = Vec::new();
+    while let Some(len) = words.next() {
+        let len = len as usize;
+        if len > words.len() {
+            return Err(corrupt(
+                what,
+                format!("an input of {len} tokens overruns its blob"),
+            ));
+        }
+        inputs.push(words.by_ref().take(len).collect());
+    }
+    Ok(inputs)
 }
 
 impl Store for SqliteStore {
-    fn create_job(&mut self, job: &JobRecord, units: &[UnitRecord]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Dropped without `commit` on any error below: rolled back, nothing written.
         let tx = self
             .conn
             .transaction()
             .map_err(sql("starting a transaction"))?;
-        tx.execute(
-            "INSERT INTO jobs (id, kind, model, replicas, unit_deadline_ms, min_memory_bytes, unit_count, submitted_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                to_i64("job id", job.id.0)?,
-                job.kind.name(),
-                job.model,
-                job.replicas,
-                to_i64("unit deadline", job.unit_deadline_ms)?,
-                to_i64("memory", job.min_memory_bytes)?,
-                job.unit_count,
-                to_i64("time", job.submitted.0)?,
-            ],
-        )
-        .map_err(sql("inserting a job"))?;
-        {
-            let mut insert = tx
-                .prepare_cached("INSERT INTO units (id, job, idx, work) VALUES (?1, ?2, ?3, ?4)")
+        if !batch.jobs.is_empty() {
+            let mut insert_job = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (id, kind, model, replicas, unit_deadline_ms, min_memory_bytes, first_unit, unit_count, submitted_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(sql("preparing a job insert"))?;
+            let mut insert_unit = tx
+                .prepare_cached("INSERT INTO units (id, job, idx, inputs) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(sql("preparing a unit insert"))?;
-            for u in units {
-                let work = serde_json::to_string(&u.work).map_err(|e| StoreError::Corrupt {
-                    what: format!("unit {}", u.id),
-                    detail: e.to_string(),
-                })?;
-                insert
+            for (job, units) in &batch.jobs {
+                let first_unit = units.first().map_or(0, |u| u.id.0);
+                let job_id = to_i64("job id", job.id.0)?;
+                insert_job
                     .execute(params![
-                        to_i64("unit id", u.id.0)?,
-                        to_i64("job id", u.job.0)?,
-                        u.index,
-                        work
+                        job_id,
+                        job.kind.name(),
+                        job.model,
+                        job.replicas,
+                        to_i64("unit deadline", job.unit_deadline_ms)?,
+                        to_i64("memory", job.min_memory_bytes)?,
+                        to_i64("unit id", first_unit)?,
+                        job.unit_count,
+                        to_i64("time", job.submitted.0)?,
                     ])
-                    .map_err(sql("inserting a unit"))?;
+                    .map_err(sql("inserting a job"))?;
+                for (i, u) in units.iter().enumerate() {
+                    if u.id.0 != first_unit + i as u64 || u.index != i as u32 || u.job != job.id {
+                        return Err(corrupt(
+                            format!("unit {}", u.id),
+                            format!("not unit {i} of job {} (ids must be consecutive)", job.id),
+                        ));
+                    }
+                    insert_unit
+                        .execute(params![
+                            to_i64("unit id", u.id.0)?,
+                            job_id,
+                            u.index,
+                            inputs_blob(&u.work)
+                        ])
+                        .map_err(sql("inserting a unit"))?;
+                }
             }
         }
-        tx.commit().map_err(sql("committing a job"))
-    }
-
-    fn accept_unit(&mut self, a: &AcceptedUnit) -> Result<(), StoreError> {
-        let (at, unit, job) = (
-            to_i64("time", a.at.0)?,
-            to_i64("unit id", a.unit.0)?,
-            to_i64("job id", a.job.0)?,
-        );
-        let changed = self
-            .conn
-            .prepare_cached(
-                "UPDATE units SET result = ?1, agreed = ?2, rejected = ?3, accepted_ms = ?4 WHERE id = ?5 AND job = ?6",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    a.result.encode(),
-                    ids_json(&a.agreed),
-                    ids_json(&a.rejected),
-                    at,
-                    unit,
-                    job,
-                ])
-            })
-            .map_err(sql("storing an accepted result"))?;
-        if changed != 1 {
-            return Err(StoreError::Corrupt {
-                what: format!("unit {}", a.unit),
-                detail: format!("no such unit in job {}", a.job),
-            });
+        if !batch.accepted.is_empty() {
+            let mut insert_result = tx
+                .prepare_cached(
+                    "INSERT INTO results (unit, idx, accepted_ms, agreed, rejected, dtype, dims, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(sql("preparing a result insert"))?;
+            for a in &batch.accepted {
+                insert_result
+                    .execute(params![
+                        to_i64("unit id", a.unit.0)?,
+                        a.index,
+                        to_i64("time", a.at.0)?,
+                        ids_blob(&a.agreed),
+                        ids_blob(&a.rejected),
+                        a.result.dtype() as u8,
+                        u64s_blob(a.result.dims()),
+                        a.result.data(),
+                    ])
+                    .map_err(sql("storing an accepted result"))?;
+            }
         }
-        Ok(())
-    }
-
-    fn finish_job(&mut self, job: JobId, outcome: &JobOutcome) -> Result<(), StoreError> {
-        let (state, failure) = match outcome {
-            JobOutcome::Done => ("done", None),
-            JobOutcome::Failed(reason) => ("failed", Some(reason.as_str())),
-        };
-        self.conn
-            .execute(
-                "UPDATE jobs SET state = ?1, failure = ?2 WHERE id = ?3",
-                params![state, failure, to_i64("job id", job.0)?],
-            )
-            .map_err(sql("finishing a job"))?;
-        Ok(())
+        if !batch.finished.is_empty() {
+            let mut finish = tx
+                .prepare_cached("UPDATE jobs SET state = ?1, failure = ?2 WHERE id = ?3")
+                .map_err(sql("preparing a job update"))?;
+            for (job, outcome) in &batch.finished {
+                let (state, failure) = match outcome {
+                    JobOutcome::Done => ("done", None),
+                    JobOutcome::Failed(reason) => ("failed", Some(reason.as_str())),
+                };
+                finish
+                    .execute(params![state, failure, to_i64("job id", job.0)?])
+                    .map_err(sql("finishing a job"))?;
+            }
+        }
+        tx.commit().map_err(sql("committing"))
     }
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let mut jobs_stmt = self
             .conn
             .prepare(
-                "SELECT id, kind, model, replicas, unit_deadline_ms, min_memory_bytes, unit_count, submitted_ms
+                "SELECT id, kind, model, replicas, unit_deadline_ms, min_memory_bytes, first_unit, unit_count, submitted_ms
                  FROM jobs WHERE state = 'running' ORDER BY id",
             )
             .map_err(sql("reading jobs"))?;
         let rows = jobs_stmt
             .query_map([], |r| {
                 Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, u8>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, u32>(6)?,
-                    r.get::<_, i64>(7)?,
+                    (
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ),
+                    (r.get::<_, u8>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?),
+                    (
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, u32>(7)?,
+                        r.get::<_, i64>(8)?,
+                    ),
                 ))
             })
             .map_err(sql("reading jobs"))?
@@ -263,16 +349,18 @@ impl Store for SqliteStore {
         let mut units_stmt = self
             .conn
             .prepare(
-                "SELECT id, idx, work, result IS NOT NULL FROM units WHERE job = ?1 ORDER BY idx",
+                "SELECT u.id, u.idx, u.inputs, r.unit IS NOT NULL FROM units u
+                 LEFT JOIN results r ON r.unit = u.id
+                 WHERE u.id >= ?1 AND u.id < ?2 ORDER BY u.id",
             )
             .map_err(sql("reading units"))?;
         let mut jobs = Vec::with_capacity(rows.len());
-        for (id, kind, model, replicas, deadline, memory, unit_count, submitted) in rows {
+        for ((id, kind, model), (replicas, deadline, memory), (first, unit_count, submitted)) in
+            rows
+        {
             let what = format!("job {id}");
-            let kind = JobKind::from_name(&kind).ok_or_else(|| StoreError::Corrupt {
-                what: what.clone(),
-                detail: format!("unknown job kind {kind:?}"),
-            })?;
+            let kind = JobKind::from_name(&kind)
+                .ok_or_else(|| corrupt(&what, format!("unknown job kind {kind:?}")))?;
             let record = JobRecord {
                 id: JobId(to_u64(&what, id)?),
                 kind,
@@ -284,11 +372,11 @@ impl Store for SqliteStore {
                 submitted: Millis(to_u64(&what, submitted)?),
             };
             let units = units_stmt
-                .query_map([id], |r| {
+                .query_map([first, first + i64::from(unit_count)], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, u32>(1)?,
-                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(2)?,
                         r.get::<_, bool>(3)?,
                     ))
                 })
@@ -296,18 +384,18 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(sql("reading units"))?;
             if units.len() != unit_count as usize {
-                return Err(StoreError::Corrupt {
+                return Err(corrupt(
                     what,
-                    detail: format!("{} units stored, {unit_count} expected", units.len()),
-                });
+                    format!("{} units stored, {unit_count} expected", units.len()),
+                ));
             }
             let mut recovered = Vec::with_capacity(units.len());
-            for (uid, index, work, accepted) in units {
+            for (uid, index, inputs, accepted) in units {
                 let uwhat = format!("unit {uid}");
-                let work: Work = serde_json::from_str(&work).map_err(|e| StoreError::Corrupt {
-                    what: uwhat.clone(),
-                    detail: e.to_string(),
-                })?;
+                let work = Work::Embedding {
+                    model: record.model.clone(),
+                    inputs: blob_inputs(&uwhat, &inputs)?,
+                };
                 let unit = UnitRecord {
                     id: UnitId(to_u64(&uwhat, uid)?),
                     job: record.id,
@@ -340,27 +428,49 @@ impl Store for SqliteStore {
     }
 
     fn results(&mut self, job: JobId) -> Result<Vec<(u32, Tensor)>, StoreError> {
+        let job_id = to_i64("job id", job.0)?;
+        let range: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT first_unit, unit_count FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("reading a job"))?;
+        let Some((first, count)) = range else {
+            return Ok(Vec::new());
+        };
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT idx, result FROM units WHERE job = ?1 AND result IS NOT NULL ORDER BY idx",
+                "SELECT idx, dtype, dims, data FROM results
+                 WHERE unit >= ?1 AND unit < ?2 ORDER BY unit",
             )
             .map_err(sql("reading results"))?;
         let rows = stmt
-            .query_map([to_i64("job id", job.0)?], |r| {
-                Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
+            .query_map([first, first + count], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, u8>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
             })
             .map_err(sql("reading results"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(sql("reading results"))?;
         rows.into_iter()
-            .map(|(index, bytes)| {
-                Tensor::decode(&bytes, MAX_RESULT_BYTES)
+            .map(|(index, dtype, dims, data)| {
+                let what = format!("result {index} of job {job}");
+                if data.len() > MAX_RESULT_BYTES {
+                    return Err(corrupt(what, format!("{} bytes", data.len())));
+                }
+                let dtype = DType::from_code(dtype).map_err(|e| corrupt(&what, e.to_string()))?;
+                let dims = blob_u64s(&what, &dims)?;
+                Tensor::new(dtype, dims, data)
                     .map(|t| (index, t))
-                    .map_err(|e| StoreError::Corrupt {
-                        what: format!("result {index} of job {job}"),
-                        detail: e.to_string(),
-                    })
+                    .map_err(|e| corrupt(what, e.to_string()))
             })
             .collect()
     }

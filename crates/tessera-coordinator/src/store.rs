@@ -1,5 +1,6 @@
-//! Persistence: the `Store` trait the scheduler writes through before acknowledging anything,
-//! and `MemoryStore`, the in-memory implementation simulations use.
+//! Persistence: the `Batch` of writes the scheduler stages, the `Store` trait that commits a
+//! batch atomically before anything in it is acknowledged, and `MemoryStore`, the in-memory
+//! implementation simulations use.
 
 use std::collections::BTreeMap;
 
@@ -88,14 +89,35 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// Where units and accepted results live. Every method is durable when it returns `Ok`.
+/// The writes staged between two flushes, committed in one transaction (group commit).
+/// A store applies them in field order: new jobs, then accepted units, then finished jobs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// New jobs, each with all its units.
+    pub jobs: Vec<(JobRecord, Vec<UnitRecord>)>,
+    /// Units whose result was accepted.
+    pub accepted: Vec<AcceptedUnit>,
+    /// Jobs that ended, and how.
+    pub finished: Vec<(JobId, JobOutcome)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.accepted.is_empty() && self.finished.is_empty()
+    }
+
+    /// Staged writes: jobs created + units accepted + jobs finished.
+    pub fn len(&self) -> usize {
+        self.jobs.len() + self.accepted.len() + self.finished.len()
+    }
+}
+
+/// Where units and accepted results live.
 pub trait Store {
-    /// Records a new job and all its units, atomically.
-    fn create_job(&mut self, job: &JobRecord, units: &[UnitRecord]) -> Result<(), StoreError>;
-    /// Records a unit's accepted result.
-    fn accept_unit(&mut self, accepted: &AcceptedUnit) -> Result<(), StoreError>;
-    /// Records how a job ended; it is not resumed after that.
-    fn finish_job(&mut self, job: JobId, outcome: &JobOutcome) -> Result<(), StoreError>;
+    /// Applies every write in `batch` in one transaction: when it returns `Ok` all of them
+    /// are durable (as far as the store's durability level promises), when it returns `Err`
+    /// none of them is, and the same batch may be committed again.
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
     /// The unfinished jobs and the next free ids.
     fn load(&mut self) -> Result<Snapshot, StoreError>;
     /// A job's accepted results, by unit index.
@@ -110,13 +132,14 @@ struct StoredJob {
     outcome: Option<JobOutcome>,
 }
 
-/// A `Store` in memory, for simulations and tests. `set_failing` makes every write fail, to
+/// A `Store` in memory, for simulations and tests. `set_failing` makes every commit fail, to
 /// test that nothing is acknowledged without being stored.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     jobs: BTreeMap<JobId, StoredJob>,
     next_unit: u64,
     failing: bool,
+    commits: u64,
 }
 
 impl MemoryStore {
@@ -131,6 +154,18 @@ impl MemoryStore {
     /// How a job ended, if it did.
     pub fn outcome(&self, job: JobId) -> Option<&JobOutcome> {
         self.jobs.get(&job).and_then(|j| j.outcome.as_ref())
+    }
+
+    /// Whether unit `index` of `job` has a stored accepted result.
+    pub fn is_accepted(&self, job: JobId, index: u32) -> bool {
+        self.jobs
+            .get(&job)
+            .is_some_and(|j| j.accepted.contains_key(&index))
+    }
+
+    /// Successful commits so far.
+    pub fn commits(&self) -> u64 {
+        self.commits
     }
 
     /// Every accepted unit of a job, with its votes.
@@ -150,39 +185,51 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn create_job(&mut self, job: &JobRecord, units: &[UnitRecord]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         self.check()?;
-        if let Some(last) = units.last() {
-            self.next_unit = self.next_unit.max(last.id.0 + 1);
-        }
-        let stored = StoredJob {
-            record: job.clone(),
-            units: units.to_vec(),
-            accepted: BTreeMap::new(),
-            outcome: None,
+        // Check everything first, so that a failed commit changes nothing.
+        let known = |job: &JobId| {
+            self.jobs.contains_key(job) || batch.jobs.iter().any(|(j, _)| j.id == *job)
         };
-        self.jobs.insert(job.id, stored);
-        Ok(())
-    }
-
-    fn accept_unit(&mut self, accepted: &AcceptedUnit) -> Result<(), StoreError> {
-        self.check()?;
-        let job = self
-            .jobs
-            .get_mut(&accepted.job)
-            .ok_or_else(|| StoreError::Corrupt {
-                what: format!("unit {}", accepted.unit),
-                detail: format!("job {} does not exist", accepted.job),
-            })?;
-        job.accepted.insert(accepted.index, accepted.clone());
-        Ok(())
-    }
-
-    fn finish_job(&mut self, job: JobId, outcome: &JobOutcome) -> Result<(), StoreError> {
-        self.check()?;
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.outcome = Some(outcome.clone());
+        if let Some(a) = batch.accepted.iter().find(|a| !known(&a.job)) {
+            return Err(StoreError::Corrupt {
+                what: format!("unit {}", a.unit),
+                detail: format!("job {} does not exist", a.job),
+            });
         }
+        if let Some(a) = batch.accepted.iter().find(|a| {
+            self.jobs
+                .get(&a.job)
+                .is_some_and(|j| j.accepted.contains_key(&a.index))
+        }) {
+            return Err(StoreError::Corrupt {
+                what: format!("unit {}", a.unit),
+                detail: format!("accepted twice in job {}", a.job),
+            });
+        }
+        for (job, units) in &batch.jobs {
+            if let Some(last) = units.last() {
+                self.next_unit = self.next_unit.max(last.id.0 + 1);
+            }
+            let stored = StoredJob {
+                record: job.clone(),
+                units: units.clone(),
+                accepted: BTreeMap::new(),
+                outcome: None,
+            };
+            self.jobs.insert(job.id, stored);
+        }
+        for a in &batch.accepted {
+            if let Some(job) = self.jobs.get_mut(&a.job) {
+                job.accepted.insert(a.index, a.clone());
+            }
+        }
+        for (job, outcome) in &batch.finished {
+            if let Some(j) = self.jobs.get_mut(job) {
+                j.outcome = Some(outcome.clone());
+            }
+        }
+        self.commits += 1;
         Ok(())
     }
 

@@ -74,6 +74,8 @@ pub fn scheduler(config: Config) -> Scheduler<MemoryStore> {
     Scheduler::restore(config, MemoryStore::new(), Millis(0)).unwrap()
 }
 
-pub fn drain(s: &mut Scheduler<MemoryStore>) -> Vec<Output> {
+/// Flushes at `now` (as the shell does after a burst of events), then takes every output.
+pub fn drain(s: &mut Scheduler<MemoryStore>, now: Millis) -> Vec<Output> {
+    s.flush(now).unwrap();
     std::iter::from_fn(|| s.poll()).collect()
 }

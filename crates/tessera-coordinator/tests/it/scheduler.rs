@@ -1,9 +1,13 @@
-//! Targeted scheduler cases: agreement, majority, deadlines, loss, duplicates, exclusion and
-//! persistence before acknowledgement.
+//! Targeted scheduler cases: agreement, majority, deadlines, loss, duplicates, exclusion, and
+//! group commit: nothing acknowledged before a flush commits it, failed flushes, a restart
+//! between staging and flushing.
 
 use std::sync::Arc;
 
-use tessera_coordinator::{Config, JobOutcome, JobSpec, Millis, Output, Report, SchedulerError};
+use tessera_coordinator::{
+    Config, JobOutcome, JobSpec, MemoryStore, Millis, Output, Report, Scheduler, SchedulerError,
+    Store,
+};
 use tessera_protocol::{ContributorId, JobId, Tensor, UnitId, Work};
 
 use crate::common::{Rng, caps, drain, honest, perturbed, scheduler};
@@ -51,7 +55,7 @@ fn two_agreeing_results_accept_the_unit() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     let job = s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let out = drain(&mut s);
+    let out = drain(&mut s, Millis(0));
     let a = assigns(&out);
     assert_eq!(a.len(), 2);
     assert_ne!(a[0].0, a[1].0);
@@ -60,12 +64,12 @@ fn two_agreeing_results_accept_the_unit() {
         s.report(Millis(5), a[0].0, a[0].1, result.clone()).unwrap(),
         Report::Recorded
     );
-    assert!(accepted(&drain(&mut s)).is_empty());
+    assert!(accepted(&drain(&mut s, Millis(5))).is_empty());
     assert_eq!(
         s.report(Millis(6), a[1].0, a[1].1, result.clone()).unwrap(),
         Report::Accepted
     );
-    let out = drain(&mut s);
+    let out = drain(&mut s, Millis(6));
     assert_eq!(accepted(&out), vec![(a[0].1, result.clone())]);
     assert!(out.contains(&Output::JobDone { job }));
     assert_eq!(s.store().outcome(job), Some(&JobOutcome::Done));
@@ -88,7 +92,7 @@ fn disagreement_goes_to_a_third_contributor_and_the_majority_wins() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     let (honest_c, liar) = (a[0].0, a[1].0);
     let truth = honest(&a[0].2);
     assert_eq!(
@@ -101,7 +105,7 @@ fn disagreement_goes_to_a_third_contributor_and_the_majority_wins() {
             .unwrap(),
         Report::Recorded
     );
-    let third = assigns(&drain(&mut s));
+    let third = assigns(&drain(&mut s, Millis(2)));
     assert_eq!(third.len(), 1, "one more replica after a disagreement");
     assert!(third[0].0 != honest_c && third[0].0 != liar);
     assert_eq!(
@@ -109,7 +113,7 @@ fn disagreement_goes_to_a_third_contributor_and_the_majority_wins() {
             .unwrap(),
         Report::Accepted
     );
-    assert_eq!(accepted(&drain(&mut s)), vec![(a[0].1, truth)]);
+    assert_eq!(accepted(&drain(&mut s, Millis(3))), vec![(a[0].1, truth)]);
     assert_eq!(s.contributor(liar).unwrap().2.rejected, 1);
     assert_eq!(s.contributor(honest_c).unwrap().2.agreed, 1);
     assert_eq!(s.contributor(third[0].0).unwrap().2.agreed, 1);
@@ -123,16 +127,16 @@ fn a_contributor_never_gets_two_replicas_of_a_unit() {
     s.join(Millis(0), c(1), caps(4)).unwrap();
     s.join(Millis(0), c(2), caps(4)).unwrap();
     s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     assert_eq!(a.len(), 2);
     s.report(Millis(1), a[0].0, a[0].1, honest(&a[0].2))
         .unwrap();
     s.report(Millis(2), a[1].0, a[1].1, perturbed(&a[1].2, &mut rng))
         .unwrap();
     // A third replica is needed, but both contributors already had one.
-    assert!(assigns(&drain(&mut s)).is_empty());
+    assert!(assigns(&drain(&mut s, Millis(2))).is_empty());
     s.join(Millis(3), c(3), caps(1)).unwrap();
-    let third = assigns(&drain(&mut s));
+    let third = assigns(&drain(&mut s, Millis(3)));
     assert_eq!(third.iter().map(|x| x.0).collect::<Vec<_>>(), vec![c(3)]);
 }
 
@@ -143,14 +147,14 @@ fn a_missed_deadline_reissues_and_a_late_result_still_counts() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     let truth = honest(&a[0].2);
     s.report(Millis(10), a[0].0, a[0].1, truth.clone()).unwrap();
     assert_eq!(s.poll_timeout(), Some(Millis(1000)));
     s.tick(Millis(999)).unwrap();
-    assert!(drain(&mut s).is_empty());
+    assert!(drain(&mut s, Millis(999)).is_empty());
     s.tick(Millis(1000)).unwrap();
-    let re = assigns(&drain(&mut s));
+    let re = assigns(&drain(&mut s, Millis(1000)));
     assert_eq!(re.len(), 1);
     assert!(re[0].0 != a[0].0 && re[0].0 != a[1].0);
     assert_eq!(s.contributor(a[1].0).unwrap().2.missed_deadlines, 1);
@@ -159,7 +163,7 @@ fn a_missed_deadline_reissues_and_a_late_result_still_counts() {
         s.report(Millis(1100), a[1].0, a[1].1, truth).unwrap(),
         Report::Accepted
     );
-    let out = drain(&mut s);
+    let out = drain(&mut s, Millis(1100));
     assert!(
         out.contains(&Output::Cancel {
             contributor: re[0].0,
@@ -180,7 +184,7 @@ fn a_silent_contributor_is_lost_and_its_units_reissued() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.submit(Millis(0), one_unit_job(60_000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     let idle = (1..=3)
         .map(c)
         .find(|&x| x != a[0].0 && x != a[1].0)
@@ -191,7 +195,7 @@ fn a_silent_contributor_is_lost_and_its_units_reissued() {
     }
     assert_eq!(s.poll_timeout(), Some(Millis(15_000)));
     s.tick(Millis(15_000)).unwrap();
-    let out = drain(&mut s);
+    let out = drain(&mut s, Millis(15_000));
     assert!(
         out.contains(&Output::ContributorLost {
             contributor: a[1].0
@@ -210,7 +214,7 @@ fn a_silent_contributor_is_lost_and_its_units_reissued() {
     // Graceful leave reissues at once.
     s.leave(Millis(15_002), idle).unwrap();
     assert!(
-        assigns(&drain(&mut s)).is_empty(),
+        assigns(&drain(&mut s, Millis(15_002))).is_empty(),
         "no one left who has not had the unit"
     );
 }
@@ -222,7 +226,7 @@ fn duplicate_unsolicited_and_unknown_reports_are_ignored() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     let truth = honest(&a[0].2);
     assert_eq!(
         s.report(Millis(1), a[0].0, a[0].1, truth.clone()).unwrap(),
@@ -250,7 +254,7 @@ fn duplicate_unsolicited_and_unknown_reports_are_ignored() {
         Err(SchedulerError::UnknownContributor(_))
     ));
     // Neither the duplicate nor the stranger's result made a quorum.
-    assert!(accepted(&drain(&mut s)).is_empty());
+    assert!(accepted(&drain(&mut s, Millis(3))).is_empty());
     assert_eq!(s.contributor(a[0].0).unwrap().2.duplicates, 1);
     assert_eq!(s.contributor(other).unwrap().2.unsolicited, 1);
     assert_eq!(
@@ -266,14 +270,14 @@ fn wrong_shapes_are_rejected_and_reissued() {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    let a = assigns(&drain(&mut s));
+    let a = assigns(&drain(&mut s, Millis(0)));
     let wrong = Tensor::from_f32(vec![3, 2], &[0.5; 6]).unwrap();
     assert_eq!(
         s.report(Millis(1), a[0].0, a[0].1, wrong).unwrap(),
         Report::Invalid("expected 2 rows, got 3".into())
     );
     assert_eq!(s.contributor(a[0].0).unwrap().2.rejected, 1);
-    assert_eq!(assigns(&drain(&mut s)).len(), 1);
+    assert_eq!(assigns(&drain(&mut s, Millis(1))).len(), 1);
 }
 
 #[test]
@@ -297,7 +301,7 @@ fn liars_are_excluded_after_losing_votes() {
     while !excluded {
         assert!(t < 200, "the liar was never excluded");
         t += 1;
-        let out = drain(&mut s);
+        let out = drain(&mut s, Millis(t));
         excluded = out.contains(&Output::ContributorExcluded { contributor: c(1) });
         for (who, unit, work) in assigns(&out) {
             let r = if who == c(1) {
@@ -316,39 +320,166 @@ fn liars_are_excluded_after_losing_votes() {
     );
 }
 
+/// Every output, without flushing.
+fn take(s: &mut Scheduler<MemoryStore>) -> Vec<Output> {
+    std::iter::from_fn(|| s.poll()).collect()
+}
+
+fn acknowledgements(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::UnitAccepted { .. } | Output::JobDone { .. } | Output::JobFailed { .. }
+            )
+        })
+        .count()
+}
+
 #[test]
-fn nothing_is_acknowledged_unless_stored() {
+fn nothing_is_acknowledged_until_a_flush_commits_it() {
     let mut s = scheduler(Config::default());
     for i in 1..=2 {
         s.join(Millis(0), c(i), caps(1)).unwrap();
     }
     s.store().set_failing(true);
-    assert!(matches!(
-        s.submit(Millis(0), one_unit_job(1000)),
-        Err(SchedulerError::Store(_))
-    ));
-    assert!(
-        drain(&mut s).is_empty(),
-        "a job that was not stored is not dispatched"
-    );
-    s.store().set_failing(false);
     let job = s.submit(Millis(0), one_unit_job(1000)).unwrap();
-    assert_eq!(job, JobId(1), "the failed submission used no id");
-    let a = assigns(&drain(&mut s));
-    let truth = honest(&a[0].2);
-    s.report(Millis(1), a[0].0, a[0].1, truth.clone()).unwrap();
-    s.store().set_failing(true);
-    assert!(matches!(
-        s.report(Millis(2), a[1].0, a[1].1, truth.clone()),
-        Err(SchedulerError::Store(_))
-    ));
-    assert!(drain(&mut s).is_empty(), "no acceptance without storage");
+    assert_eq!(job, JobId(1));
+    assert!(s.needs_flush());
+    assert!(matches!(s.flush(Millis(0)), Err(SchedulerError::Store(_))));
+    assert!(
+        take(&mut s).is_empty(),
+        "a job not stored is not dispatched"
+    );
+    assert_eq!(s.job_status(job).map(|j| j.units_total), Some(1));
+    // The next flush commits the batch that failed.
     s.store().set_failing(false);
+    let a = assigns(&drain(&mut s, Millis(1)));
+    assert_eq!(a.len(), 2);
+    assert_eq!(s.store().commits(), 1);
+    let truth = honest(&a[0].2);
     assert_eq!(
-        s.report(Millis(3), a[1].0, a[1].1, truth).unwrap(),
+        s.report(Millis(2), a[0].0, a[0].1, truth.clone()).unwrap(),
+        Report::Recorded
+    );
+    assert_eq!(
+        s.report(Millis(3), a[1].0, a[1].1, truth.clone()).unwrap(),
         Report::Accepted
     );
+    // Accepted and staged, not released.
+    assert_eq!(acknowledgements(&take(&mut s)), 0);
+    assert!(!s.store().is_accepted(job, 0));
+    assert_eq!(
+        (s.unflushed().accepted.len(), s.unflushed().finished.len()),
+        (1, 1)
+    );
+    // A failed commit releases nothing and keeps the batch whole.
+    s.store().set_failing(true);
+    assert!(matches!(s.flush(Millis(4)), Err(SchedulerError::Store(_))));
+    assert!(take(&mut s).is_empty());
+    assert_eq!(s.unflushed().len(), 2);
+    assert_eq!(s.store().outcome(job), None);
+    // The unit is decided: a late report is stale, never a second acceptance.
+    assert_eq!(
+        s.report(Millis(5), a[0].0, a[0].1, truth.clone()).unwrap(),
+        Report::Stale
+    );
+    s.store().set_failing(false);
+    let out = drain(&mut s, Millis(6));
+    assert_eq!(accepted(&out), vec![(a[0].1, truth)]);
+    assert_eq!(out.last(), Some(&Output::JobDone { job }));
+    assert_eq!(acknowledgements(&out), 2);
+    assert_eq!(
+        s.store().commits(),
+        2,
+        "the unit and the job's end in one commit"
+    );
+    assert!(s.store().is_accepted(job, 0));
     assert_eq!(s.store().outcome(job), Some(&JobOutcome::Done));
+    assert!(!s.needs_flush());
+    assert!(drain(&mut s, Millis(7)).is_empty());
+}
+
+#[test]
+fn a_burst_of_acceptances_is_one_commit() {
+    let mut s = scheduler(Config::default());
+    for i in 1..=16 {
+        s.join(Millis(0), c(i), caps(1)).unwrap();
+    }
+    let mut spec = one_unit_job(1000);
+    spec.inputs = (0..8).map(|i| vec![101, i, 102]).collect();
+    spec.inputs_per_unit = 1;
+    let job = s.submit(Millis(0), spec).unwrap();
+    let a = assigns(&drain(&mut s, Millis(0)));
+    assert_eq!(a.len(), 16);
+    let commits = s.store().commits();
+    for (who, unit, work) in &a {
+        s.report(Millis(1), *who, *unit, honest(work)).unwrap();
+    }
+    assert_eq!(acknowledgements(&take(&mut s)), 0);
+    let out = drain(&mut s, Millis(2));
+    assert_eq!(s.store().commits(), commits + 1);
+    assert_eq!(accepted(&out).len(), 8);
+    assert_eq!(out.last(), Some(&Output::JobDone { job }));
+}
+
+#[test]
+fn accepted_but_unflushed_units_are_done_again_after_a_restart() {
+    let mut s = scheduler(Config::default());
+    for i in 1..=4 {
+        s.join(Millis(0), c(i), caps(1)).unwrap();
+    }
+    let mut spec = one_unit_job(1000);
+    spec.inputs = (0..2).map(|i| vec![101, i, 102]).collect();
+    spec.inputs_per_unit = 1;
+    let job = s.submit(Millis(0), spec).unwrap();
+    let a = assigns(&drain(&mut s, Millis(0)));
+    assert_eq!(a.len(), 4);
+    let index_of = |u: UnitId| u.0 - a.iter().map(|x| x.1.0).min().unwrap();
+    // Unit 0 is accepted and flushed; unit 1 is accepted but only staged.
+    for (who, unit, work) in a.iter().filter(|x| index_of(x.1) == 0) {
+        s.report(Millis(1), *who, *unit, honest(work)).unwrap();
+    }
+    assert_eq!(accepted(&drain(&mut s, Millis(1))).len(), 1);
+    for (who, unit, work) in a.iter().filter(|x| index_of(x.1) == 1) {
+        s.report(Millis(2), *who, *unit, honest(work)).unwrap();
+    }
+    assert_eq!(s.unflushed().accepted.len(), 1);
+    let staged = take(&mut s);
+    assert_eq!(acknowledgements(&staged), 0, "{staged:?}");
+
+    // The coordinator stops before the next flush.
+    let store = s.into_store();
+    let mut s = Scheduler::restore(Config::default(), store, Millis(10)).unwrap();
+    assert_eq!(
+        s.job_status(job).map(|j| (j.units_accepted, j.units_total)),
+        Some((1, 2))
+    );
+    for i in 5..=6 {
+        s.join(Millis(10), c(i), caps(1)).unwrap();
+    }
+    let again = assigns(&drain(&mut s, Millis(10)));
+    assert_eq!(again.len(), 2, "unit 1 handed out again, to both replicas");
+    assert!(again.iter().all(|x| index_of(x.1) == 1));
+    for (who, unit, work) in &again {
+        s.report(Millis(11), *who, *unit, honest(work)).unwrap();
+    }
+    let out = drain(&mut s, Millis(11));
+    let indices: Vec<u32> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::UnitAccepted { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        indices,
+        vec![1],
+        "only the unflushed unit is accepted again"
+    );
+    assert_eq!(out.last(), Some(&Output::JobDone { job }));
+    assert_eq!(s.store().results(job).unwrap().len(), 2);
 }
 
 #[test]
@@ -366,7 +497,7 @@ fn a_unit_no_one_agrees_on_fails_its_job() {
     let job = s.submit(Millis(0), one_unit_job(1000)).unwrap();
     let mut failed = None;
     for t in 1..10 {
-        let out = drain(&mut s);
+        let out = drain(&mut s, Millis(t));
         if let Some(Output::JobFailed { reason, .. }) =
             out.iter().find(|o| matches!(o, Output::JobFailed { .. }))
         {

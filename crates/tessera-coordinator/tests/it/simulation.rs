@@ -1,12 +1,17 @@
 //! Thousands of simulated contributors in simulated time: churn, deadlines, crashes, liars,
-//! duplicates and late results, and a coordinator restart from its store mid-job.
+//! duplicates and late results, a store that fails for a while, and a coordinator restart from
+//! its store mid-job, between two flushes. The shell's group commit is a `flush` every
+//! `FLUSH_MS`; every acknowledgement is checked against the store when it is released.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use tessera_coordinator::{
-    Config, JobOutcome, JobSpec, MemoryStore, Millis, Output, Scheduler, Store,
+    Config, JobOutcome, JobSpec, MemoryStore, Millis, Output, Scheduler, SchedulerError, Store,
 };
+
+/// How often the simulated shell flushes (commits the staged writes).
+const FLUSH_MS: u64 = 40;
 use tessera_protocol::{ContributorId, JobId, Tensor, UnitId, Work};
 
 use crate::common::{Rng, caps, honest, perturbed};
@@ -37,6 +42,9 @@ enum Event {
     Join,
     Submit(usize),
     Restart,
+    Flush,
+    /// The store fails every commit from now on, or works again.
+    StoreFailing(bool),
 }
 
 struct Params {
@@ -49,6 +57,8 @@ struct Params {
     deadline_ms: u64,
     liars: f64,
     restart_at: Option<u64>,
+    /// When the store fails every commit, and until when.
+    outage: Option<(u64, u64)>,
 }
 
 struct Sim {
@@ -65,11 +75,17 @@ struct Sim {
     deadline_ms: u64,
     inputs_per_unit: usize,
     jobs: Vec<Vec<Vec<u32>>>,
+    /// The id of each submitted job, by submission (a resubmission replaces it).
     job_ids: Vec<JobId>,
     accepted: BTreeMap<(JobId, u32), Tensor>,
     done: HashSet<JobId>,
     lost: usize,
     liar_ids: HashSet<ContributorId>,
+    failed_flushes: usize,
+    /// Accepted units staged but not flushed when the coordinator restarted.
+    dropped_at_restart: usize,
+    /// Jobs submitted but not flushed before the restart, submitted again (a client retry).
+    resubmitted: usize,
 }
 
 impl Sim {
@@ -110,6 +126,13 @@ impl Sim {
             let t = self.now.plus(self.rng.below(20_000));
             self.at(t, Event::Crash(id));
         }
+    }
+
+    fn submit(&mut self, s: &mut Scheduler<MemoryStore>, j: usize) -> JobId {
+        let mut spec = JobSpec::embedding("bafkreisim", self.jobs[j].clone());
+        spec.inputs_per_unit = self.inputs_per_unit;
+        spec.unit_deadline_ms = self.deadline_ms;
+        s.submit(self.now, spec).unwrap()
     }
 
     fn handle_outputs(&mut self, s: &mut Scheduler<MemoryStore>) {
@@ -179,6 +202,10 @@ impl Sim {
                 Output::UnitAccepted {
                     job, index, result, ..
                 } => {
+                    assert!(
+                        s.store().is_accepted(job, index),
+                        "unit {index} of job {job} acknowledged before it was stored"
+                    );
                     let previous = self.accepted.insert((job, index), result);
                     assert!(
                         previous.is_none(),
@@ -186,6 +213,11 @@ impl Sim {
                     );
                 }
                 Output::JobDone { job } => {
+                    assert_eq!(
+                        s.store().outcome(job),
+                        Some(&JobOutcome::Done),
+                        "job {job} acknowledged before its end was stored"
+                    );
                     assert!(self.done.insert(job), "job {job} done twice");
                 }
                 Output::JobFailed { job, reason } => panic!("job {job} failed: {reason}"),
@@ -236,6 +268,9 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
         done: HashSet::new(),
         lost: 0,
         liar_ids: HashSet::new(),
+        failed_flushes: 0,
+        dropped_at_restart: 0,
+        resubmitted: 0,
     };
     let mut s = Scheduler::restore(config.clone(), MemoryStore::new(), sim.now).unwrap();
     for _ in 0..p.contributors {
@@ -256,6 +291,11 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
     if let Some(t) = p.restart_at {
         sim.at(Millis(t), Event::Restart);
     }
+    if let Some((from, to)) = p.outage {
+        sim.at(Millis(from), Event::StoreFailing(true));
+        sim.at(Millis(to), Event::StoreFailing(false));
+    }
+    sim.at(Millis(0), Event::Flush);
     let mut missed: HashMap<ContributorId, u64> = HashMap::new();
     let mut steps = 0u64;
     while sim.done.len() < p.jobs {
@@ -302,16 +342,25 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
                 }
                 Event::Join => sim.join(&mut s, None),
                 Event::Submit(j) => {
-                    let mut spec = JobSpec::embedding("bafkreisim", sim.jobs[j].clone());
-                    spec.inputs_per_unit = sim.inputs_per_unit;
-                    spec.unit_deadline_ms = sim.deadline_ms;
-                    let id = s.submit(sim.now, spec).unwrap();
+                    let id = sim.submit(&mut s, j);
                     sim.job_ids.push(id);
                 }
+                Event::Flush => {
+                    match s.flush(sim.now) {
+                        Ok(()) => {}
+                        Err(SchedulerError::Store(_)) => sim.failed_flushes += 1,
+                        Err(e) => panic!("flush: {e}"),
+                    }
+                    let t = sim.now.plus(FLUSH_MS);
+                    sim.at(t, Event::Flush);
+                }
+                Event::StoreFailing(failing) => s.store().set_failing(failing),
                 Event::Restart => {
-                    // Every connection drops with the coordinator; contributors come back
-                    // under new ids, and results in flight are lost.
+                    // The coordinator stops between two flushes: what is staged is lost,
+                    // every connection drops, contributors come back under new ids, and
+                    // results in flight are lost.
                     sim.handle_outputs(&mut s);
+                    sim.dropped_at_restart += s.unflushed().accepted.len();
                     for id in sim.behaviour.keys() {
                         if let Some((_, _, r)) = s.contributor(*id) {
                             *missed.entry(*id).or_default() += r.missed_deadlines;
@@ -319,6 +368,14 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
                     }
                     let store = s.into_store();
                     s = Scheduler::restore(config.clone(), store, sim.now).unwrap();
+                    // A job whose submission was never flushed is gone; its client retries.
+                    for j in 0..sim.job_ids.len() {
+                        let id = sim.job_ids[j];
+                        if !sim.done.contains(&id) && s.job_status(id).is_none() {
+                            sim.job_ids[j] = sim.submit(&mut s, j);
+                            sim.resubmitted += 1;
+                        }
+                    }
                     let back: Vec<Behaviour> =
                         sim.alive.drain().map(|id| sim.behaviour[&id]).collect();
                     for b in back {
@@ -396,9 +453,15 @@ fn thousands_of_contributors_with_churn_liars_and_a_restart() {
         deadline_ms: 8_000,
         liars: 0.08,
         restart_at: Some(4_000),
+        outage: Some((6_000, 9_000)),
     };
     let (sim, mut store, missed) = run(Params { ..p });
     check(&sim, &mut store, &p);
+    assert!(sim.failed_flushes > 0, "no flush failed during the outage");
+    assert!(
+        sim.dropped_at_restart > 0,
+        "nothing was staged and unflushed at the restart"
+    );
     // The scenario really exercised what it claims to.
     assert!(sim.lost > 0, "no contributor was lost or excluded");
     assert!(missed.values().sum::<u64>() > 0, "no deadline was missed");
@@ -422,8 +485,12 @@ fn few_contributors_many_units_with_slots_and_heavy_lying() {
         inputs_per_unit: 3,
         deadline_ms: 6_000,
         liars: 0.2,
-        restart_at: Some(9_000),
+        // Between the submission at 4,500 and the flush at 4,520.
+        restart_at: Some(4_510),
+        outage: Some((2_000, 4_000)),
     };
     let (sim, mut store, _) = run(Params { ..p });
     check(&sim, &mut store, &p);
+    assert!(sim.failed_flushes > 0, "no flush failed during the outage");
+    assert_eq!(sim.resubmitted, 1, "the unflushed submission was lost");
 }

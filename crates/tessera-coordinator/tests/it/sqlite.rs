@@ -1,11 +1,11 @@
-//! The SQLite store: round trip, resuming a job after a restart, and clear errors for a
-//! corrupt or unreachable database.
+//! The SQLite store: round trip, resuming a job after a restart between two flushes, atomic
+//! group commits, and clear errors for a corrupt or unreachable database.
 
 use tessera_coordinator::{
-    Config, Durability, JobOutcome, JobSpec, Millis, Output, Scheduler, SqliteStore, Store,
-    StoreError,
+    AcceptedUnit, Batch, Config, Durability, JobKind, JobOutcome, JobRecord, JobSpec, Millis,
+    Output, Scheduler, Snapshot, SqliteStore, Store, StoreError, UnitRecord,
 };
-use tessera_protocol::{ContributorId, Work};
+use tessera_protocol::{ContributorId, JobId, Tensor, UnitId, Work};
 
 use crate::common::{caps, honest};
 
@@ -13,6 +13,28 @@ fn spec(n: u32) -> JobSpec {
     let mut spec = JobSpec::embedding("bafkreistore", (0..n).map(|i| vec![101, i, 102]).collect());
     spec.inputs_per_unit = 2;
     spec
+}
+
+/// Answers every assignment among the outputs honestly at `t`; returns the units accepted.
+fn answer_round(s: &mut Scheduler<SqliteStore>, t: u64) -> Vec<u32> {
+    let outs: Vec<Output> = std::iter::from_fn(|| s.poll()).collect();
+    let mut accepted = Vec::new();
+    for out in outs {
+        match out {
+            Output::Assign {
+                contributor,
+                unit,
+                work,
+                ..
+            } => {
+                s.report(Millis(t), contributor, unit, honest(&work))
+                    .unwrap();
+            }
+            Output::UnitAccepted { index, .. } => accepted.push(index),
+            _ => {}
+        }
+    }
+    accepted
 }
 
 #[test]
@@ -25,33 +47,18 @@ fn a_restarted_coordinator_resumes_its_jobs_from_sqlite() {
         s.join(Millis(0), ContributorId(i), caps(1)).unwrap();
     }
     let job = s.submit(Millis(0), spec(9)).unwrap();
-    // Answer one round: units 0 and 1 get both replicas; the rest stay in flight or queued.
-    let mut answered = Vec::new();
-    while let Some(out) = s.poll() {
-        if let Output::Assign {
-            contributor,
-            unit,
-            work,
-            ..
-        } = out
-        {
-            answered.push((contributor, unit, honest(&work)));
-        }
-    }
-    assert_eq!(answered.len(), 4);
-    for (who, unit, result) in answered {
-        s.report(Millis(10), who, unit, result).unwrap();
-    }
-    let accepted_before: Vec<u32> = std::iter::from_fn(|| s.poll())
-        .filter_map(|o| match o {
-            Output::UnitAccepted { index, .. } => Some(index),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(accepted_before.len(), 2);
+    s.flush(Millis(0)).unwrap();
+    // Round one: units 0 and 1 get both replicas and are accepted and flushed.
+    assert!(answer_round(&mut s, 10).is_empty());
+    s.flush(Millis(10)).unwrap();
+    // Round two: units 2 and 3 are accepted but only staged when the coordinator stops.
+    let accepted_before = answer_round(&mut s, 20);
+    assert_eq!(accepted_before, vec![0, 1]);
+    assert_eq!(s.unflushed().accepted.len(), 2);
+    assert!(std::iter::from_fn(|| s.poll()).all(|o| !matches!(o, Output::UnitAccepted { .. })));
     drop(s);
 
-    // Restart: a new process opens the same file.
+    // Restart: a new process opens the same file; units 2 and 3 were never stored.
     let store = SqliteStore::open(&path, Durability::Full).unwrap();
     let mut s = Scheduler::restore(Config::default(), store, Millis(100)).unwrap();
     assert_eq!(
@@ -62,33 +69,20 @@ fn a_restarted_coordinator_resumes_its_jobs_from_sqlite() {
         s.join(Millis(100), ContributorId(i), caps(1)).unwrap();
     }
     let mut t = 100;
-    let mut done = false;
-    while !done {
+    let mut accepted_after = Vec::new();
+    while s.job_status(job).is_some() || s.needs_flush() {
         t += 1;
-        let outs: Vec<Output> = std::iter::from_fn(|| s.poll()).collect();
-        for out in outs {
-            match out {
-                Output::Assign {
-                    contributor,
-                    unit,
-                    work,
-                    ..
-                } => {
-                    s.report(Millis(t), contributor, unit, honest(&work))
-                        .unwrap();
-                }
-                Output::UnitAccepted { index, .. } => {
-                    assert!(
-                        !accepted_before.contains(&index),
-                        "unit {index} accepted again after restart"
-                    )
-                }
-                Output::JobDone { .. } => done = true,
-                _ => {}
-            }
-        }
+        accepted_after.extend(answer_round(&mut s, t));
+        s.flush(Millis(t)).unwrap();
         assert!(t < 200, "job did not finish after restart");
     }
+    accepted_after.extend(answer_round(&mut s, t));
+    accepted_after.sort_unstable();
+    assert_eq!(
+        accepted_after,
+        vec![2, 3, 4],
+        "each unit reported accepted once"
+    );
     assert_eq!(s.store().outcome(job).unwrap(), Some(JobOutcome::Done));
     let results = s.store().results(job).unwrap();
     assert_eq!(
@@ -116,12 +110,87 @@ fn a_restarted_coordinator_resumes_its_jobs_from_sqlite() {
 }
 
 #[test]
+fn a_failed_commit_writes_nothing_of_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("atomic.sqlite");
+    let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
+    let record = JobRecord {
+        id: JobId(1),
+        kind: JobKind::Embedding,
+        model: "bafkreistore".into(),
+        replicas: 2,
+        unit_deadline_ms: 1000,
+        min_memory_bytes: 0,
+        unit_count: 1,
+        submitted: Millis(0),
+    };
+    let work = Work::Embedding {
+        model: "bafkreistore".into(),
+        inputs: vec![vec![101, 7, 102], vec![], vec![5]],
+    };
+    let unit = UnitRecord {
+        id: UnitId(1),
+        job: JobId(1),
+        index: 0,
+        work: work.clone(),
+    };
+    let accepted = |unit: u64| AcceptedUnit {
+        unit: UnitId(unit),
+        job: JobId(1),
+        index: 0,
+        result: Tensor::from_f32(vec![3, 2], &[0.5, -1.0, 2.0, 0.25, 0.0, 1e-3]).unwrap(),
+        agreed: vec![ContributorId(3), ContributorId(u64::MAX >> 1)],
+        rejected: vec![ContributorId(4)],
+        at: Millis(5),
+    };
+    // The new job is fine, the result is for a unit that does not exist: nothing is written.
+    let bad = Batch {
+        jobs: vec![(record.clone(), vec![unit.clone()])],
+        accepted: vec![accepted(99)],
+        finished: vec![],
+    };
+    assert!(matches!(
+        store.commit(&bad).unwrap_err(),
+        StoreError::Sqlite { .. }
+    ));
+    assert_eq!(
+        store.load().unwrap(),
+        Snapshot {
+            jobs: vec![],
+            next_job: 1,
+            next_unit: 1
+        }
+    );
+    // The same writes without the bad one commit, and read back as they went in.
+    let good = Batch {
+        accepted: vec![accepted(1)],
+        ..bad
+    };
+    store.commit(&good).unwrap();
+    let snapshot = store.load().unwrap();
+    assert_eq!(snapshot.jobs.len(), 1);
+    assert_eq!(snapshot.jobs[0].units, vec![(unit, true)]);
+    assert_eq!(
+        store.results(JobId(1)).unwrap(),
+        vec![(0, accepted(1).result)]
+    );
+    // Accepting a unit twice is refused, not silently overwritten.
+    let twice = Batch {
+        accepted: vec![accepted(1)],
+        ..Batch::default()
+    };
+    assert!(store.commit(&twice).is_err());
+    assert!(store.commit(&Batch::default()).is_ok());
+}
+
+#[test]
 fn the_database_is_in_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wal.sqlite");
     let store = SqliteStore::open(&path, Durability::Normal).unwrap();
     let mut s = Scheduler::restore(Config::default(), store, Millis(0)).unwrap();
     s.submit(Millis(0), spec(2)).unwrap();
+    s.flush(Millis(0)).unwrap();
     assert!(
         dir.path().join("wal.sqlite-wal").exists(),
         "no write-ahead log next to the database"
