@@ -7,6 +7,7 @@
 pub mod control;
 pub mod error;
 pub mod frame;
+pub mod model;
 pub mod tensor;
 
 pub use control::{
@@ -18,6 +19,7 @@ pub use frame::{
     Chunk, Chunker, FRAME_VERSION, FrameHeader, HEADER_LEN, MAX_CHUNK_PAYLOAD, MAX_FRAME_LEN,
     Payload, PayloadKind, Reassembler, ReassemblyLimits, decode_frame,
 };
+pub use model::{Architecture, ModelManifest};
 pub use tensor::{DType, Tensor};
 
 /// Largest control message accepted in one text frame. Larger ones travel as a `Control`
