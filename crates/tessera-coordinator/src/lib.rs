@@ -2,13 +2,15 @@
 //! dispatch, reconciliation) that never reads a clock or touches a socket; `store` and
 //! `sqlite` persist units and accepted results before anything is acknowledged; `bench`
 //! measures the scheduler with thousands of simulated contributors. `blobs` keeps model weights
-//! as content-addressed files; `openai` holds the OpenAI-compatible API's shapes.
+//! as content-addressed files; `openai` holds the OpenAI-compatible API's shapes. `server` is
+//! the async shell (`tessera serve`): tokio, axum and the WebRTC endpoint around the scheduler.
 
 pub mod bench;
 pub mod blobs;
 pub mod openai;
 pub mod reconcile;
 pub mod scheduler;
+pub mod server;
 pub mod sqlite;
 pub mod store;
 pub mod time;
@@ -18,7 +20,7 @@ pub use reconcile::{EMBEDDING_MIN_COSINE, JobKind, embeddings_agree};
 pub use scheduler::{
     Config, JobSpec, JobStatus, Output, Report, Reputation, Scheduler, SchedulerError,
 };
-pub use sqlite::{Durability, SqliteStore};
+pub use sqlite::{Checkpointer, Durability, SqliteStore};
 pub use store::{
     AcceptedUnit, Batch, JobOutcome, JobRecord, MemoryStore, RecoveredJob, Snapshot, Store,
     StoreError, UnitRecord,

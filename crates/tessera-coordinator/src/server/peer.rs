@@ -1,0 +1,288 @@
+//! One task per contributor connection: it decodes what arrives on the DataChannel (a bad
+//! message gets an `Error` reply; a fatal one, or too many, closes this peer only), rebuilds
+//! binary payloads with its own bounded `Reassembler` (dropped with the task, so a disconnect
+//! abandons whatever was partial), and reports to the actor. A second task per peer writes:
+//! control messages from the actor and the blob ranges the contributor asks for, in order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_engine::cid::Cid;
+use tessera_protocol::{
+    Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, Payload,
+    PayloadKind, ProtocolError, Reassembler, ReassemblyLimits, Tensor, decode, encode_control,
+};
+use tessera_rtc::{Message, Peer, PeerEvent, PeerSender};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::blobs::BlobStore;
+use crate::server::actor::Command;
+use crate::server::{Counters, log};
+
+/// Messages waiting for one peer's writer.
+const OUTBOX: usize = 1024;
+/// Non-fatal protocol errors a peer may make before it is closed.
+const MAX_STRIKES: u32 = 3;
+/// Complete result payloads waiting for their `UnitResult`.
+const MAX_WAITING_PAYLOADS: usize = 8;
+/// Largest result accepted: a unit's embeddings are `inputs x hidden` f32s, far less.
+const MAX_RESULT_BYTES: u64 = 8 << 20;
+/// Largest blob range served in one request (a whole model file fits).
+const MAX_BLOB_RANGE: u64 = 1 << 30;
+/// How long a closed-for-errors peer has to go before we stop waiting for its close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What a peer's writer sends.
+pub enum Outbound {
+    Control(CoordinatorMessage),
+    Blob { cid: String, offset: u64, length: u64, stream: u64 },
+    /// Send this error (if any), then close the channel.
+    Close(Option<CoordinatorMessage>),
+}
+
+#[derive(Clone)]
+pub struct Context {
+    pub actor: mpsc::Sender<Command>,
+    pub blobs: Arc<BlobStore>,
+    pub counters: Arc<Counters>,
+}
+
+/// A protocol fault: the reply, and whether the peer is closed after it.
+struct Fault {
+    code: ErrorCode,
+    message: String,
+    fatal: bool,
+}
+
+impl Fault {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Fault {
+        Fault { code, message: message.into(), fatal: false }
+    }
+
+    fn fatal(code: ErrorCode, message: impl Into<String>) -> Fault {
+        Fault { code, message: message.into(), fatal: true }
+    }
+
+    fn from_decode(e: ProtocolError) -> Fault {
+        match e {
+            ProtocolError::ControlTooLarge { .. } => Fault::fatal(ErrorCode::TooLarge, e.to_string()),
+            ProtocolError::UnsupportedVersion { .. } => Fault::fatal(ErrorCode::UnsupportedVersion, e.to_string()),
+            _ => Fault::new(ErrorCode::Malformed, e.to_string()),
+        }
+    }
+}
+
+struct State {
+    ctx: Context,
+    outbox: mpsc::Sender<Outbound>,
+    sender: PeerSender,
+    joined: Option<ContributorId>,
+    reassembler: Reassembler,
+    payloads: VecDeque<Payload>,
+}
+
+/// Runs one peer until its channel closes.
+pub async fn run(mut peer: Peer, ctx: Context) {
+    let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+    tokio::spawn(write(peer.sender(), outbox_rx, Arc::clone(&ctx.blobs), Arc::clone(&ctx.counters)));
+    let limits = ReassemblyLimits { max_message_bytes: MAX_RESULT_BYTES, max_partial_messages: 4, max_buffered_bytes: 4 * MAX_RESULT_BYTES };
+    let mut state = State { ctx, outbox, sender: peer.sender(), joined: None, reassembler: Reassembler::new(limits), payloads: VecDeque::new() };
+    let mut strikes = 0;
+    let mut closing = false;
+    loop {
+        let event = if closing {
+            match tokio::time::timeout(CLOSE_GRACE, peer.recv()).await {
+                Ok(event) => event,
+                Err(_) => break,
+            }
+        } else {
+            peer.recv().await
+        };
+        match event {
+            None | Some(PeerEvent::Closed(_)) => break,
+            Some(PeerEvent::Connected | PeerEvent::Open) => {}
+            Some(PeerEvent::Message(_)) if closing => {}
+            Some(PeerEvent::Message(message)) => {
+                let Err(fault) = state.on_message(message).await else { continue };
+                Counters::add(&state.ctx.counters.protocol_errors, 1);
+                strikes += 1;
+                let fatal = fault.fatal || strikes >= MAX_STRIKES;
+                let who = state.joined.map_or(format!("peer {}", peer.id()), |id| format!("contributor {id}"));
+                log(format_args!("{who}: {}{}", fault.message, if fatal { "; closing" } else { "" }));
+                let error = CoordinatorMessage::Error { code: fault.code, message: fault.message };
+                if fatal {
+                    Counters::add(&state.ctx.counters.peers_disconnected_for_errors, 1);
+                    let _ = state.outbox.send(Outbound::Close(Some(error))).await;
+                    closing = true;
+                } else if state.outbox.send(Outbound::Control(error)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(id) = state.joined {
+        let _ = state.ctx.actor.send(Command::Gone(id)).await;
+    }
+}
+
+impl State {
+    async fn on_message(&mut self, message: Message) -> Result<(), Fault> {
+        match message {
+            Message::Text(text) => match decode::<ContributorMessage>(Incoming::Text(&text)).map_err(Fault::from_decode)? {
+                Decoded::Control(message) => self.on_control(message).await,
+                Decoded::Chunk(_) => Err(Fault::new(ErrorCode::Malformed, "a text message must be a control message")),
+            },
+            Message::Binary(bytes) => {
+                let Decoded::Chunk(chunk) = decode::<ContributorMessage>(Incoming::Binary(&bytes))
+                    .map_err(|e| Fault::fatal(ErrorCode::Malformed, e.to_string()))?
+                else {
+                    return Err(Fault::new(ErrorCode::Malformed, "a binary message must be a frame"));
+                };
+                if self.joined.is_none() {
+                    return Err(Fault::new(ErrorCode::NotJoined, "send hello before anything else"));
+                }
+                let payload = self.reassembler.push(chunk).map_err(|e| {
+                    let code = match e {
+                        ProtocolError::MessageTooLarge { .. }
+                        | ProtocolError::BufferedBytesExceeded { .. }
+                        | ProtocolError::TooManyPartialMessages { .. } => ErrorCode::TooLarge,
+                        _ => ErrorCode::Malformed,
+                    };
+                    Fault::fatal(code, e.to_string())
+                })?;
+                if let Some(payload) = payload {
+                    if payload.kind != PayloadKind::Tensor {
+                        return Err(Fault::new(ErrorCode::Malformed, format!("stream {}: a contributor sends only Tensor payloads, got {:?}", payload.stream, payload.kind)));
+                    }
+                    if self.payloads.len() >= MAX_WAITING_PAYLOADS {
+                        return Err(Fault::fatal(ErrorCode::TooLarge, format!("{MAX_WAITING_PAYLOADS} payloads already wait for their unit_result")));
+                    }
+                    self.payloads.push_back(payload);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_control(&mut self, message: ContributorMessage) -> Result<(), Fault> {
+        let id = match (self.joined, &message) {
+            (None, ContributorMessage::Hello { .. }) => None,
+            (None, _) => return Err(Fault::new(ErrorCode::NotJoined, "send hello before anything else")),
+            (Some(id), _) => Some(id),
+        };
+        let actor = self.ctx.actor.clone();
+        let tell = |command| {
+            let actor = actor.clone();
+            async move { actor.send(command).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "the coordinator is shutting down")) }
+        };
+        match message {
+            ContributorMessage::Hello { capabilities, .. } => {
+                if let Some(id) = id {
+                    return Err(Fault::new(ErrorCode::Malformed, format!("already joined as contributor {id}")));
+                }
+                let (reply, answer) = oneshot::channel();
+                tell(Command::Join { capabilities, outbox: self.outbox.clone(), close: self.sender.clone(), reply }).await?;
+                let (id, heartbeat_interval_ms) = answer.await.map_err(|_| Fault::fatal(ErrorCode::Internal, "the coordinator refused to add this contributor"))?;
+                self.joined = Some(id);
+                let welcome = CoordinatorMessage::Welcome { protocol_version: tessera_protocol::PROTOCOL_VERSION, contributor: id, heartbeat_interval_ms };
+                self.outbox.send(Outbound::Control(welcome)).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "closed"))
+            }
+            ContributorMessage::Heartbeat | ContributorMessage::BlobHave { .. } => match id {
+                Some(id) => tell(Command::Heartbeat(id)).await,
+                None => Ok(()),
+            },
+            ContributorMessage::Leave => {
+                if let Some(id) = self.joined.take() {
+                    tell(Command::Gone(id)).await?;
+                }
+                let _ = self.outbox.send(Outbound::Close(None)).await;
+                Ok(())
+            }
+            ContributorMessage::UnitResult { unit, payload } => {
+                let Some(at) = self.payloads.iter().position(|p| p.stream == payload.stream) else {
+                    return Err(Fault::new(ErrorCode::Malformed, format!("unit {unit}: no complete tensor payload on stream {}", payload.stream)));
+                };
+                let Some(bytes) = self.payloads.remove(at) else { return Ok(()) };
+                if bytes.bytes.len() as u64 != payload.bytes {
+                    return Err(Fault::new(ErrorCode::Malformed, format!("unit {unit}: stream {} carried {} bytes, unit_result says {}", payload.stream, bytes.bytes.len(), payload.bytes)));
+                }
+                let result = Tensor::decode(&bytes.bytes, MAX_RESULT_BYTES as usize).map_err(|e| Fault::new(ErrorCode::Malformed, format!("unit {unit}: {e}")))?;
+                match id {
+                    Some(from) => tell(Command::Report { from, unit, result }).await,
+                    None => Ok(()),
+                }
+            }
+            ContributorMessage::BlobRequest { cid, offset, length, stream } => {
+                if let Some(id) = id {
+                    tell(Command::Heartbeat(id)).await?;
+                }
+                self.outbox.send(Outbound::Blob { cid, offset, length, stream }).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "closed"))
+            }
+            ContributorMessage::Signal { to, .. } => Err(Fault::new(ErrorCode::UnknownPeer, format!("cannot relay to contributor {to}: this coordinator does not relay signals yet"))),
+            ContributorMessage::Error { code, message } => {
+                let who = id.map_or_else(String::new, |id| id.to_string());
+                log(format_args!("contributor {who} reports an error ({code:?}): {message}"));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes one peer's messages in order; ends when its queue closes, a send fails, or on `Close`.
+async fn write(sender: PeerSender, mut outbox: mpsc::Receiver<Outbound>, blobs: Arc<BlobStore>, counters: Arc<Counters>) {
+    let text = |m: &CoordinatorMessage| Message::Text(encode_control(m));
+    while let Some(out) = outbox.recv().await {
+        let sent = match out {
+            Outbound::Control(message) => sender.send(text(&message)).await,
+            Outbound::Close(error) => {
+                if let Some(error) = error {
+                    let _ = sender.send(text(&error)).await;
+                }
+                break;
+            }
+            Outbound::Blob { cid, offset, length, stream } => {
+                let blobs = Arc::clone(&blobs);
+                let read = tokio::task::spawn_blocking(move || read_blob(&blobs, &cid, offset, length)).await;
+                match read {
+                    Ok(Ok(bytes)) => send_blob(&sender, stream, &bytes, &counters).await,
+                    Ok(Err((code, message))) => sender.send(text(&CoordinatorMessage::Error { code, message })).await,
+                    Err(e) => sender.send(text(&CoordinatorMessage::Error { code: ErrorCode::Internal, message: format!("reading the blob failed: {e}") })).await,
+                }
+            }
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    sender.close().await;
+}
+
+async fn send_blob(sender: &PeerSender, stream: u64, bytes: &[u8], counters: &Counters) -> Result<(), tessera_rtc::RtcError> {
+    let frames = match Chunker::new(stream, PayloadKind::Blob, bytes) {
+        Ok(frames) => frames,
+        Err(e) => {
+            let error = CoordinatorMessage::Error { code: ErrorCode::TooLarge, message: e.to_string() };
+            return sender.send(Message::Text(encode_control(&error))).await;
+        }
+    };
+    for frame in frames {
+        sender.send(Message::Binary(frame)).await?;
+    }
+    Counters::add(&counters.blob_bytes_sent, bytes.len() as u64);
+    Ok(())
+}
+
+/// Bytes `[offset, offset + length)` of a blob (`length` 0: to the end), or the error to send.
+fn read_blob(blobs: &BlobStore, cid: &str, offset: u64, length: u64) -> Result<Vec<u8>, (ErrorCode, String)> {
+    let parsed: Cid = cid.parse().map_err(|e| (ErrorCode::BlobNotFound, format!("{cid:?} is not a CID: {e}")))?;
+    let mut blob = blobs.get(&parsed).map_err(|e| (ErrorCode::BlobNotFound, e.to_string()))?;
+    let end = if length == 0 { blob.len } else { offset.saturating_add(length) };
+    if offset > blob.len || end > blob.len || (offset == blob.len && blob.len > 0) {
+        return Err((ErrorCode::Malformed, format!("blob {cid}: range {offset}+{length} is outside its {} bytes", blob.len)));
+    }
+    if end - offset > MAX_BLOB_RANGE {
+        return Err((ErrorCode::TooLarge, format!("blob {cid}: {} bytes asked at once; at most {MAX_BLOB_RANGE}", end - offset)));
+    }
+    blob.read_range(offset..end).map_err(|e| (ErrorCode::Internal, format!("blob {cid}: {e}")))
+}
