@@ -1,6 +1,7 @@
 //! The `tessera` command line.
 
 mod bench;
+mod contribute;
 mod models;
 mod run;
 
@@ -15,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Joins a coordinator and runs work units on this machine's GPU until stopped (Ctrl-C).
+    Contribute(contribute::ContributeArgs),
     /// Generates text with a language model on this machine's GPU, streamed to stdout.
     Run(run::RunArgs),
     /// Prints one JSON line with the embedding of each text.
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
         Command::Models { command } => models::run(command),
+        Command::Contribute(args) => contribute::contribute(args),
         Command::Run(args) => run::run(args),
         Command::Embed(args) => run::embed(args),
     }
