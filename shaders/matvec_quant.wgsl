@@ -1,5 +1,6 @@
-// Quantized matrix-vector products for one row of activations (the decode step), W in Q4_1 or
-// Q8_0 blocks (`FORMAT`, see `quant.wgsl`):
+// Quantized matrix-vector products for a few rows of activations (the decode step, short
+// prompts), W in Q4_1 or Q8_0 blocks (`FORMAT`, see `quant.wgsl`); workgroup z is the row of x
+// and y:
 // `matvec_quant`:          y[N] = W[N, K] · x[K] (+ bias) (or y += ...)
 // `matvec_quant_norm`:     the same with x RMS-normalised first: x / rms(x) * norm (or y += ...)
 // `matvec_quant_norm_glu`: y = silu(W_gate · x') * (W_up · x') with x' = x / rms(x) * norm
@@ -42,19 +43,22 @@ var<workgroup> partial: array<vec4<f32>, 256>;
 // Where this invocation works: its group's first row, its lane in the group, the word of each
 // block it reads (Q4_1: four invocations per block, one nibble word each; Q8_0: eight
 // invocations per block, one word of four bytes each) and the first block it reads.
+// `x_base` and `y_base` are where the workgroup's row of x (in vec4s) and of y start.
 struct Lane {
     first_row: u32,
     lane: u32,
     j: u32,
     first_block: u32,
     block_step: u32,
+    x_base: u32,
+    y_base: u32,
 }
 
 fn lane_of(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> Lane {
     let first_row = (linear_workgroup(wid, nwg) * (256u / LANES_PER_GROUP) + lid / LANES_PER_GROUP) * ROWS_PER_GROUP;
     let lane = lid % LANES_PER_GROUP;
     let words = select(8u, 4u, FORMAT == FORMAT_Q4_1);
-    return Lane(first_row, lane, lane % words, lane / words, LANES_PER_GROUP / words);
+    return Lane(first_row, lane, lane % words, lane / words, LANES_PER_GROUP / words, wid.z * (p.k / 4u), wid.z * p.n);
 }
 
 // The x values an invocation's word of `block` multiplies (Q4_1 word j holds weights 4j.. and
@@ -65,12 +69,13 @@ struct XShare {
     sum: f32,
 }
 
-fn x_share(block: u32, j: u32, normed: bool) -> XShare {
+fn x_share(at: Lane, block: u32, normed: bool) -> XShare {
+    let j = at.j;
     let low_index = block * 8u + j % 8u;
-    var low = x[low_index];
+    var low = x[at.x_base + low_index];
     var high = vec4<f32>(0.0);
     if (FORMAT == FORMAT_Q4_1) {
-        high = x[block * 8u + 4u + j];
+        high = x[at.x_base + block * 8u + 4u + j];
     }
     if (normed) {
         low = low * norm[low_index];
@@ -114,7 +119,7 @@ fn rows_of_w(at: Lane, normed: bool) -> vec4<f32> {
     let blocks = p.k / 32u;
     if (at.first_row < p.n) {
         for (var block = at.first_block; block < blocks; block = block + at.block_step) {
-            let xs = x_share(block, at.j, normed);
+            let xs = x_share(at, block, normed);
             sums.x = sums.x + share_w(at.first_row, block, blocks, at.j, xs);
             sums.y = sums.y + share_w(at.first_row + 1u, block, blocks, at.j, xs);
             sums.z = sums.z + share_w(at.first_row + 2u, block, blocks, at.j, xs);
@@ -147,17 +152,18 @@ fn write_row(at: Lane, total: f32) {
             v = v + bias[row];
         }
         if ((p.flags & FLAG_ACCUMULATE) != 0u) {
-            v = v + y[row];
+            v = v + y[at.y_base + row];
         }
-        y[row] = v;
+        y[at.y_base + row] = v;
     }
 }
 
-// 1 / sqrt(mean(x^2) + eps) over all of x, computed by the whole workgroup.
-fn inverse_rms(lid: u32) -> f32 {
+// 1 / sqrt(mean(x^2) + eps) over the workgroup's row of x, computed by the whole workgroup.
+fn inverse_rms(lid: u32, wid: vec3<u32>) -> f32 {
+    let base = wid.z * (p.k / 4u);
     var squares = 0.0;
     for (var i = lid; i < p.k / 4u; i = i + 256u) {
-        let v = x[i];
+        let v = x[base + i];
         squares = squares + dot(v, v);
     }
     return inverseSqrt(reduce_sum(lid, squares) / f32(p.k) + p.eps);
@@ -179,7 +185,7 @@ fn matvec_quant_norm(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let scale = inverse_rms(lid);
+    let scale = inverse_rms(lid, wid);
     let at = lane_of(lid, wid, nwg);
     // The scale is common to the whole row, so it is applied once, to the total.
     write_row(at, group_total(lid, rows_of_w(at, true)) * scale);
@@ -191,18 +197,23 @@ fn matvec_quant_norm_glu(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let scale = inverse_rms(lid);
+    let scale = inverse_rms(lid, wid);
     let at = lane_of(lid, wid, nwg);
     var gate = vec4<f32>(0.0);
     var up = vec4<f32>(0.0);
     let blocks = p.k / 32u;
     if (at.first_row < p.n) {
         for (var block = at.first_block; block < blocks; block = block + at.block_step) {
-            let xs = x_share(block, at.j, true);
-            for (var r = 0u; r < ROWS_PER_GROUP; r = r + 1u) {
-                gate[r] = gate[r] + share_w(at.first_row + r, block, blocks, at.j, xs);
-                up[r] = up[r] + share_up(at.first_row + r, block, blocks, at.j, xs);
-            }
+            let xs = x_share(at, block, true);
+            // Written out: CPU-backed adapters handle dynamic vector indexing poorly.
+            gate.x = gate.x + share_w(at.first_row, block, blocks, at.j, xs);
+            gate.y = gate.y + share_w(at.first_row + 1u, block, blocks, at.j, xs);
+            gate.z = gate.z + share_w(at.first_row + 2u, block, blocks, at.j, xs);
+            gate.w = gate.w + share_w(at.first_row + 3u, block, blocks, at.j, xs);
+            up.x = up.x + share_up(at.first_row, block, blocks, at.j, xs);
+            up.y = up.y + share_up(at.first_row + 1u, block, blocks, at.j, xs);
+            up.z = up.z + share_up(at.first_row + 2u, block, blocks, at.j, xs);
+            up.w = up.w + share_up(at.first_row + 3u, block, blocks, at.j, xs);
         }
     }
     let g = group_total(lid, gate) * scale;

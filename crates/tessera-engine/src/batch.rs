@@ -30,13 +30,14 @@ pub struct Batch<'g> {
     /// Temporaries handed out by [`Batch::scratch`].
     scratch: Vec<(&'static str, Tensor)>,
     dispatches: u32,
+    copies: u32,
 }
 
 impl Gpu {
     /// Starts recording kernels.
     pub fn batch(&self) -> Batch<'_> {
         let encoder = self.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("tessera batch") });
-        Batch { gpu: self, encoder, pass: None, params: Vec::new(), bound: Vec::new(), scratch: Vec::new(), dispatches: 0 }
+        Batch { gpu: self, encoder, pass: None, params: Vec::new(), bound: Vec::new(), scratch: Vec::new(), dispatches: 0, copies: 0 }
     }
 }
 
@@ -67,6 +68,13 @@ impl<'g> Batch<'g> {
     /// Records `kernel` on a grid of workgroups (see [`linear_grid`]). `tensors` follow
     /// `kernel.bindings()`.
     pub(crate) fn dispatch<P: bytemuck::Pod>(&mut self, kernel: Kernel, params: &P, tensors: &[&Tensor], grid: (u32, u32)) {
+        self.dispatch_layers(kernel, params, tensors, grid, 1);
+    }
+
+    /// [`Batch::dispatch`] with `layers` copies of the grid along z: kernels that take one row
+    /// of their input per layer (the matvec family over a few rows).
+    pub(crate) fn dispatch_layers<P: bytemuck::Pod>(&mut self, kernel: Kernel, params: &P, tensors: &[&Tensor], grid: (u32, u32), layers: u32) {
+        debug_assert!((1..=MAX_WORKGROUPS_PER_DIMENSION).contains(&layers));
         let bindings = kernel.bindings();
         debug_assert_eq!(bindings.len(), tensors.len(), "{kernel:?} binds {} tensors", bindings.len());
         let compiled = self.gpu.pipelines().get(kernel);
@@ -107,7 +115,7 @@ impl<'g> Batch<'g> {
         });
         pass.set_pipeline(&compiled.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(x, y, 1);
+        pass.dispatch_workgroups(x, y, layers);
         self.dispatches += 1;
     }
 
@@ -139,6 +147,7 @@ impl<'g> Batch<'g> {
             target_offset as u64 * bytes,
             elements as u64 * bytes,
         );
+        self.copies += 1;
         Ok(())
     }
 
@@ -167,6 +176,7 @@ impl<'g> Batch<'g> {
         for (buffer, data) in &self.params {
             self.gpu.queue().write_buffer(buffer.buffer(), 0, data);
         }
+        self.gpu.count_batch(self.dispatches, self.copies);
         self.gpu.submit(self.encoder.finish())
     }
 }

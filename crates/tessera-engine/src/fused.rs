@@ -1,12 +1,12 @@
 //! Fused operations: what a transformer block does between its big kernels, folded into them so a
 //! decode step runs a llama block in six dispatches (see `shaders/matvec_quant.wgsl` and
-//! `shaders/rope.wgsl`). Each op takes the fused kernel when it applies (one input row and
+//! `shaders/rope.wgsl`). Each op takes the fused kernel when it applies (a few input rows and
 //! quantized weights) and otherwise records the separate ops, so models write a block once.
 
 use crate::batch::{Batch, linear_grid};
 use crate::error::{EngineError, Result};
 use crate::ops::{
-    FLAG_ACCUMULATE, MATVEC_ROWS_PER_WORKGROUP, RopeParams, WORKGROUP, check_rope, expect_dims, expect_distinct,
+    FLAG_ACCUMULATE, MATVEC_MAX_INPUT_ROWS, MATVEC_ROWS_PER_WORKGROUP, RopeParams, WORKGROUP, check_rope, expect_dims, expect_distinct,
     expect_dtype, groups, p_matvec,
 };
 use crate::shaders::Kernel;
@@ -27,7 +27,8 @@ impl Batch<'_> {
         let flags = if accumulate { FLAG_ACCUMULATE } else { 0 };
         let p = p_matvec(n, k, flags, eps);
         // No bias: `x` stands in for it.
-        self.dispatch(kernel, &p, &[x, w, x, norm, out], linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP)));
+        let grid = linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP));
+        self.dispatch_layers(kernel, &p, &[x, w, x, norm, out], grid, x.shape().rows() as u32);
         Ok(())
     }
 
@@ -48,7 +49,8 @@ impl Batch<'_> {
         let (n, k) = check_fused_matvec(op, x, norm, gate, out)?;
         expect_distinct(op, out, &[x, norm, gate, up])?;
         let p = p_matvec(n, k, 0, eps);
-        self.dispatch(kernel, &p, &[x, gate, up, x, norm, out], linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP)));
+        let grid = linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP));
+        self.dispatch_layers(kernel, &p, &[x, gate, up, x, norm, out], grid, x.shape().rows() as u32);
         Ok(())
     }
 
@@ -101,10 +103,10 @@ impl Batch<'_> {
     }
 }
 
-/// The fused matvec kernel (`q4_1` or `q8_0` by the weight's dtype) when `x` is one row and the
-/// weight quantized; `None` means the separate ops must run.
+/// The fused matvec kernel (`q4_1` or `q8_0` by the weight's dtype) when `x` has a few rows and
+/// the weight is quantized; `None` means the separate ops must run.
 fn matvec_kernel(x: &Tensor, w: &Tensor, q4_1: Kernel, q8_0: Kernel) -> Option<Kernel> {
-    if x.shape().rows() != 1 {
+    if x.shape().rows() > MATVEC_MAX_INPUT_ROWS {
         return None;
     }
     match w.dtype() {
@@ -114,7 +116,7 @@ fn matvec_kernel(x: &Tensor, w: &Tensor, q4_1: Kernel, q8_0: Kernel) -> Option<K
     }
 }
 
-/// Checks one row `x` [.., K], its norm weight [K], the weight [N, K] and `out` [.., N] of a
+/// Checks the rows `x` [M, K], their norm weight [K], the weight [N, K] and `out` [M, N] of a
 /// fused matvec; returns (N, K).
 fn check_fused_matvec(op: &'static str, x: &Tensor, norm: &Tensor, w: &Tensor, out: &Tensor) -> Result<(usize, usize)> {
     for (what, t) in [("x", x), ("norm weight", norm), ("output", out)] {
@@ -127,8 +129,9 @@ fn check_fused_matvec(op: &'static str, x: &Tensor, norm: &Tensor, w: &Tensor, o
         return Err(EngineError::shape(op, format!("input {} does not fit weight {}", x.shape(), w.shape())));
     }
     expect_dims(op, "norm weight", norm, &[k])?;
-    if out.shape().rows() != 1 || out.shape().last() != n {
-        return Err(EngineError::shape(op, format!("output has shape {}, expected [1, {n}]", out.shape())));
+    let m = x.shape().rows();
+    if out.shape().rows() != m || out.shape().last() != n {
+        return Err(EngineError::shape(op, format!("output has shape {}, expected [{m}, {n}]", out.shape())));
     }
     Ok((n, k))
 }

@@ -154,6 +154,9 @@ impl Llama {
 
     /// A KV cache for `blocks` holding up to `capacity` tokens.
     pub fn kv_cache(&self, gpu: &Gpu, blocks: Range<usize>, capacity: usize) -> Result<KvCache, EngineError> {
+        if blocks.start > blocks.end || blocks.end > self.config.blocks {
+            return Err(EngineError::Shape { op: "llama", detail: format!("a cache for blocks {blocks:?} of a model with {}", self.config.blocks) });
+        }
         let dims = [1, capacity, self.config.kv_heads, self.config.head_dim];
         let k = blocks.clone().map(|_| gpu.empty(&dims, DType::F32)).collect::<Result<_, _>>()?;
         let v = blocks.clone().map(|_| gpu.empty(&dims, DType::F32)).collect::<Result<_, _>>()?;

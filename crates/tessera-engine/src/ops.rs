@@ -39,6 +39,9 @@ const MATMUL_TILE_M: usize = 128;
 const MATMUL_TILE_N: usize = 64;
 const SCALAR_TILE: usize = 16;
 pub(crate) const MATVEC_ROWS_PER_WORKGROUP: usize = 128;
+/// Up to this many input rows, quantized products run as matvecs (one per row, in one dispatch)
+/// rather than through 128-row matmul tiles that would be mostly padding.
+pub(crate) const MATVEC_MAX_INPUT_ROWS: usize = 8;
 /// Invocations per workgroup in every 1D kernel.
 pub(crate) const WORKGROUP: usize = 256;
 
@@ -224,10 +227,11 @@ impl Batch<'_> {
                 let kernel = if layout == Layout::Nn { Kernel::MatmulScalarNn } else { Kernel::MatmulScalarNt };
                 self.dispatch(kernel, &p, &[a, b, bias, out], tiles(SCALAR_TILE, SCALAR_TILE)?);
             }
-            (DType::Q4_1 | DType::Q8_0, Layout::Nt) if m == 1 => {
+            (DType::Q4_1 | DType::Q8_0, Layout::Nt) if m <= MATVEC_MAX_INPUT_ROWS => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatvecQ4_1 } else { Kernel::MatvecQ8_0 };
                 // No normalisation: `a` stands in for the norm weight.
-                self.dispatch(kernel, &p_matvec(n, k, flags, 0.0), &[a, b, bias, a, out], linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP)));
+                let grid = linear_grid(groups(n, MATVEC_ROWS_PER_WORKGROUP));
+                self.dispatch_layers(kernel, &p_matvec(n, k, flags, 0.0), &[a, b, bias, a, out], grid, m as u32);
             }
             (DType::Q4_1 | DType::Q8_0, Layout::Nt) if n % 4 == 0 => {
                 let kernel = if b.dtype() == DType::Q4_1 { Kernel::MatmulQ4_1 } else { Kernel::MatmulQ8_0 };

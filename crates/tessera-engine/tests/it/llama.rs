@@ -179,6 +179,8 @@ fn bad_tokens_and_overlong_input_are_errors() {
     let error = pollster::block_on(session.feed(&[1, 2, 3, 4, 5])).unwrap_err().to_string();
     assert!(error.contains("exceed the context of 4"), "{error}");
     assert!(session.is_empty());
+    let error = model.kv_cache(gpu, 20..31, 4).err().expect("a cache past the last block is refused").to_string();
+    assert!(error.contains("20..31") && error.contains("30"), "{error}");
 }
 
 #[test]
