@@ -1,6 +1,7 @@
 //! The GPU context: finding an adapter (kept apart from the work, so tests and embedders can hand
 //! in their own device), uploads, readback and the limits every op checks against.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{EngineError, Result};
@@ -17,6 +18,30 @@ pub struct AdapterSummary {
     pub driver: String,
 }
 
+/// Work sent to the device since the `Gpu` was made: what benchmarks count per token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GpuCounters {
+    /// Queue submissions: batches and readbacks.
+    pub submits: u64,
+    /// Kernels dispatched by submitted batches.
+    pub dispatches: u64,
+    /// Buffer-to-buffer copies recorded by submitted batches (KV-cache appends).
+    pub copies: u64,
+    /// Tensors copied back to the CPU.
+    pub readbacks: u64,
+    /// Bytes of weights uploaded, which live outside the pool.
+    pub weight_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submits: AtomicU64,
+    dispatches: AtomicU64,
+    copies: AtomicU64,
+    readbacks: AtomicU64,
+    weight_bytes: AtomicU64,
+}
+
 /// A device and queue with the engine's pipeline cache and buffer pool.
 pub struct Gpu {
     device: wgpu::Device,
@@ -25,6 +50,7 @@ pub struct Gpu {
     pipelines: PipelineCache,
     pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
+    counters: Counters,
 }
 
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -77,6 +103,7 @@ impl Gpu {
             device,
             queue,
             errors,
+            counters: Counters::default(),
         }
     }
 
@@ -98,6 +125,26 @@ impl Gpu {
 
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// Submissions, dispatches, copies and readbacks so far; the difference between two readings
+    /// is what the work in between cost.
+    pub fn counters(&self) -> GpuCounters {
+        let c = &self.counters;
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        GpuCounters {
+            submits: read(&c.submits),
+            dispatches: read(&c.dispatches),
+            copies: read(&c.copies),
+            readbacks: read(&c.readbacks),
+            weight_bytes: read(&c.weight_bytes),
+        }
+    }
+
+    /// Counts a batch's kernels and copies as it is submitted.
+    pub(crate) fn count_batch(&self, dispatches: u32, copies: u32) {
+        self.counters.dispatches.fetch_add(u64::from(dispatches), Ordering::Relaxed);
+        self.counters.copies.fetch_add(u64::from(copies), Ordering::Relaxed);
     }
 
     /// Frees the pool's idle buffers.
@@ -185,6 +232,7 @@ impl Gpu {
             mapped_at_creation: false,
         });
         self.queue.write_buffer(&buffer, 0, data);
+        self.counters.weight_bytes.fetch_add(buffer.size(), Ordering::Relaxed);
         Ok(Tensor::new(PooledBuffer::unpooled(buffer), shape, dtype))
     }
 
@@ -209,6 +257,7 @@ impl Gpu {
     }
 
     pub(crate) fn submit(&self, commands: wgpu::CommandBuffer) -> wgpu::SubmissionIndex {
+        self.counters.submits.fetch_add(1, Ordering::Relaxed);
         self.queue.submit([commands])
     }
 
@@ -218,6 +267,7 @@ impl Gpu {
         let staging = self.pool.acquire(bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
         encoder.copy_buffer_to_buffer(tensor.buffer(), 0, staging.buffer(), 0, bytes);
+        self.counters.readbacks.fetch_add(1, Ordering::Relaxed);
         self.submit(encoder.finish());
 
         let failed = |reason: String| EngineError::Readback { shape: tensor.shape(), reason };
