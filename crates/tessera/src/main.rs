@@ -4,6 +4,7 @@ mod bench;
 mod contribute;
 mod models;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a coordinator: the HTTP API, blobs and WebRTC signalling, until stopped (Ctrl-C).
+    Serve(serve::ServeArgs),
     /// Joins a coordinator and runs work units on this machine's GPU until stopped (Ctrl-C).
     Contribute(contribute::ContributeArgs),
     /// Generates text with a language model on this machine's GPU, streamed to stdout.
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { what } => bench::run(what),
         Command::Models { command } => models::run(command),
         Command::Contribute(args) => contribute::contribute(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
         Command::Embed(args) => run::embed(args),
     }

@@ -1,0 +1,63 @@
+//! `tessera serve`: the coordinator. Finds (or fetches) the default MiniLM, then runs
+//! `tessera_coordinator::server` on a tokio runtime until Ctrl-C.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tessera_coordinator::server::{Server, ServerConfig};
+
+use crate::models;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where to serve HTTP (the API, blobs and `/ws` signalling); WebRTC binds UDP on the same
+    /// IP, which must be a concrete address. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// The data folder (database and blobs). Default: `$XDG_DATA_HOME/tessera` or
+    /// `~/.local/share/tessera`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Inputs per work unit.
+    #[arg(long, default_value_t = 16)]
+    unit_inputs: usize,
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("tessera"));
+    }
+    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/tessera"))
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.addr.ip().is_unspecified(), "--addr {} is not a concrete IP: WebRTC needs one to offer as its candidate", args.addr);
+    anyhow::ensure!(args.unit_inputs > 0, "--unit-inputs must be at least 1");
+    let data = match args.data {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let model_dir = models::default_path("minilm").context("minilm is a default model")?;
+    if ["config.json", "model.safetensors", "tokenizer.json"].iter().any(|f| !model_dir.join(f).exists()) {
+        models::run(models::Models::Fetch { names: vec!["minilm".into()] }).context("fetching minilm")?;
+    }
+    let mut config = ServerConfig::new(args.addr, data.clone(), model_dir);
+    config.inputs_per_unit = args.unit_inputs;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(config).await.with_context(|| format!("starting the coordinator (data in {})", data.display()))?;
+        eprintln!("tessera serve: model {} is {}; data in {}", server.model().name, server.model().cid, data.display());
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "tessera coordinator listening on http://{}", server.local_addr())?;
+        stdout.flush()?;
+        drop(stdout);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        server.serve(shutdown).await.context("serving")
+    })
+}
