@@ -1,12 +1,17 @@
 //! `tessera bench`: each benchmark prints our figure beside a peer's, measured in the same run
 //! on the same device, and the ratio between them.
 
+mod decode;
+mod embed;
 mod kernels;
+mod llama_cpp;
 #[cfg(feature = "burn-peer")]
 mod burn_peer;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -17,12 +22,66 @@ pub enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Llama-model prefill and steady-state decode beside llama.cpp's `llama-bench` on the same file.
+    Decode(decode::DecodeArgs),
+    /// BERT sentence embeddings at batch 1 and 32 beside the same forward in NumPy.
+    Embed(embed::EmbedArgs),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Kernels { json } => kernels::run(json),
+        Bench::Decode(args) => decode::run(args),
+        Bench::Embed(args) => embed::run(args),
     }
+}
+
+/// A default model's main file (its folder, for a model of several files), or the path given.
+fn resolve_model(model: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = crate::models::default_path(model) {
+        anyhow::ensure!(path.exists(), "{} is not fetched yet: run `tessera models fetch {model}`", path.display());
+        return Ok(path);
+    }
+    let path = PathBuf::from(model);
+    anyhow::ensure!(path.exists(), "{model:?} is neither a default model (smollm2, minilm) nor an existing path");
+    Ok(path)
+}
+
+/// Where `cargo xtask bench` puts the peers it builds: `target/peers`, found beside the running
+/// binary (`target/release/tessera`) or under the working directory.
+fn peers_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(target) = exe.parent().and_then(Path::parent)
+    {
+        dirs.push(target.join("peers"));
+    }
+    dirs.push(PathBuf::from("target/peers"));
+    dirs
+}
+
+/// The first of `candidates` under a peers folder that exists.
+fn find_peer(candidates: &[&str]) -> Option<PathBuf> {
+    peers_dirs().into_iter().flat_map(|dir| candidates.iter().map(move |c| dir.join(c))).find(|p| p.exists())
+}
+
+/// This process's peak resident set (VmHWM), which on lavapipe includes the "GPU" buffers.
+fn peak_rss_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("/proc/self/status has no VmHWM line")?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().context("parsing VmHWM")?;
+    Ok(kib * 1024)
+}
+
+/// The median of a non-empty sample (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// Seconds per iteration of `run(n)` (which performs `n` iterations and waits for them): the
