@@ -7,7 +7,11 @@
 //! - `test`: set-up, then every test: the Rust tests (GPU tests on whatever adapter is found,
 //!   lavapipe in CI), clippy natively and for wasm32, the wasm build, and the browser tests.
 //! - `build-web`: the wasm module and its JS bindings into `www/pkg`.
-//! - `bench`, `start`: set-up, then `tessera bench kernels` (the main job until the coordinator).
+//! - `build-peers`: builds what the benchmarks measure beside us, into `target/peers` (skipped when
+//!   already there): llama.cpp's `llama-bench`, from the sources that the Python registry's
+//!   `llama-cpp-python` source distribution vendors, and a venv with NumPy. Never part of `test`.
+//! - `bench`: set-up, the peers, then `tessera bench kernels`, `decode` and `embed`.
+//! - `start`: set-up, then `tessera bench kernels` (the main job until the coordinator).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +19,27 @@ use std::process::Command;
 use anyhow::{Context, bail, ensure};
 
 const DEBIAN_PACKAGES: [&str; 2] = ["chromium", "mesa-vulkan-drivers"];
+/// The `llama-cpp-python` source distribution whose vendored llama.cpp is the decode peer.
+const LLAMA_CPP_PYTHON: &str = "0.3.36";
+const LLAMA_CPP_PYTHON_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
+/// Release, tuned for this CPU, without AMX (its path crashes on these machines; `-mno-amx-*`
+/// keeps `-march=native` from turning it back on), without networking, nothing but the library.
+const LLAMA_CPP_CMAKE: [&str; 14] = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_AMX_TILE=OFF",
+    "-DGGML_AMX_INT8=OFF",
+    "-DGGML_AMX_BF16=OFF",
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+];
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// Crates that must build for the browser; checked with clippy for wasm32.
 const PORTABLE_CRATES: [&str; 2] = ["tessera-engine", "tessera-web"];
@@ -30,11 +55,20 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test()
         }
-        "bench" | "start" => {
+        "build-peers" => build_peers(),
+        "bench" => {
+            setup()?;
+            build_peers()?;
+            for what in ["kernels", "decode", "embed"] {
+                run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", what]))?;
+            }
+            Ok(())
+        }
+        "start" => {
             setup()?;
             run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", "kernels"]))
         }
-        _ => bail!("usage: cargo run -p xtask -- <setup|test|build-web|bench|start>"),
+        _ => bail!("usage: cargo run -p xtask -- <setup|test|build-web|build-peers|bench|start>"),
     }
 }
 
@@ -80,8 +114,14 @@ fn setup() -> anyhow::Result<()> {
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .into_iter()
+    install_debian(&DEBIAN_PACKAGES)
+}
+
+/// Installs those of `packages` that are missing, with apt-get (as root, or through sudo).
+fn install_debian(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|p| {
             let status = output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).unwrap_or_default();
             !status.contains("install ok installed")
@@ -140,6 +180,75 @@ fn build_web() -> anyhow::Result<()> {
         "www/pkg",
         "target/wasm32-unknown-unknown/release/tessera_web.wasm",
     ]))
+}
+
+/// The benchmarks' peers, under `target/peers`; each is skipped when already built.
+fn build_peers() -> anyhow::Result<()> {
+    let peers = workspace_root().join("target/peers");
+    std::fs::create_dir_all(&peers).with_context(|| format!("creating {}", peers.display()))?;
+    build_llama_bench(&peers).context("building llama.cpp's llama-bench (the decode peer)")?;
+    numpy_venv(&peers).context("setting up NumPy (the embedding peer)")
+}
+
+/// `target/peers/llama.cpp/bin/llama-bench`, with a stamp beside it naming its sources.
+fn build_llama_bench(peers: &Path) -> anyhow::Result<()> {
+    let bin = peers.join("llama.cpp/bin");
+    let stamp = format!("llama.cpp vendored by llama-cpp-python {LLAMA_CPP_PYTHON}, Release, native, AMX off");
+    if bin.join("llama-bench").exists() && std::fs::read_to_string(bin.join("built-from.txt")).is_ok_and(|s| s.trim() == stamp) {
+        eprintln!("llama-bench: already built ({stamp})");
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    if output(Command::new("cmake").arg("--version")).is_none() {
+        install_debian(&["cmake"])?;
+    }
+    // The source distribution, from the Python registry (its build dependencies come as wheels).
+    let archive = peers.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"));
+    if !archive.exists() {
+        run(Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--dest"])
+            .arg(peers)
+            .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON}")))?;
+    }
+    let digest = output(Command::new("sha256sum").arg(&archive)).context("sha256sum failed")?;
+    ensure!(
+        digest.split_whitespace().next() == Some(LLAMA_CPP_PYTHON_SHA256),
+        "{}: sha256 mismatch, expected {LLAMA_CPP_PYTHON_SHA256}, got {digest}",
+        archive.display()
+    );
+    let dir = peers.join(format!("llama.cpp-{LLAMA_CPP_PYTHON}"));
+    let (src, build) = (dir.join("src"), dir.join("build"));
+    if !src.join("CMakeLists.txt").exists() {
+        std::fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
+        run(Command::new("tar")
+            .arg("-xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&src)
+            .arg("--strip-components=3")
+            .arg(format!("llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp")))?;
+        // A submodule's `.git` file pointing nowhere: git commands in the tree would fail.
+        let _ = std::fs::remove_file(src.join(".git"));
+    }
+    run(Command::new("cmake").arg("-S").arg(&src).arg("-B").arg(&build).args(LLAMA_CPP_CMAKE))?;
+    run(Command::new("cmake").arg("--build").arg(&build).args(["--target", "llama-bench", "-j", "2"]))?;
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    std::fs::copy(build.join("bin/llama-bench"), bin.join("llama-bench")).context("installing llama-bench")?;
+    std::fs::write(bin.join("built-from.txt"), format!("{stamp}\n")).context("writing the stamp")?;
+    eprintln!("llama-bench: built in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `target/peers/venv`: a Python virtual environment with NumPy.
+fn numpy_venv(peers: &Path) -> anyhow::Result<()> {
+    let venv = peers.join("venv");
+    let python = venv.join("bin/python3");
+    if output(Command::new(&python).args(["-c", "import numpy"])).is_some() {
+        eprintln!("numpy: already set up in {}", venv.display());
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "numpy"]))
 }
 
 fn test() -> anyhow::Result<()> {
