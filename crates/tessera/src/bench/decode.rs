@@ -303,7 +303,7 @@ fn print_peer(report: &Report) {
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     match (&report.llama_cpp, &report.llama_cpp_missing) {
         (Some(peer), _) => {
-            println!("llama.cpp {} ({} threads, {}):", peer.build, peer.threads, peer.cpu);
+            println!("peer: {} ({} threads, {})", peer.build, peer.threads, peer.cpu);
             println!("llama.cpp prefill: {:.1} tokens/s", peer.prefill_tokens_per_second);
             let (slow, fast) = peer.decode_range;
             println!(

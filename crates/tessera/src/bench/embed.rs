@@ -249,7 +249,7 @@ fn print_peer(report: &Report) {
     };
     println!("numpy peer: NumPy {} with {}; peak RSS {:.1} MiB", peer.numpy, peer.blas, mib(peer.peak_rss_bytes));
     let verdict = if peer.min_cosine >= MIN_COSINE { "agree" } else { "DISAGREE: ratios withheld" };
-    println!("embeddings: min cosine tessera vs numpy {:.6} ({verdict}, bar {MIN_COSINE})", peer.min_cosine);
+    println!("embeddings: min cosine tessera vs numpy {:.7} ({verdict}, bar {MIN_COSINE})", peer.min_cosine);
     for row in &report.rows {
         let show = |v: Option<f64>, unit: &str| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}{unit}"));
         println!(
