@@ -169,6 +169,18 @@ impl<'g> Batch<'g> {
         (buffer.buffer().clone(), offset)
     }
 
+    /// Sends everything recorded, and a copy of `tensor` back to the CPU, as one queue
+    /// submission, and returns `tensor`'s contents once the work is done: a decode step's one
+    /// submission.
+    pub async fn submit_and_read(mut self, tensor: &Tensor) -> Result<Vec<u8>> {
+        self.pass = None;
+        self.bound.push(tensor.keep_alive());
+        let gpu = self.gpu;
+        let staging = gpu.record_readback(&mut self.encoder, tensor);
+        self.submit();
+        gpu.finish_readback(staging, tensor).await
+    }
+
     /// Sends everything recorded as one queue submission. The buffers it used return to the
     /// pool (if nothing else holds them) only after this.
     pub fn submit(mut self) -> wgpu::SubmissionIndex {

@@ -119,8 +119,7 @@ impl<'m> Session<'m> {
         self.model.embed(&mut batch, &ids, &hidden)?;
         self.model.forward_span(&mut batch, &hidden, &positions, &mut self.cache)?;
         self.model.last_logits(&mut batch, &hidden, &self.logits)?;
-        batch.submit();
-        gpu.read_f32(&self.logits).await
+        Ok(bytemuck::pod_collect_to_vec(&batch.submit_and_read(&self.logits).await?))
     }
 }
 

@@ -263,13 +263,25 @@ impl Gpu {
 
     /// Copies a tensor back to the CPU as raw bytes.
     pub async fn read_bytes(&self, tensor: &Tensor) -> Result<Vec<u8>> {
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        let staging = self.record_readback(&mut encoder, tensor);
+        self.submit(encoder.finish());
+        self.finish_readback(staging, tensor).await
+    }
+
+    /// Records a copy of `tensor` into a mappable buffer, for [`Gpu::finish_readback`] once the
+    /// commands are submitted.
+    pub(crate) fn record_readback(&self, encoder: &mut wgpu::CommandEncoder, tensor: &Tensor) -> PooledBuffer {
         let bytes = tensor.bytes().next_multiple_of(4);
         let staging = self.pool.acquire(bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
         encoder.copy_buffer_to_buffer(tensor.buffer(), 0, staging.buffer(), 0, bytes);
         self.counters.readbacks.fetch_add(1, Ordering::Relaxed);
-        self.submit(encoder.finish());
+        staging
+    }
 
+    /// Maps a staging buffer filled by [`Gpu::record_readback`] and returns `tensor`'s bytes.
+    pub(crate) async fn finish_readback(&self, staging: PooledBuffer, tensor: &Tensor) -> Result<Vec<u8>> {
+        let bytes = tensor.bytes().next_multiple_of(4);
         let failed = |reason: String| EngineError::Readback { shape: tensor.shape(), reason };
         let (sender, receiver) = futures::channel::oneshot::channel();
         staging.buffer().map_async(wgpu::MapMode::Read, 0..bytes, move |result| {

@@ -32,7 +32,7 @@ pub mod tokenizer;
 
 pub use batch::Batch;
 pub use error::{EngineError, ModelError, Result};
-pub use gpu::{AdapterSummary, Gpu};
+pub use gpu::{AdapterSummary, Gpu, GpuCounters};
 pub use ops::{AttentionParams, Layout};
 pub use pool::PoolStats;
 pub use rng::Rng;

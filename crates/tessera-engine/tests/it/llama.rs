@@ -168,6 +168,15 @@ fn a_decode_step_is_one_batch_of_at_most_200_kernels() {
     assert!(dispatches <= 200, "a decode step records {dispatches} kernels");
     assert_eq!(dispatches as usize, 2 + 6 * c.blocks, "embedding, six kernels a block, head");
     assert!(pollster::block_on(gpu.read_f32(&logits)).unwrap().iter().all(|v| v.is_finite()));
+
+    // Through a session, the logits row comes back in the same submission.
+    let mut session = Session::new(gpu, model, 8).unwrap();
+    pollster::block_on(session.feed(&[1, 2])).unwrap();
+    let before = gpu.counters();
+    pollster::block_on(session.feed(&[3])).unwrap();
+    let after = gpu.counters();
+    assert_eq!((after.submits - before.submits, after.readbacks - before.readbacks), (1, 1), "submits and readbacks per token");
+    assert_eq!(after.dispatches - before.dispatches, u64::from(dispatches));
 }
 
 #[test]
