@@ -545,6 +545,7 @@ impl<S: Store> Scheduler<S> {
             self.top_up(unit_id, quorum);
             if excluded {
                 self.remove_contributor(from);
+                self.discard_votes(from);
             }
             self.dispatch(now);
             return Ok(Report::Invalid(reason));
@@ -785,6 +786,25 @@ impl<S: Store> Scheduler<S> {
         false
     }
 
+    /// An excluded contributor's results stop counting: its votes leave every open unit, which
+    /// gets the replicas it now lacks. (Otherwise a liar that comes back under a new identity
+    /// could agree with its own earlier lie.) Exclusions are rare, so the scan is cheap overall.
+    fn discard_votes(&mut self, id: ContributorId) {
+        let affected: Vec<UnitId> = self
+            .units
+            .iter()
+            .filter(|(_, unit)| unit.results.iter().any(|(from, _)| *from == id))
+            .map(|(&unit_id, _)| unit_id)
+            .collect();
+        for unit_id in affected {
+            if let Some(unit) = self.units.get_mut(&unit_id) {
+                unit.results.retain(|(from, _)| *from != id);
+            }
+            let quorum = self.quorum_of(unit_id);
+            self.top_up(unit_id, quorum);
+        }
+    }
+
     fn remove_contributor(&mut self, id: ContributorId) {
         let Some(c) = self.contributors.remove(&id) else {
             return;
@@ -834,6 +854,7 @@ impl<S: Store> Scheduler<S> {
             }
             if self.maybe_exclude(id) {
                 self.remove_contributor(id);
+                self.discard_votes(id);
             }
         }
         let job_id = accepted.job;

@@ -380,7 +380,7 @@ async fn matmul_score(gpu: &Gpu) -> anyhow::Result<f64> {
 
 /// The `--perturb` testing mode: noise of about the vectors' own size, then re-normalised.
 fn perturb(vectors: &mut [Vec<f32>], seed: u64) {
-    let mut rng = Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(seed ^ u64::from(std::process::id()) << 32 ^ 0x9e37_79b9_7f4a_7c15);
     for vector in vectors {
         for value in vector.iter_mut() {
             *value += rng.uniform(-0.15, 0.15);

@@ -536,3 +536,55 @@ fn invalid_jobs_are_refused() {
         "invalid job: replicas must be between 1 and 6, got 0"
     );
 }
+
+/// A liar that is excluded and comes back under a new identity, telling the same lie, must not
+/// find its old vote still counted: two of its own would make a majority.
+#[test]
+fn an_excluded_liars_votes_do_not_outlive_it() {
+    let config = Config { exclude_after_rejections: 1, ..Config::default() };
+    let mut s = scheduler(config);
+    // The same lie for the same work, whoever tells it.
+    let lie = |work: &Work| {
+        let Work::Embedding { inputs, .. } = work;
+        perturbed(work, &mut Rng(inputs[0][1] as u64))
+    };
+    let mut liar = c(1);
+    s.join(Millis(0), liar, caps(4)).unwrap();
+    s.join(Millis(0), c(2), caps(1)).unwrap();
+    s.join(Millis(0), c(3), caps(1)).unwrap();
+    let mut spec = one_unit_job(1000);
+    spec.inputs = (0..12).map(|i| vec![101, i, 102]).collect();
+    spec.inputs_per_unit = 1;
+    s.submit(Millis(0), spec).unwrap();
+    let (mut done, mut comebacks) = (false, 0);
+    for t in 1..400 {
+        let out = drain(&mut s, Millis(t));
+        // Honest vectors have unit norm; the lie (noise, not re-normalised) does not.
+        for (unit, result) in accepted(&out) {
+            let norm = result.f32_values().unwrap().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-3, "unit {unit}: a lie was accepted (norm {norm})");
+        }
+        for o in &out {
+            if let Output::ContributorExcluded { contributor } = o {
+                assert_eq!(*contributor, liar);
+                comebacks += 1;
+                liar = c(100 + comebacks);
+                s.join(Millis(t), liar, caps(4)).unwrap();
+            }
+            if matches!(o, Output::JobDone { .. }) {
+                done = true;
+            }
+        }
+        if done {
+            break;
+        }
+        for (who, unit, work) in assigns(&out) {
+            let result = if who.0 == 1 || who.0 > 100 { lie(&work) } else { honest(&work) };
+            if s.contributor(who).is_some() {
+                s.report(Millis(t), who, unit, result).unwrap();
+            }
+        }
+    }
+    assert!(done, "the job did not complete");
+    assert!(comebacks >= 1, "the liar was never excluded, so the case was not exercised");
+}

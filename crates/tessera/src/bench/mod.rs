@@ -5,6 +5,7 @@ mod decode;
 mod embed;
 mod kernels;
 mod llama_cpp;
+mod network;
 #[cfg(feature = "burn-peer")]
 mod burn_peer;
 
@@ -26,6 +27,10 @@ pub enum Bench {
     Decode(decode::DecodeArgs),
     /// BERT sentence embeddings at batch 1 and 32 beside the same forward in NumPy.
     Embed(embed::EmbedArgs),
+    /// Work units dispatched and reconciled per second with 10,000 simulated contributors.
+    Scheduler(network::SchedulerArgs),
+    /// Round trip of a 64 KiB frame over a loopback DataChannel, beside a TCP echo.
+    Network(network::NetworkArgs),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
@@ -33,6 +38,8 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Kernels { json } => kernels::run(json),
         Bench::Decode(args) => decode::run(args),
         Bench::Embed(args) => embed::run(args),
+        Bench::Scheduler(args) => network::scheduler(args),
+        Bench::Network(args) => network::network(args),
     }
 }
 
