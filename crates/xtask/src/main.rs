@@ -59,14 +59,16 @@ fn main() -> anyhow::Result<()> {
         "bench" => {
             setup()?;
             build_peers()?;
-            for what in ["kernels", "decode", "embed"] {
+            for what in ["kernels", "decode", "embed", "scheduler", "network"] {
                 run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", what]))?;
             }
             Ok(())
         }
+        // The main job: a coordinator with the default models and an embedded database, ready
+        // for contributors and requests (extra arguments go to `tessera serve`).
         "start" => {
             setup()?;
-            run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", "kernels"]))
+            run(cargo().args(["run", "--release", "--package", "tessera", "--", "serve"]).args(std::env::args().skip(2)))
         }
         _ => bail!("usage: cargo run -p xtask -- <setup|test|build-web|build-peers|bench|start>"),
     }
