@@ -169,14 +169,21 @@ fn a_decode_step_is_one_batch_of_at_most_200_kernels() {
     assert_eq!(dispatches as usize, 2 + 6 * c.blocks, "embedding, six kernels a block, head");
     assert!(pollster::block_on(gpu.read_f32(&logits)).unwrap().iter().all(|v| v.is_finite()));
 
-    // Through a session, the logits row comes back in the same submission.
+    // Through a session, the logits row comes back in the same submission. The counters are
+    // the device's, and other tests share it, so each figure is the least over a few steps:
+    // other work can only add to it.
     let mut session = Session::new(gpu, model, 8).unwrap();
     pollster::block_on(session.feed(&[1, 2])).unwrap();
-    let before = gpu.counters();
-    pollster::block_on(session.feed(&[3])).unwrap();
-    let after = gpu.counters();
-    assert_eq!((after.submits - before.submits, after.readbacks - before.readbacks), (1, 1), "submits and readbacks per token");
-    assert_eq!(after.dispatches - before.dispatches, u64::from(dispatches));
+    let mut least = (u64::MAX, u64::MAX, u64::MAX);
+    for token in 3..8 {
+        let before = gpu.counters();
+        pollster::block_on(session.feed(&[token])).unwrap();
+        let after = gpu.counters();
+        least.0 = least.0.min(after.submits - before.submits);
+        least.1 = least.1.min(after.readbacks - before.readbacks);
+        least.2 = least.2.min(after.dispatches - before.dispatches);
+    }
+    assert_eq!(least, (1, 1, u64::from(dispatches)), "submits, readbacks and kernels per token");
 }
 
 #[test]
