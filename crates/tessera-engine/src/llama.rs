@@ -237,7 +237,8 @@ impl Llama {
 /// Reads tensor `name`, checks it has `dims` (engine order: [rows, cols]), and uploads it in the
 /// engine's layout.
 fn load_tensor<R: Read + Seek>(gpu: &Gpu, file: &str, source: &mut R, gguf: &Gguf, name: &str, dims: &[usize]) -> Result<Tensor, ModelError> {
-    load_stacked(gpu, file, source, gguf, &[(name, dims[0])], dims)
+    let (dtype, bytes) = tensor_bytes(file, source, gguf, name, dims)?;
+    Ok(gpu.upload_weights(dims, dtype, &bytes)?)
 }
 
 /// Reads the 2-D tensors `parts` (name and row count) and uploads their rows stacked into one
@@ -253,8 +254,7 @@ fn load_stacked<R: Read + Seek>(
     let mut stacked = Vec::new();
     let mut stacked_type = None;
     for &(name, rows) in parts {
-        let part_dims = if dims.len() == 1 { dims.to_vec() } else { vec![rows, dims[1]] };
-        let (dtype, bytes) = tensor_bytes(file, source, gguf, name, &part_dims)?;
+        let (dtype, bytes) = tensor_bytes(file, source, gguf, name, &[rows, dims[1]])?;
         if stacked_type.is_some_and(|t| t != dtype) {
             return Err(ModelError::Invalid {
                 file: file.into(),
@@ -262,9 +262,6 @@ fn load_stacked<R: Read + Seek>(
             });
         }
         stacked_type = Some(dtype);
-        if parts.len() == 1 {
-            return Ok(gpu.upload_weights(dims, dtype, &bytes)?);
-        }
         stacked.extend_from_slice(&bytes);
     }
     debug_assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), dims[0]);

@@ -63,15 +63,7 @@ impl Tensor {
                 max: MAX_RANK,
             });
         }
-        let expected = byte_len(dtype, &dims)?;
-        if expected != data.len() as u64 {
-            return Err(ProtocolError::TensorLengthMismatch {
-                dims,
-                dtype,
-                expected,
-                found: data.len(),
-            });
-        }
+        let dims = check_len(dtype, dims, data.len())?;
         Ok(Tensor { dtype, dims, data })
     }
 
@@ -157,21 +149,27 @@ impl Tensor {
             .collect();
         let data = &bytes[need..];
         // Validate before copying the data.
-        let expected = byte_len(dtype, &dims)?;
-        if expected != data.len() as u64 {
-            return Err(ProtocolError::TensorLengthMismatch {
-                dims,
-                dtype,
-                expected,
-                found: data.len(),
-            });
-        }
+        let dims = check_len(dtype, dims, data.len())?;
         Ok(Tensor {
             dtype,
             dims,
             data: data.to_vec(),
         })
     }
+}
+
+/// Gives `dims` back if they describe exactly `len` bytes of `dtype`.
+fn check_len(dtype: DType, dims: Vec<u64>, len: usize) -> Result<Vec<u64>, ProtocolError> {
+    let expected = byte_len(dtype, &dims)?;
+    if expected != len as u64 {
+        return Err(ProtocolError::TensorLengthMismatch {
+            dims,
+            dtype,
+            expected,
+            found: len,
+        });
+    }
+    Ok(dims)
 }
 
 /// `product(dims) * dtype.size()`, overflow-checked.

@@ -293,19 +293,21 @@ impl Worker {
         Ok(bert)
     }
 
-    /// The bytes of a (small) blob, through the cache.
+    /// The bytes of a (small) blob, from the cache if it holds them intact.
     async fn blob(&self, cid: &str) -> anyhow::Result<Vec<u8>> {
         let cid: Cid = cid.parse()?;
-        self.fetch(&cid).await?;
-        let mut blob = self.session.blobs.get(&cid)?;
-        let mut bytes = Vec::with_capacity(blob.len as usize);
-        std::io::Read::read_to_end(&mut blob.file, &mut bytes)?;
-        cid.verify(&cid.to_string(), &bytes)?;
-        Ok(bytes)
+        if let Ok(mut blob) = self.session.blobs.get(&cid) {
+            let mut bytes = Vec::with_capacity(blob.len as usize);
+            std::io::Read::read_to_end(&mut blob.file, &mut bytes)?;
+            if cid.verify(&cid.to_string(), &bytes).is_ok() {
+                return Ok(bytes);
+            }
+        }
+        self.download(&cid).await
     }
 
-    /// Makes sure the cache holds `cid`, fetching it from the coordinator if not. A cached
-    /// blob is re-hashed first: a file altered on disk is fetched again, never used.
+    /// Makes sure the cache holds `cid` intact, fetching it if not. A cached blob is re-hashed
+    /// first: a file altered on disk is fetched again, never used.
     async fn fetch(&self, cid: &Cid) -> anyhow::Result<()> {
         let blobs = self.session.blobs.clone();
         let cached = *cid;
@@ -317,9 +319,14 @@ impl Worker {
             Ok(Cid::of_reader(&cached.to_string(), &mut blob.file)? == cached)
         })
         .await??;
-        if intact {
-            return Ok(());
+        if !intact {
+            self.download(cid).await?;
         }
+        Ok(())
+    }
+
+    /// Fetches `cid` from the coordinator into the cache, which checks it against the CID.
+    async fn download(&self, cid: &Cid) -> anyhow::Result<Vec<u8>> {
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
         let (reply, bytes) = oneshot::channel();
         self.fetches.lock().await.waiting = Some((stream, reply));
@@ -328,7 +335,7 @@ impl Worker {
         let started = Instant::now();
         self.session.blobs.insert_expecting(cid, &cid.to_string(), &mut bytes.as_slice())?;
         eprintln!("tessera contribute: fetched {cid} ({} bytes, stored in {:.1} s)", bytes.len(), started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(bytes)
     }
 }
 
