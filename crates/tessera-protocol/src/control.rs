@@ -166,6 +166,10 @@ pub enum CoordinatorMessage {
     },
     /// Stop working on this unit; its result is no longer needed.
     Cancel { unit: UnitId },
+    /// The unit this contributor reported on is decided (committed): `accepted` is whether its
+    /// result was among those accepted. Sent once per reported result; a volunteer's page counts
+    /// these.
+    Verdict { unit: UnitId, accepted: bool },
     /// Asks for a blob range, as `ContributorMessage::BlobRequest`.
     BlobRequest {
         cid: String,
@@ -208,6 +212,7 @@ impl Message for CoordinatorMessage {
         "welcome",
         "assign",
         "cancel",
+        "verdict",
         "blob_request",
         "blob_have",
         "signal",

@@ -76,6 +76,7 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             },
         },
         CoordinatorMessage::Cancel { unit: UnitId(2) },
+        CoordinatorMessage::Verdict { unit: UnitId(2), accepted: false },
         CoordinatorMessage::BlobRequest {
             cid: "bafkreiabc".into(),
             offset: 10,

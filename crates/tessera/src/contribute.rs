@@ -199,7 +199,8 @@ impl Session {
                         let refusal = ContributorMessage::Error { code: ErrorCode::BlobNotFound, message: format!("{cid} (stream {stream}): this contributor does not serve blobs") };
                         send(&sender, &refusal).await?;
                     }
-                    CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Signal { .. } => {}
+                    CoordinatorMessage::Verdict { unit, accepted: false } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
+                    CoordinatorMessage::Verdict { accepted: true, .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Signal { .. } => {}
                 },
                 Err(e) => eprintln!("tessera contribute: ignoring a message the coordinator should not have sent: {e}"),
             }
