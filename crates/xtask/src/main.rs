@@ -42,7 +42,7 @@ const LLAMA_CPP_CMAKE: [&str; 14] = [
 ];
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// Crates that must build for the browser; checked with clippy for wasm32.
-const PORTABLE_CRATES: [&str; 2] = ["tessera-engine", "tessera-web"];
+const PORTABLE_CRATES: [&str; 3] = ["tessera-protocol", "tessera-engine", "tessera-web"];
 
 fn main() -> anyhow::Result<()> {
     let verb = std::env::args().nth(1).unwrap_or_default();
