@@ -1,5 +1,6 @@
 //! `tessera serve`: the coordinator. Finds (or fetches) the default MiniLM, then runs
-//! `tessera_coordinator::server` on a tokio runtime until Ctrl-C.
+//! `tessera_coordinator::server` on a tokio runtime until Ctrl-C. It serves the volunteer page
+//! and the widget from `--www`, by default the `www/` of the repository it was built from.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,6 +25,17 @@ pub struct ServeArgs {
     /// Inputs per work unit.
     #[arg(long, default_value_t = 16)]
     unit_inputs: usize,
+    /// The web pages to serve (`/` the volunteer page, `/widget.js`, `/embed`, and the wasm
+    /// build in `pkg/`). Default: the `www/` folder of the repository this binary was built
+    /// from, when it is there.
+    #[arg(long)]
+    www: Option<PathBuf>,
+}
+
+/// `www/` of the repository this binary was built from, if it is still there.
+fn default_www_dir() -> Option<PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../www");
+    dir.is_dir().then(|| dir.canonicalize().unwrap_or(dir))
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -45,12 +57,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if ["config.json", "model.safetensors", "tokenizer.json"].iter().any(|f| !model_dir.join(f).exists()) {
         models::run(models::Models::Fetch { names: vec!["minilm".into()] }).context("fetching minilm")?;
     }
+    let www = args.www.or_else(default_www_dir);
+    match &www {
+        Some(dir) if !dir.is_dir() => anyhow::bail!("--www {}: no such folder", dir.display()),
+        Some(dir) if !dir.join("pkg").is_dir() => {
+            eprintln!("tessera serve: {} has no pkg/ (the browser contributor): run `cargo run -p xtask -- build-web`", dir.display());
+        }
+        Some(_) => {}
+        None => eprintln!("tessera serve: no www folder, so no volunteer page or widget (pass --www DIR)"),
+    }
     let mut config = ServerConfig::new(args.addr, data.clone(), model_dir);
     config.inputs_per_unit = args.unit_inputs;
+    config.www_dir = www.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let server = Server::start(config).await.with_context(|| format!("starting the coordinator (data in {})", data.display()))?;
         eprintln!("tessera serve: model {} is {}; data in {}", server.model().name, server.model().cid, data.display());
+        if let Some(dir) = &www {
+            eprintln!("tessera serve: web pages from {}: volunteer at http://{}/", dir.display(), server.local_addr());
+        }
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "tessera coordinator listening on http://{}", server.local_addr())?;
         stdout.flush()?;

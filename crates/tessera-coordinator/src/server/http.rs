@@ -1,7 +1,8 @@
 //! The HTTP API: `POST /v1/embeddings` (a job across contributors), `GET /api/contributors`,
 //! `GET /api/jobs/{id}`, `GET /metrics` (Prometheus text) and `GET`/`HEAD /blobs/{cid}` with
 //! ranges. Every error is OpenAI's error object (`ApiError`), through one `IntoResponse`; every
-//! route has a body limit.
+//! route has a body limit. The web pages (`/`, `/embed`, `/widget.js`, `/pkg/*` and the files
+//! beside them) come from `www`; a path that names none of them is the API's 404.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +12,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::Value;
@@ -25,6 +26,7 @@ use crate::openai::{ApiError, EmbeddingInputs, EmbeddingsRequest, EmbeddingsResp
 use crate::reconcile::JobKind;
 use crate::scheduler::JobSpec;
 use crate::server::actor::Command;
+use crate::server::www::Www;
 use crate::server::{Counters, PublishedModel};
 
 /// Largest `POST /v1/embeddings` body: 2048 inputs of up to 64 KiB would be 128 MiB; real
@@ -46,6 +48,7 @@ pub struct AppState {
     pub replicas: u8,
     pub unit_deadline: Duration,
     pub request_timeout: Duration,
+    pub www: Www,
 }
 
 /// `ApiError` as a response: its status and OpenAI's error JSON.
@@ -77,14 +80,34 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}", get(job))
         .route("/metrics", get(metrics))
         .route("/blobs/{cid}", get(blob))
-        .fallback(not_found)
+        .route("/", get(page))
+        .route("/embed", get(page))
+        .route("/widget.js", get(page))
+        .route("/pkg/{*file}", get(page))
+        .fallback(page_or_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_OTHER_BODY))
         .with_state(state)
 }
 
-async fn not_found() -> ApiResponse {
-    ApiError::not_found("No such route: see /v1/embeddings, /api/contributors, /api/jobs/{id}, /metrics, /blobs/{cid} and /ws").into()
+fn not_found() -> Response {
+    ApiResponse(ApiError::not_found(
+        "No such route: see /v1/embeddings, /api/contributors, /api/jobs/{id}, /metrics, /blobs/{cid}, /ws, and the pages /, /embed and /widget.js",
+    ))
+    .into_response()
+}
+
+/// A page or asset from `www` (`GET` and `HEAD`).
+async fn page(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    state.www.respond(&method, uri.path(), &headers).await.unwrap_or_else(not_found)
+}
+
+/// Any other path: a file beside the pages (`/tessera.css`, `/volunteer.js`, ...) or the API's 404.
+async fn page_or_not_found(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return not_found();
+    }
+    page(State(state), method, uri, headers).await
 }
 
 async fn method_not_allowed(method: Method) -> ApiResponse {

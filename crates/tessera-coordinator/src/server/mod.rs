@@ -1,7 +1,8 @@
 //! `tessera serve`'s async shell around the sans-IO core: one task owns the `Scheduler`
 //! (`actor`), one task per contributor speaks the protocol over its DataChannel (`peer`), and
-//! axum serves the HTTP API, the blobs and the WebSocket signalling (`http`). `model` publishes
-//! the embedding model into the blob store under its manifest's CID.
+//! axum serves the HTTP API, the blobs and the WebSocket signalling (`http`) and the volunteer
+//! page and the widget (`www`). `model` publishes the embedding model into the blob store under
+//! its manifest's CID.
 //!
 //! Nothing here decides anything: membership, deadlines, reissue and reconciliation are the
 //! scheduler's; this module only translates between sockets, clocks and its inputs and outputs.
@@ -10,6 +11,7 @@ mod actor;
 mod http;
 mod model;
 mod peer;
+mod www;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +48,10 @@ pub struct ServerConfig {
     pub unit_deadline: Duration,
     /// How long `POST /v1/embeddings` waits for its job before answering 504.
     pub request_timeout: Duration,
+    /// The web pages (the volunteer page, the widget and the wasm build in `pkg/`: the
+    /// repository's `www/`). `None`, or a folder that is not there: pages answer 503 saying how
+    /// to build them; the API is unaffected.
+    pub www_dir: Option<PathBuf>,
     pub scheduler: Config,
 }
 
@@ -61,6 +67,7 @@ impl ServerConfig {
             replicas: 2,
             unit_deadline: Duration::from_secs(120),
             request_timeout: Duration::from_secs(600),
+            www_dir: None,
             scheduler: Config {
                 heartbeat_interval_ms: 2_000,
                 heartbeat_timeout_ms: 12_000,
@@ -195,6 +202,7 @@ impl Server {
             replicas: config.replicas,
             unit_deadline: config.unit_deadline,
             request_timeout: config.request_timeout,
+            www: www::Www::new(config.www_dir.as_deref()),
         };
         let router = http::router(state).merge(tessera_rtc::signal::router(endpoint, accepted_tx));
         Ok(Server { listener, router, local_addr, model })
