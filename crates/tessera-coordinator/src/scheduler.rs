@@ -134,12 +134,18 @@ pub enum Output {
         contributor: ContributorId,
         unit: UnitId,
     },
-    /// A unit's result was accepted and committed to the store.
+    /// A unit's result was accepted and committed to the store. Every contributor whose
+    /// result was counted appears once, in `agreed` (its result was in the accepted majority)
+    /// or in `rejected` (outvoted, or the wrong shape), so the shell can give each one verdict.
+    /// Results that arrived after the decision (`Report::Stale`) and the discarded votes of an
+    /// excluded contributor are in neither.
     UnitAccepted {
         job: JobId,
         unit: UnitId,
         index: u32,
         result: Tensor,
+        agreed: Vec<ContributorId>,
+        rejected: Vec<ContributorId>,
     },
     /// Every unit of the job is accepted, and that is committed to the store.
     JobDone { job: JobId },
@@ -232,6 +238,9 @@ struct Unit {
     queued: bool,
     attempts: Vec<Attempt>,
     results: Vec<(ContributorId, Tensor)>,
+    /// Contributors whose result had the wrong shape: not a vote, but rejected all the same
+    /// (their reputation already counts it).
+    invalid: Vec<ContributorId>,
 }
 
 #[derive(Debug)]
@@ -361,6 +370,8 @@ impl<S: Store> Scheduler<S> {
                 unit: a.unit,
                 index: a.index,
                 result: a.result,
+                agreed: a.agreed,
+                rejected: a.rejected,
             });
         }
         for (job, outcome) in finished {
@@ -541,6 +552,7 @@ impl<S: Store> Scheduler<S> {
         unit.attempts[attempt].state = AttemptState::Returned;
         if let Err(reason) = kind.check_shape(&unit.work, &result) {
             c.reputation.rejected += 1;
+            unit.invalid.push(from);
             let excluded = self.maybe_exclude(from);
             self.top_up(unit_id, quorum);
             if excluded {
@@ -558,6 +570,10 @@ impl<S: Store> Scheduler<S> {
             &unit.results,
         ) {
             Decision::Accept { winner, agreed } => {
+                let outvoted: Vec<ContributorId> = (0..unit.results.len())
+                    .filter(|i| !agreed.contains(i))
+                    .map(|i| unit.results[i].0)
+                    .collect();
                 let accepted = AcceptedUnit {
                     unit: unit_id,
                     job: unit.job,
@@ -565,13 +581,10 @@ impl<S: Store> Scheduler<S> {
                     // Moved out, not copied: the unit is dropped once accepted.
                     result: std::mem::replace(&mut unit.results[winner].1, empty_tensor()),
                     agreed: agreed.iter().map(|&i| unit.results[i].0).collect(),
-                    rejected: (0..unit.results.len())
-                        .filter(|i| !agreed.contains(i))
-                        .map(|i| unit.results[i].0)
-                        .collect(),
+                    rejected: outvoted.iter().chain(&unit.invalid).copied().collect(),
                     at: now,
                 };
-                self.on_accepted(accepted);
+                self.on_accepted(accepted, &outvoted);
                 self.dispatch(now);
                 Ok(Report::Accepted)
             }
@@ -718,6 +731,7 @@ impl<S: Store> Scheduler<S> {
                     queued: true,
                     attempts: Vec::new(),
                     results: Vec::new(),
+                    invalid: Vec::new(),
                 },
             );
             self.pending.push_back(u.id);
@@ -793,12 +807,15 @@ impl<S: Store> Scheduler<S> {
         let affected: Vec<UnitId> = self
             .units
             .iter()
-            .filter(|(_, unit)| unit.results.iter().any(|(from, _)| *from == id))
+            .filter(|(_, unit)| {
+                unit.results.iter().any(|(from, _)| *from == id) || unit.invalid.contains(&id)
+            })
             .map(|(&unit_id, _)| unit_id)
             .collect();
         for unit_id in affected {
             if let Some(unit) = self.units.get_mut(&unit_id) {
                 unit.results.retain(|(from, _)| *from != id);
+                unit.invalid.retain(|&from| from != id);
             }
             let quorum = self.quorum_of(unit_id);
             self.top_up(unit_id, quorum);
@@ -824,7 +841,9 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Stages an accepted unit and frees what it held; `flush` releases `UnitAccepted`.
-    fn on_accepted(&mut self, accepted: AcceptedUnit) {
+    /// `outvoted` are the contributors whose results lost this vote (the wrong-shaped ones in
+    /// `accepted.rejected` were counted when they arrived).
+    fn on_accepted(&mut self, accepted: AcceptedUnit, outvoted: &[ContributorId]) {
         let Some(unit) = self.units.remove(&accepted.unit) else {
             return;
         };
@@ -848,7 +867,7 @@ impl<S: Store> Scheduler<S> {
                 c.reputation.agreed += 1;
             }
         }
-        for &id in &accepted.rejected {
+        for &id in outvoted {
             if let Some(c) = self.contributors.get_mut(&id) {
                 c.reputation.rejected += 1;
             }

@@ -38,7 +38,9 @@ pub struct AcceptedUnit {
     pub job: JobId,
     pub index: u32,
     pub result: Tensor,
+    /// Contributors whose result was in the accepted majority.
     pub agreed: Vec<ContributorId>,
+    /// Contributors whose result lost the vote or had the wrong shape.
     pub rejected: Vec<ContributorId>,
     pub at: Millis,
 }

@@ -57,7 +57,6 @@ struct PeerEntry {
     close: tessera_rtc::PeerSender,
 }
 
-#[derive(Default)]
 struct Votes {
     unit: u64,
     agreed: Vec<ContributorId>,
@@ -140,12 +139,10 @@ impl Actor {
         if let Err(e) = self.scheduler.tick(now) {
             log(format_args!("scheduler tick failed: {e}"));
         }
-        if self.scheduler.needs_flush() {
-            self.note_votes();
-            if let Err(e) = self.scheduler.flush(now) {
-                Counters::add(&self.counters.store_errors, 1);
-                log(format_args!("committing to the database failed (will retry): {e}"));
-            }
+        // A no-op when nothing is staged.
+        if let Err(e) = self.scheduler.flush(now) {
+            Counters::add(&self.counters.store_errors, 1);
+            log(format_args!("committing to the database failed (will retry): {e}"));
         }
         while let Some(output) = self.scheduler.poll() {
             self.act(now, output);
@@ -153,15 +150,6 @@ impl Actor {
         let c = &self.counters;
         c.contributors_connected.store(self.scheduler.contributor_count() as u64, std::sync::atomic::Ordering::Relaxed);
         c.jobs_running.store(self.scheduler.running_jobs() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Who agreed and who lost on each unit about to be committed (outputs carry only the result).
-    fn note_votes(&mut self) {
-        for a in &self.scheduler.unflushed().accepted {
-            if let Some(job) = self.jobs.get_mut(&a.job) {
-                job.votes.insert(a.index, Votes { unit: a.unit.0, agreed: a.agreed.clone(), rejected: a.rejected.clone() });
-            }
-        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -192,10 +180,8 @@ impl Actor {
             Command::Report { from, unit, result } => {
                 Counters::add(&self.counters.results_reported, 1);
                 match self.scheduler.report(now, from, unit, result) {
-                    Ok(Report::Invalid(reason)) => {
-                        log(format_args!("contributor {from}: result for unit {unit} rejected: {reason}"));
-                        Counters::add(&self.counters.results_rejected, 1);
-                    }
+                    // Counted in `results_rejected` with the unit's other losers once it is decided.
+                    Ok(Report::Invalid(reason)) => log(format_args!("contributor {from}: result for unit {unit} rejected: {reason}")),
                     Ok(_) => {}
                     Err(e) => log(format_args!("contributor {from}: report for unit {unit}: {e}")),
                 }
@@ -261,15 +247,18 @@ impl Actor {
                 Counters::add(&self.counters.units_cancelled, 1);
                 self.send(now, contributor, CoordinatorMessage::Cancel { unit });
             }
-            Output::UnitAccepted { job, unit: _, index, result } => {
+            Output::UnitAccepted { job, unit, index, result, agreed, rejected } => {
                 Counters::add(&self.counters.units_accepted, 1);
+                Counters::add(&self.counters.results_rejected, rejected.len() as u64);
+                // Committed: each contributor that reported on the unit learns how its result fared.
+                for (&contributor, accepted) in agreed.iter().map(|c| (c, true)).chain(rejected.iter().map(|c| (c, false))) {
+                    self.send(now, contributor, CoordinatorMessage::Verdict { unit, accepted });
+                }
                 if let Some(t) = self.jobs.get_mut(&job)
                     && let Some(slot) = t.results.get_mut(index as usize)
                 {
-                    if let Some(v) = t.votes.get(&index) {
-                        Counters::add(&self.counters.results_rejected, v.rejected.len() as u64);
-                    }
                     *slot = Some(result);
+                    t.votes.insert(index, Votes { unit: unit.0, agreed, rejected });
                 }
             }
             Output::JobDone { job } => {

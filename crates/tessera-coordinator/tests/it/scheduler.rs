@@ -71,6 +71,7 @@ fn two_agreeing_results_accept_the_unit() {
     );
     let out = drain(&mut s, Millis(6));
     assert_eq!(accepted(&out), vec![(a[0].1, result.clone())]);
+    assert_eq!(votes(&out), vec![(a[0].1, vec![a[0].0, a[1].0], vec![])]);
     assert!(out.contains(&Output::JobDone { job }));
     assert_eq!(s.store().outcome(job), Some(&JobOutcome::Done));
     let stored: Vec<_> = s.store().accepted(job).cloned().collect();
@@ -117,6 +118,91 @@ fn disagreement_goes_to_a_third_contributor_and_the_majority_wins() {
     assert_eq!(s.contributor(liar).unwrap().2.rejected, 1);
     assert_eq!(s.contributor(honest_c).unwrap().2.agreed, 1);
     assert_eq!(s.contributor(third[0].0).unwrap().2.agreed, 1);
+}
+
+/// Who agreed and who was rejected, per accepted unit among `outputs`.
+fn votes(outputs: &[Output]) -> Vec<(UnitId, Vec<ContributorId>, Vec<ContributorId>)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::UnitAccepted {
+                unit,
+                agreed,
+                rejected,
+                ..
+            } => Some((*unit, agreed.clone(), rejected.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The shell sends each contributor that reported on a unit one verdict, from `UnitAccepted`:
+/// the wrong-shaped and the outvoted results are rejected, each counted once in reputations,
+/// and a result that arrives after the decision is in neither list.
+#[test]
+fn the_accepted_unit_names_who_agreed_and_who_was_rejected() {
+    let mut rng = Rng(5);
+    let mut s = scheduler(Config::default());
+    for i in 1..=5 {
+        s.join(Millis(0), c(i), caps(1)).unwrap();
+    }
+    let job = s.submit(Millis(0), one_unit_job(1000)).unwrap();
+    let first = assigns(&drain(&mut s, Millis(0)));
+    assert_eq!(first.len(), 2);
+    let (unit, work) = (first[0].1, Arc::clone(&first[0].2));
+    let (malformed, liar) = (first[0].0, first[1].0);
+    let wrong = Tensor::from_f32(vec![3, 2], &[0.5; 6]).unwrap();
+    assert!(matches!(
+        s.report(Millis(1), malformed, unit, wrong).unwrap(),
+        Report::Invalid(_)
+    ));
+    let second = assigns(&drain(&mut s, Millis(1)));
+    assert_eq!(second.len(), 1, "the wrong shape is replaced");
+    let honest_1 = second[0].0;
+    s.report(Millis(2), liar, unit, perturbed(&work, &mut rng))
+        .unwrap();
+    s.report(Millis(3), honest_1, unit, honest(&work)).unwrap();
+    let third = assigns(&drain(&mut s, Millis(3)));
+    assert_eq!(third.len(), 1, "a disagreement gets one more replica");
+    let honest_2 = third[0].0;
+    assert_eq!(
+        s.report(Millis(4), honest_2, unit, honest(&work)).unwrap(),
+        Report::Accepted
+    );
+    // A late result from someone who was never asked changes nothing.
+    let late = (1..=5)
+        .map(c)
+        .find(|x| ![malformed, liar, honest_1, honest_2].contains(x))
+        .unwrap();
+    assert_eq!(
+        s.report(Millis(5), late, unit, honest(&work)).unwrap(),
+        Report::Stale
+    );
+    let out = drain(&mut s, Millis(5));
+    assert_eq!(
+        votes(&out),
+        vec![(unit, vec![honest_1, honest_2], vec![liar, malformed])]
+    );
+    let stored: Vec<_> = s.store().accepted(job).cloned().collect();
+    assert_eq!(
+        (stored[0].agreed.clone(), stored[0].rejected.clone()),
+        (vec![honest_1, honest_2], vec![liar, malformed])
+    );
+    let reputation = |who| s.contributor(who).unwrap().2;
+    for (who, agreed, rejected) in [
+        (malformed, 0, 1),
+        (liar, 0, 1),
+        (honest_1, 1, 0),
+        (honest_2, 1, 0),
+        (late, 0, 0),
+    ] {
+        let r = reputation(who);
+        assert_eq!(
+            (r.agreed, r.rejected),
+            (agreed, rejected),
+            "contributor {who}"
+        );
+    }
 }
 
 #[test]
