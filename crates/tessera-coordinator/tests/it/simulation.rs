@@ -2,9 +2,13 @@
 //! duplicates and late results, a store that fails for a while, and a coordinator restart from
 //! its store mid-job, between two flushes. The shell's group commit is a `flush` every
 //! `FLUSH_MS`; every acknowledgement is checked against the store when it is released.
+//!
+//! A run is a function of its seed: the simulation keeps its state in ordered maps (a std
+//! `HashMap` iterates in a random order per process, and the restart rejoins contributors in
+//! that order), and a failing run prints its seed.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use tessera_coordinator::{
     Config, JobOutcome, JobSpec, MemoryStore, Millis, Output, Scheduler, SchedulerError, Store,
@@ -66,9 +70,9 @@ struct Sim {
     now: Millis,
     seq: u64,
     events: BinaryHeap<Reverse<(Millis, u64)>>,
-    payloads: HashMap<u64, Event>,
-    behaviour: HashMap<ContributorId, Behaviour>,
-    alive: HashSet<ContributorId>,
+    payloads: BTreeMap<u64, Event>,
+    behaviour: BTreeMap<ContributorId, Behaviour>,
+    alive: BTreeSet<ContributorId>,
     next_id: u64,
     liar_share: f64,
     slots: u32,
@@ -78,14 +82,16 @@ struct Sim {
     /// The id of each submitted job, by submission (a resubmission replaces it).
     job_ids: Vec<JobId>,
     accepted: BTreeMap<(JobId, u32), Tensor>,
-    done: HashSet<JobId>,
+    done: BTreeSet<JobId>,
     lost: usize,
-    liar_ids: HashSet<ContributorId>,
+    liar_ids: BTreeSet<ContributorId>,
     failed_flushes: usize,
     /// Accepted units staged but not flushed when the coordinator restarted.
     dropped_at_restart: usize,
     /// Jobs submitted but not flushed before the restart, submitted again (a client retry).
     resubmitted: usize,
+    /// Every output in order, folded into one number: equal for two runs of one seed.
+    trace: u64,
 }
 
 impl Sim {
@@ -137,6 +143,7 @@ impl Sim {
 
     fn handle_outputs(&mut self, s: &mut Scheduler<MemoryStore>) {
         while let Some(out) = s.poll() {
+            self.trace = fold(self.trace, self.now.0, &out);
             match out {
                 Output::Assign {
                     contributor,
@@ -232,7 +239,38 @@ impl Sim {
     }
 }
 
-fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
+/// Mixes the time and the ids an output names into `trace`.
+fn fold(trace: u64, now: u64, out: &Output) -> u64 {
+    let (kind, a, b) = match out {
+        Output::Assign {
+            contributor, unit, ..
+        } => (1, contributor.0, unit.0),
+        Output::Cancel { contributor, unit } => (2, contributor.0, unit.0),
+        Output::UnitAccepted { unit, agreed, .. } => {
+            (3, unit.0, agreed.iter().fold(0, |h, c| h * 31 + c.0))
+        }
+        Output::JobDone { job } => (4, job.0, 0),
+        Output::JobFailed { job, .. } => (5, job.0, 0),
+        Output::ContributorLost { contributor } => (6, contributor.0, 0),
+        Output::ContributorExcluded { contributor } => (7, contributor.0, 0),
+    };
+    [now, kind, a, b].iter().fold(trace, |h, &x| {
+        (h ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17)
+    })
+}
+
+/// Prints the seed when the run it guards panics, so the failure can be replayed.
+struct SeedOnFailure(u64);
+
+impl Drop for SeedOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("simulation failed with seed {:#x}", self.0);
+        }
+    }
+}
+
+fn run(p: Params) -> (Sim, MemoryStore, BTreeMap<ContributorId, u64>) {
     // With up to a fifth of the contributors lying and churning, six results of one unit are
     // all lies or misses often enough, over thousands of units, to fail a job now and then (a
     // unit no one agrees on fails its job by design); ten makes that vanishingly rare.
@@ -258,9 +296,9 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
         now: Millis(0),
         seq: 0,
         events: BinaryHeap::new(),
-        payloads: HashMap::new(),
-        behaviour: HashMap::new(),
-        alive: HashSet::new(),
+        payloads: BTreeMap::new(),
+        behaviour: BTreeMap::new(),
+        alive: BTreeSet::new(),
         next_id: 1,
         liar_share: p.liars,
         slots: p.slots,
@@ -269,12 +307,13 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
         jobs,
         job_ids: Vec::new(),
         accepted: BTreeMap::new(),
-        done: HashSet::new(),
+        done: BTreeSet::new(),
         lost: 0,
-        liar_ids: HashSet::new(),
+        liar_ids: BTreeSet::new(),
         failed_flushes: 0,
         dropped_at_restart: 0,
         resubmitted: 0,
+        trace: 0,
     };
     let mut s = Scheduler::restore(config.clone(), MemoryStore::new(), sim.now).unwrap();
     for _ in 0..p.contributors {
@@ -300,7 +339,7 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
         sim.at(Millis(to), Event::StoreFailing(false));
     }
     sim.at(Millis(0), Event::Flush);
-    let mut missed: HashMap<ContributorId, u64> = HashMap::new();
+    let mut missed: BTreeMap<ContributorId, u64> = BTreeMap::new();
     let mut steps = 0u64;
     while sim.done.len() < p.jobs {
         steps += 1;
@@ -380,8 +419,10 @@ fn run(p: Params) -> (Sim, MemoryStore, HashMap<ContributorId, u64>) {
                             sim.resubmitted += 1;
                         }
                     }
-                    let back: Vec<Behaviour> =
-                        sim.alive.drain().map(|id| sim.behaviour[&id]).collect();
+                    let back: Vec<Behaviour> = std::mem::take(&mut sim.alive)
+                        .into_iter()
+                        .map(|id| sim.behaviour[&id])
+                        .collect();
                     for b in back {
                         sim.join(&mut s, Some(b));
                     }
@@ -459,6 +500,7 @@ fn thousands_of_contributors_with_churn_liars_and_a_restart() {
         restart_at: Some(4_000),
         outage: Some((6_000, 9_000)),
     };
+    let _seed = SeedOnFailure(p.seed);
     let (sim, mut store, missed) = run(Params { ..p });
     check(&sim, &mut store, &p);
     assert!(sim.failed_flushes > 0, "no flush failed during the outage");
@@ -493,8 +535,38 @@ fn few_contributors_many_units_with_slots_and_heavy_lying() {
         restart_at: Some(4_510),
         outage: Some((2_000, 4_000)),
     };
+    let _seed = SeedOnFailure(p.seed);
     let (sim, mut store, _) = run(Params { ..p });
     check(&sim, &mut store, &p);
     assert!(sim.failed_flushes > 0, "no flush failed during the outage");
     assert_eq!(sim.resubmitted, 1, "the unflushed submission was lost");
+}
+
+/// Two runs of one seed make the same outputs at the same times, restart included (where the
+/// contributors still alive rejoin, in the simulation's order).
+#[test]
+fn a_run_is_a_function_of_its_seed() {
+    let p = Params {
+        seed: 0x5eed_0003,
+        contributors: 200,
+        slots: 2,
+        jobs: 2,
+        inputs_per_job: 300,
+        inputs_per_unit: 2,
+        deadline_ms: 6_000,
+        liars: 0.1,
+        restart_at: Some(2_000),
+        outage: Some((1_000, 1_500)),
+    };
+    let _seed = SeedOnFailure(p.seed);
+    let (first, mut store, _) = run(Params { ..p });
+    check(&first, &mut store, &p);
+    let (second, _, _) = run(Params { ..p });
+    assert_ne!(first.trace, 0, "no output was traced");
+    assert_eq!(
+        (first.trace, first.now, first.lost),
+        (second.trace, second.now, second.lost),
+        "two runs of seed {:#x} differ",
+        p.seed
+    );
 }
