@@ -1,10 +1,11 @@
 //! A GGUF (v2 and v3) reader: the metadata, the tensor table and where each tensor's bytes are.
 //! Reads from any `Read + Seek` (the caller opens the file, so the engine does no file I/O), checks
 //! every count and offset against the file's length before allocating, and reads tensors one at a
-//! time so a model never needs two full copies in memory.
+//! time so a model never needs two full copies in memory. [`Gguf::write_subset`] writes a GGUF v3
+//! file of some of a file's tensors (how span shards are made, in `shard.rs`).
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -112,6 +113,18 @@ impl TensorType {
         })
     }
 
+    /// The GGML type id, as the file stores it.
+    fn id(self) -> u32 {
+        match self {
+            TensorType::F32 => 0,
+            TensorType::F16 => 1,
+            TensorType::Q4_0 => 2,
+            TensorType::Q4_1 => 3,
+            TensorType::Q8_0 => 8,
+            TensorType::BF16 => 30,
+        }
+    }
+
     /// (elements per block, bytes per block).
     fn block(self) -> (u64, u64) {
         match self {
@@ -176,6 +189,102 @@ impl Gguf {
         let mut bytes = vec![0; tensor.bytes as usize];
         source.read_exact(&mut bytes).map_err(fail)?;
         Ok(bytes)
+    }
+
+    /// Writes a GGUF v3 file to `out` with `metadata` and the tensors `keep` selects, in this
+    /// file's order, their bytes copied one at a time from `source` (this file, named `file` in
+    /// errors). Returns the bytes written. Empty metadata arrays are written as string arrays
+    /// (their element type is not kept).
+    pub fn write_subset<R: Read + Seek, W: Write>(
+        &self,
+        file: &str,
+        source: &mut R,
+        metadata: &BTreeMap<String, Value>,
+        keep: impl Fn(&TensorInfo) -> bool,
+        out: &mut W,
+    ) -> Result<u64, GgufError> {
+        let fail = |e: io::Error| GgufError { file: file.to_string(), problem: format!("writing a subset: {e}") };
+        let tensors: Vec<&TensorInfo> = self.tensors.iter().filter(|t| keep(t)).collect();
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).filter(|a| a.is_power_of_two()).unwrap_or(DEFAULT_ALIGNMENT);
+        let mut header = Vec::new();
+        header.extend(MAGIC);
+        header.extend(3u32.to_le_bytes());
+        header.extend((tensors.len() as u64).to_le_bytes());
+        header.extend((metadata.len() as u64).to_le_bytes());
+        for (key, value) in metadata {
+            put_string(&mut header, key);
+            header.extend(value_type(value).to_le_bytes());
+            put_value(&mut header, value);
+        }
+        let mut offset = 0u64;
+        for tensor in &tensors {
+            put_string(&mut header, &tensor.name);
+            header.extend((tensor.dims.len() as u32).to_le_bytes());
+            for dim in &tensor.dims {
+                header.extend(dim.to_le_bytes());
+            }
+            header.extend(tensor.ty.id().to_le_bytes());
+            header.extend(offset.to_le_bytes());
+            offset = (offset + tensor.bytes).next_multiple_of(alignment);
+        }
+        header.resize(header.len().next_multiple_of(alignment as usize), 0);
+        out.write_all(&header).map_err(fail)?;
+        let mut written = header.len() as u64;
+        for tensor in tensors {
+            let mut bytes = self.read_tensor(file, source, tensor)?;
+            bytes.resize(bytes.len().next_multiple_of(alignment as usize), 0);
+            out.write_all(&bytes).map_err(fail)?;
+            written += bytes.len() as u64;
+        }
+        Ok(written)
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// The GGUF value type id of `value` (the inverse of `Reader::value`).
+fn value_type(value: &Value) -> u32 {
+    match value {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::U8(v) => out.push(*v),
+        Value::I8(v) => out.extend(v.to_le_bytes()),
+        Value::U16(v) => out.extend(v.to_le_bytes()),
+        Value::I16(v) => out.extend(v.to_le_bytes()),
+        Value::U32(v) => out.extend(v.to_le_bytes()),
+        Value::I32(v) => out.extend(v.to_le_bytes()),
+        Value::F32(v) => out.extend(v.to_le_bytes()),
+        Value::Bool(v) => out.push(u8::from(*v)),
+        Value::String(v) => put_string(out, v),
+        Value::Array(items) => {
+            out.extend(items.first().map_or(8, value_type).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        Value::U64(v) => out.extend(v.to_le_bytes()),
+        Value::I64(v) => out.extend(v.to_le_bytes()),
+        Value::F64(v) => out.extend(v.to_le_bytes()),
     }
 }
 
@@ -399,6 +508,35 @@ mod tests {
         let norm = gguf.tensor("norm").unwrap();
         let data = gguf.read_tensor("test.gguf", &mut Cursor::new(&bytes), norm).unwrap();
         assert_eq!(bytemuck::pod_collect_to_vec::<u8, f32>(&data), [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn a_written_subset_reads_back_with_its_metadata_and_bytes() {
+        let bytes = sample();
+        let gguf = read(&bytes).unwrap();
+        let mut metadata = gguf.metadata.clone();
+        metadata.insert("test.values".into(), Value::Array(vec![Value::I16(-3), Value::I16(7)]));
+        metadata.insert("test.flag".into(), Value::Bool(true));
+        metadata.insert("test.big".into(), Value::F64(1.5e300));
+        let mut out = Vec::new();
+        let written = gguf.write_subset("test.gguf", &mut Cursor::new(&bytes), &metadata, |t| t.name == "norm", &mut out).unwrap();
+        assert_eq!(written, out.len() as u64);
+        let subset = read(&out).unwrap();
+        assert_eq!(subset.metadata, metadata);
+        assert_eq!(subset.tensors.len(), 1);
+        let norm = subset.tensor("norm").unwrap();
+        let data = subset.read_tensor("subset.gguf", &mut Cursor::new(&out), norm).unwrap();
+        assert_eq!(bytemuck::pod_collect_to_vec::<u8, f32>(&data), [1.0, 2.0, 3.0, 4.0]);
+        // Both tensors: each keeps its bytes, the second at an aligned offset.
+        let mut both = Vec::new();
+        gguf.write_subset("test.gguf", &mut Cursor::new(&bytes), &gguf.metadata, |_| true, &mut both).unwrap();
+        let copy = read(&both).unwrap();
+        for (a, b) in gguf.tensors.iter().zip(&copy.tensors) {
+            assert_eq!((&a.name, &a.dims, a.ty, a.bytes), (&b.name, &b.dims, b.ty, b.bytes));
+            assert_eq!(b.offset % DEFAULT_ALIGNMENT, 0);
+            let (x, y) = (gguf.read_tensor("a", &mut Cursor::new(&bytes), a).unwrap(), copy.read_tensor("b", &mut Cursor::new(&both), b).unwrap());
+            assert_eq!(x, y);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   The ops (`Batch::matmul`, `Batch::linear`, `Batch::attention`, ...) check shapes and dtypes
 //!   and return [`EngineError`] rather than letting a GPU validation error through.
 //! - [`reference`] holds a CPU version of every kernel, [`checks`] compares the two.
+//! - [`score::matmul_score`] is the speed a contributor reports.
+//! - [`shard`] cuts a model into the span shards contributors download.
 
 mod batch;
 pub mod bert;
@@ -25,6 +27,8 @@ pub mod quant;
 pub mod safetensors;
 pub mod reference;
 mod rng;
+pub mod score;
+pub mod shard;
 pub mod shaders;
 mod tensor;
 #[cfg(not(target_arch = "wasm32"))]

@@ -125,6 +125,44 @@ fn three_spans_equal_the_whole_model_bit_for_bit() {
     assert!(whole.iter().zip(&spans).all(|(a, b)| a.to_bits() == b.to_bits()), "spans differ from the whole model");
 }
 
+/// A span shard holds only its blocks' bytes and computes what the whole file does for them.
+#[test]
+fn a_span_shard_computes_as_the_whole_file_does() {
+    let Some((gpu, model)) = model() else { return };
+    let path = model_path();
+    let name = path.display().to_string();
+    let mut shard = Vec::new();
+    let written = tessera_engine::shard::write_span_shard(&name, &mut std::fs::File::open(&path).unwrap(), 10..20, &mut shard).unwrap();
+    let whole = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(written, shard.len() as u64);
+    // A third of the blocks, and neither the embedding nor the tokenizer.
+    assert!(written < whole / 3, "a shard of 10 blocks is {written} bytes of {whole}");
+    let stages = Stages { embedding: false, blocks: 10..20, head: false };
+    let gguf = Gguf::read("shard", &mut std::io::Cursor::new(&shard)).unwrap();
+    assert_eq!(tessera_engine::shard::shard_blocks(&gguf), Some(10..20));
+    assert!(gguf.get("tokenizer.ggml.tokens").is_none() && gguf.tensor("token_embd.weight").is_none());
+    let part = Llama::load(gpu, "shard", &mut std::io::Cursor::new(&shard), &stages).unwrap();
+    assert_eq!(part.config.vocab, model.config.vocab);
+
+    let ids = &fixture().cases[0].prompt_ids;
+    let tokens = ids.len();
+    let hidden_after = |llama: &Llama, input: &[f32]| {
+        let hidden = gpu.upload_f32(&[tokens, llama.config.dim], input).unwrap();
+        let positions = gpu.upload_u32(&[tokens], &(0..tokens as u32).collect::<Vec<_>>()).unwrap();
+        let mut cache = llama.kv_cache(gpu, 10..20, 64).unwrap();
+        let mut batch = gpu.batch();
+        llama.forward_span(&mut batch, &hidden, &positions, &mut cache).unwrap();
+        batch.submit();
+        pollster::block_on(gpu.read_f32(&hidden)).unwrap()
+    };
+    let input: Vec<f32> = (0..tokens * model.config.dim).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
+    let (a, b) = (hidden_after(model, &input), hidden_after(&part, &input));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "the shard computes differently");
+    // Blocks outside the shard are refused by name, not read as garbage.
+    let outside = Stages { embedding: false, blocks: 0..10, head: false };
+    assert!(Llama::load(gpu, "shard", &mut std::io::Cursor::new(&shard), &outside).is_err());
+}
+
 /// Greedy decoding, one token per step with the KV cache, reproduces the reference's tokens up
 /// to the first position where the reference's own top two are within the tolerance.
 #[test]
