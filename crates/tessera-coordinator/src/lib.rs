@@ -3,11 +3,13 @@
 //! `sqlite` persist units and accepted results before anything is acknowledged; `bench`
 //! measures the scheduler with thousands of simulated contributors. `blobs` keeps model weights
 //! as content-addressed files; `placement` assigns a model's blocks to contributors as spans
-//! (sans-IO, like the scheduler); `openai` holds the OpenAI-compatible API's shapes. `server` is
-//! the async shell (`tessera serve`): tokio, axum and the WebRTC endpoint around the scheduler.
+//! (sans-IO, like the scheduler); `openai` and `completions` hold the OpenAI-compatible API's
+//! shapes. `server` is the async shell (`tessera serve`): tokio, axum and the WebRTC endpoint
+//! around the scheduler.
 
 pub mod bench;
 pub mod blobs;
+pub mod completions;
 pub mod openai;
 pub mod placement;
 pub mod reconcile;
