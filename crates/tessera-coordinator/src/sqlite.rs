@@ -16,6 +16,10 @@ use crate::time::Millis;
 
 /// Largest stored result the loader accepts (a unit's embeddings are far smaller).
 const MAX_RESULT_BYTES: usize = 256 << 20;
+/// The WAL's size at which a commit checkpoints it (copies its frames into the database, so
+/// the next commit writes the WAL from its start again), and the size it is truncated back
+/// to afterwards: what bounds the `-wal` file under a continuous stream of commits.
+pub const WAL_CHECKPOINT_BYTES: u64 = 64 << 20;
 const SCHEMA_VERSION: i64 = 2;
 
 /// What a successful `commit` (and so every acknowledgement) survives. Both levels are
@@ -117,12 +121,19 @@ impl SqliteStore {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
         };
+        // SQLite counts the checkpoint threshold in pages, and an older database may have
+        // smaller ones than a new one.
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(open_err)?;
+        let checkpoint_pages = WAL_CHECKPOINT_BYTES / page_size.max(512) as u64;
         conn.execute_batch(&format!(
             "PRAGMA synchronous={sync};
              PRAGMA foreign_keys=ON;
              PRAGMA busy_timeout=5000;
              PRAGMA cache_size=-65536;
-             PRAGMA journal_size_limit=67108864;
+             PRAGMA wal_autocheckpoint={checkpoint_pages};
+             PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES};
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS jobs (
                  id INTEGER PRIMARY KEY,
@@ -187,10 +198,11 @@ impl SqliteStore {
 
     /// Turns off this connection's automatic checkpoints and returns a `Checkpointer` on a
     /// connection of its own, for the shell to run on another thread. Without it, SQLite
-    /// checkpoints inside a commit every 1000 pages (64 MiB), and under `Normal` that commit
-    /// waits for an fsync of the WAL and one of the database: with 12 KiB results that more
-    /// than halves the units committed per second on this machine's disk. Either way the
-    /// disk must absorb every result twice (WAL, then database) in the long run.
+    /// checkpoints inside a commit each time the WAL reaches `WAL_CHECKPOINT_BYTES`, and under
+    /// `Normal` that commit waits for an fsync of the WAL and one of the database: with 12 KiB
+    /// results that more than halves the units committed per second on this machine's disk.
+    /// Either way the disk must absorb every result twice (WAL, then database) in the long
+    /// run. With checkpoints elsewhere, only the `Checkpointer` bounds the WAL: run it often.
     pub fn checkpoint_elsewhere(&mut self) -> Result<Checkpointer, StoreError> {
         let shown = self.path.display().to_string();
         let conn = Connection::open(&self.path).map_err(|source| StoreError::Open {

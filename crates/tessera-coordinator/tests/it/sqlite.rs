@@ -231,3 +231,97 @@ fn an_unreachable_database_is_a_clear_error() {
         "{text}"
     );
 }
+
+/// Commits `units` accepted units of 32 x 384 floats one transaction each, as a busy
+/// coordinator does; with `checkpoint_every`, automatic checkpoints are off and a
+/// `Checkpointer` runs after every that many commits instead (what a shell using
+/// `checkpoint_elsewhere` does). Returns the largest size the `-wal` file reached and the
+/// result bytes committed.
+fn commit_continuously(units: u32, checkpoint_every: Option<u32>) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sustained.sqlite");
+    let wal = dir.path().join("sustained.sqlite-wal");
+    let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
+    let mut checkpointer = checkpoint_every.map(|_| store.checkpoint_elsewhere().unwrap());
+    let (rows, hidden) = (32usize, 384usize);
+    let record = JobRecord {
+        id: JobId(1),
+        kind: JobKind::Embedding,
+        model: "bafkreistore".into(),
+        replicas: 2,
+        unit_deadline_ms: 1000,
+        min_memory_bytes: 0,
+        unit_count: units,
+        submitted: Millis(0),
+    };
+    let unit_records = (0..units)
+        .map(|i| UnitRecord {
+            id: UnitId(1 + u64::from(i)),
+            job: JobId(1),
+            index: i,
+            work: Work::Embedding {
+                model: "bafkreistore".into(),
+                inputs: vec![vec![101, i, 102]; rows],
+            },
+        })
+        .collect();
+    store
+        .commit(&Batch {
+            jobs: vec![(record, unit_records)],
+            ..Batch::default()
+        })
+        .unwrap();
+    let (mut largest, mut written) = (0u64, 0u64);
+    for i in 0..units {
+        let values: Vec<f32> = (0..rows * hidden)
+            .map(|k| ((k as u32 ^ i) % 97) as f32 / 97.0)
+            .collect();
+        let result = Tensor::from_f32(vec![rows as u64, hidden as u64], &values).unwrap();
+        written += result.data().len() as u64;
+        let batch = Batch {
+            accepted: vec![AcceptedUnit {
+                unit: UnitId(1 + u64::from(i)),
+                job: JobId(1),
+                index: i,
+                result,
+                agreed: vec![ContributorId(1), ContributorId(2)],
+                rejected: vec![],
+                at: Millis(u64::from(i)),
+            }],
+            ..Batch::default()
+        };
+        store.commit(&batch).unwrap();
+        largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        if let (Some(c), Some(every)) = (checkpointer.as_mut(), checkpoint_every)
+            && (i + 1) % every == 0
+        {
+            c.checkpoint().unwrap();
+        }
+    }
+    assert_eq!(store.results(JobId(1)).unwrap().len(), units as usize);
+    (largest, written)
+}
+
+/// Under a continuous stream of commits the `-wal` file stays under a bound, because
+/// checkpoints let SQLite write it from its start again. Each case commits more than the
+/// bound, so a WAL that never restarted would exceed it.
+#[test]
+fn the_wal_stays_bounded_under_sustained_commits() {
+    let automatic = tessera_coordinator::sqlite::WAL_CHECKPOINT_BYTES;
+    // A commit's frames can land past the threshold before the checkpoint that follows it.
+    let cases = [
+        ("automatic checkpoints", 2_200, None, automatic + (1 << 20)),
+        ("a Checkpointer every 64 commits", 400, Some(64), 16 << 20),
+    ];
+    for (name, units, checkpoint_every, bound) in cases {
+        let (largest, written) = commit_continuously(units, checkpoint_every);
+        assert!(
+            written > bound,
+            "{name}: only {written} bytes committed, the WAL could hold them all"
+        );
+        assert!(
+            largest <= bound,
+            "{name}: the WAL grew to {largest} bytes; the bound is {bound}"
+        );
+    }
+}
