@@ -125,6 +125,41 @@ fn three_spans_equal_the_whole_model_bit_for_bit() {
     assert!(whole.iter().zip(&spans).all(|(a, b)| a.to_bits() == b.to_bits()), "spans differ from the whole model");
 }
 
+/// Hidden states after every block for `ids`, fed `chunk` tokens at a time through one cache.
+fn hidden_in_chunks(gpu: &Gpu, model: &Llama, ids: &[u32], chunk: usize) -> Vec<f32> {
+    let dim = model.config.dim;
+    let mut cache = model.kv_cache(gpu, 0..model.config.blocks, 64).unwrap();
+    let mut rows = Vec::new();
+    for (i, part) in ids.chunks(chunk).enumerate() {
+        let tokens = part.len();
+        let ids_t = gpu.upload_u32(&[tokens], part).unwrap();
+        let positions: Vec<u32> = (i * chunk..i * chunk + tokens).map(|p| p as u32).collect();
+        let positions = gpu.upload_u32(&[tokens], &positions).unwrap();
+        let hidden = gpu.empty(&[tokens, dim], DType::F32).unwrap();
+        let mut batch = gpu.batch();
+        model.embed(&mut batch, &ids_t, &hidden).unwrap();
+        model.forward_span(&mut batch, &hidden, &positions, &mut cache).unwrap();
+        batch.submit();
+        rows.extend(pollster::block_on(gpu.read_f32(&hidden)).unwrap());
+    }
+    rows
+}
+
+/// Rebuilding a KV cache by replaying a session's tokens a few at a time (as a replacement
+/// stage does) gives exactly the states that decoding them one by one gave: short inputs take
+/// the same per-row kernels as single tokens, so failover does not change greedy output.
+#[test]
+fn replaying_in_chunks_of_up_to_eight_tokens_equals_decoding_one_by_one() {
+    let Some((gpu, model)) = model() else { return };
+    let ids = &fixture().cases[3].prompt_ids;
+    let one_by_one = hidden_in_chunks(gpu, model, ids, 1);
+    for chunk in [3, 8] {
+        let chunked = hidden_in_chunks(gpu, model, ids, chunk);
+        let first_difference = one_by_one.iter().zip(&chunked).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(first_difference, None, "chunks of {chunk}: row {:?} differs", first_difference.map(|i| i / model.config.dim));
+    }
+}
+
 /// A span shard holds only its blocks' bytes and computes what the whole file does for them.
 #[test]
 fn a_span_shard_computes_as_the_whole_file_does() {
