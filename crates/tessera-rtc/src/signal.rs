@@ -92,7 +92,7 @@ enum Received {
     Gone,
 }
 
-async fn session(mut socket: WebSocket, state: Signalling, _permit: OwnedSemaphorePermit) {
+async fn session(mut socket: WebSocket, state: Signalling, permit: OwnedSemaphorePermit) {
     let reply = match tokio::time::timeout(OFFER_TIMEOUT, next_message(&mut socket)).await {
         Err(_) => Some(error(
             ErrorCode::Malformed,
@@ -106,6 +106,9 @@ async fn session(mut socket: WebSocket, state: Signalling, _permit: OwnedSemapho
         Ok(Received::Failed(detail)) => Some(error(ErrorCode::Malformed, detail)),
         Ok(Received::Text(text)) => Some(answer(&state, &text).await),
     };
+    // The session's work is done: its place goes to the next peer before the goodbye, so a
+    // client that has read its reply can count on that place being free.
+    drop(permit);
     if let Some(reply) = reply {
         let _ = socket
             .send(WsMessage::Text(encode_control(&reply).into()))

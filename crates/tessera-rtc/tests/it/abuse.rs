@@ -1,14 +1,15 @@
 //! Misbehaviour: garbage on the UDP port and the WebSocket, a peer that never completes ICE,
-//! a peer that sends faster than the application reads. Each is refused or dropped, and a
-//! connected peer carries on.
+//! a peer that sends faster than the application reads, a flood of signalling sessions and
+//! offers. Each is refused or dropped, and a connected peer carries on.
 
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use tessera_protocol::ErrorCode;
-use tessera_rtc::signal::{MAX_SIGNAL_MESSAGE, SignalMessage};
-use tessera_rtc::{CloseReason, Config, Message, PeerEvent};
+use tessera_rtc::signal::{MAX_SESSIONS, MAX_SIGNAL_MESSAGE, SignalMessage};
+use tessera_rtc::{CloseReason, Config, Message, PeerEvent, RtcError};
 use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::{LOOPBACK, bounded, join, join_with, ping, serve};
 
@@ -195,6 +196,86 @@ async fn garbage_on_the_websocket_gets_an_error_reply_and_a_close() {
         // And signalling still works.
         let (mut second, mut second_at_server) = join(&url, &mut incoming).await;
         ping(&mut second, &mut second_at_server).await;
+    })
+    .await;
+}
+
+/// Far more signalling sockets than `MAX_SESSIONS` at once, then far more offers than
+/// `Config::max_peers`: every one beyond a limit gets a clear refusal (HTTP 503, or an error
+/// reply naming the limit), the limits hold exactly, and a connected peer never notices.
+#[tokio::test]
+async fn a_flood_of_sessions_and_offers_is_refused_and_a_connected_peer_carries_on() {
+    bounded(async {
+        let max_peers = 8;
+        let config = Config {
+            max_peers,
+            ..Config::default()
+        };
+        let (endpoint, url, mut incoming) = serve(config).await;
+        let (mut client, mut server) = join(&url, &mut incoming).await;
+
+        // Sessions that open and say nothing hold their place until the offer timeout.
+        let excess = 64;
+        let attempts = futures::future::join_all(
+            (0..MAX_SESSIONS + excess).map(|_| tokio_tungstenite::connect_async(url.as_str())),
+        )
+        .await;
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for attempt in attempts {
+            match attempt {
+                Ok((socket, _)) => open.push(socket),
+                Err(WsError::Http(response)) => {
+                    assert_eq!(response.status(), 503, "{response:?}");
+                    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).to_string();
+                    assert_eq!(body, format!("{MAX_SESSIONS} signalling sessions are open already"));
+                    refused += 1;
+                }
+                Err(e) => panic!("a signalling connection failed without a refusal: {e}"),
+            }
+        }
+        assert_eq!((open.len(), refused), (MAX_SESSIONS, excess));
+        ping(&mut client, &mut server).await;
+
+        // Each held session ends with an error reply; its place is free once the reply is read.
+        for socket in &mut open {
+            socket.send(Ws::text("not an offer")).await.expect("send");
+        }
+        for mut socket in open {
+            match socket.next().await {
+                Some(Ok(Ws::Text(text))) => assert!(matches!(
+                    serde_json::from_str::<SignalMessage>(&text).expect("reply is JSON"),
+                    SignalMessage::Error { code: ErrorCode::Malformed, .. }
+                )),
+                other => panic!("expected an error reply, got {other:?}"),
+            }
+        }
+
+        // One real offer, sent many times at once: the endpoint answers until it holds
+        // `max_peers` peers and refuses the rest by name.
+        let mut rtc = str0m::Rtc::new(Instant::now());
+        let mut changes = rtc.sdp_api();
+        changes.add_channel("tessera".into());
+        let (offer, _pending) = changes.apply().expect("offer");
+        let offer = offer.to_sdp_string();
+        let offers = 200;
+        let replies = futures::future::join_all(
+            (0..offers).map(|_| tessera_rtc::signal::offer_over_websocket(&url, offer.clone())),
+        )
+        .await;
+        let full = format!("endpoint is full: {max_peers} peers already");
+        let mut answered = 0;
+        for reply in replies {
+            match reply {
+                Ok(_) => answered += 1,
+                Err(RtcError::Signalling(message)) if message.contains(&full) => {}
+                Err(e) => panic!("an offer was neither answered nor refused as full: {e}"),
+            }
+        }
+        assert_eq!(answered, max_peers - 1, "one place is the connected peer's");
+        let stats = endpoint.stats();
+        assert_eq!((stats.peers, stats.dropped_peers), (max_peers, 0));
+        ping(&mut client, &mut server).await;
     })
     .await;
 }
