@@ -3,7 +3,8 @@
 //! `sqlite` persist units and accepted results before anything is acknowledged; `bench`
 //! measures the scheduler with thousands of simulated contributors. `blobs` keeps model weights
 //! as content-addressed files; `placement` assigns a model's blocks to contributors as spans
-//! (sans-IO, like the scheduler); `openai` and `completions` hold the OpenAI-compatible API's
+//! (sans-IO, like the scheduler), and `pipeline` runs generation sessions through the spans,
+//! replaying a session into a stage that changed hands; `openai` and `completions` hold the OpenAI-compatible API's
 //! shapes. `server` is the async shell (`tessera serve`): tokio, axum and the WebRTC endpoint
 //! around the scheduler.
 
@@ -11,6 +12,7 @@ pub mod bench;
 pub mod blobs;
 pub mod completions;
 pub mod openai;
+pub mod pipeline;
 pub mod placement;
 pub mod reconcile;
 pub mod scheduler;
