@@ -361,29 +361,12 @@ async fn capabilities(gpu: &Gpu) -> anyhow::Result<Capabilities> {
         // What one model of the sizes served needs with room to spare; the scheduler only
         // compares it with what a unit's model takes.
         memory_budget_bytes: limits.max_buffer_size.min(2 << 30),
-        benchmark_score: matmul_score(gpu).await?,
+        benchmark_score: {
+            let started = Instant::now();
+            tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3).await?
+        },
         max_concurrent_units: 1,
     })
-}
-
-/// GFLOP/s of an f32 matmul at a MiniLM layer's shape: the coordinator's yardstick of speed.
-async fn matmul_score(gpu: &Gpu) -> anyhow::Result<f64> {
-    let (m, k, n) = (128, 384, 384);
-    let a = gpu.upload_f32(&[m, k], &vec![0.5; m * k])?;
-    let b = gpu.upload_f32(&[k, n], &vec![0.25; k * n])?;
-    let out = gpu.empty(&[m, n], tessera_engine::DType::F32)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..4 {
-        let started = Instant::now();
-        let mut batch = gpu.batch();
-        for _ in 0..4 {
-            batch.matmul(&a, &b, tessera_engine::Layout::Nn, &out)?;
-        }
-        batch.submit();
-        gpu.read_f32(&out).await?;
-        best = best.min(started.elapsed().as_secs_f64());
-    }
-    Ok(4.0 * 2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
 /// The `--perturb` testing mode: noise of about the vectors' own size, then re-normalised.

@@ -180,3 +180,16 @@ fn an_open_batch_keeps_its_inputs_from_being_reused() {
     assert_eq!(pollster::block_on(gpu.read_f32(&out)).unwrap(), vec![3.0; 64]);
     drop(other);
 }
+
+#[test]
+fn matmul_score_is_a_finite_positive_rate() {
+    let Some(gpu) = gpu() else { return };
+    let started = std::time::Instant::now();
+    let real = || started.elapsed().as_secs_f64() * 1e3;
+    // A browser's clock may be too coarse to see the work at all.
+    let stuck = || 0.0;
+    for clock in [&real as &dyn Fn() -> f64, &stuck] {
+        let score = pollster::block_on(tessera_engine::score::matmul_score(gpu, clock)).unwrap();
+        assert!(score.is_finite() && score > 0.0, "score {score}");
+    }
+}
