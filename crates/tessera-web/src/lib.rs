@@ -1,19 +1,29 @@
 //! The browser contributor, compiled to WebAssembly: Tessera's engine on the page's WebGPU adapter.
 //!
+//! - [`Contributor`]: a volunteer's page joins a coordinator over a WebRTC DataChannel, speaking
+//!   the native contributor's protocol, and computes the units it is given. `session.rs` and
+//!   `lifecycle.rs` hold the protocol and the bookkeeping without I/O (tested natively);
+//!   `contributor.rs`, `rtc.rs`, `worker.rs` and `blobs.rs` are the browser glue.
 //! - [`self_test`]: the kernel self-test a volunteer's page runs to show that this browser
 //!   computes every kernel as the CPU reference does (the same cases the native tests run).
 //! - [`Engine`]: the page's GPU; it loads models from bytes the page fetched
 //!   ([`llama::LlamaModel`], [`bert::BertModel`]), which run prompts as spans of layers, decode,
 //!   embed and time themselves.
 //!
-//! JavaScript sees opaque handles, plain JSON strings and `Uint8Array`s, and `Error`s;
-//! `JsError` conversion happens in [`js_error`] only.
+//! JavaScript sees opaque handles, plain JSON strings, plain event objects and `Uint8Array`s, and
+//! `Error`s; `JsError` conversion happens in [`js_error`] only.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod bert;
+mod blobs;
 mod bytes;
+mod contributor;
+mod lifecycle;
 mod llama;
+mod rtc;
+mod session;
+mod worker;
 
 use std::rc::Rc;
 
@@ -23,6 +33,7 @@ use tessera_engine::{Gpu, checks};
 use wasm_bindgen::prelude::*;
 
 pub use bert::BertModel;
+pub use contributor::Contributor;
 pub use llama::LlamaModel;
 
 #[wasm_bindgen(start)]
@@ -48,9 +59,27 @@ fn from_json<'a, T: serde::Deserialize<'a>>(what: &str, json: &'a str) -> Result
     serde_json::from_str(json).map_err(|e| js_error(format!("{what}: {e}")))
 }
 
-/// Milliseconds on the page's clock.
+/// Milliseconds on the page's clock (since the epoch).
 fn now_ms() -> f64 {
     js_sys::Date::now()
+}
+
+/// Milliseconds on the finest clock the page has (`performance.now()`), for timing GPU work.
+fn clock_ms() -> f64 {
+    web_sys::window().and_then(|w| w.performance()).map_or_else(js_sys::Date::now, |p| p.now())
+}
+
+/// What a JavaScript exception or error event says.
+fn js_detail(value: &JsValue) -> String {
+    if let Some(error) = value.dyn_ref::<js_sys::Error>() {
+        return String::from(error.message());
+    }
+    value.as_string().unwrap_or_else(|| format!("{value:?}"))
+}
+
+/// A line in the page's console.
+fn log(line: &str) {
+    web_sys::console::log_1(&JsValue::from_str(&format!("tessera: {line}")));
 }
 
 /// The page's WebGPU device, shared by the models loaded on it.

@@ -1,0 +1,376 @@
+//! One connection's protocol with the coordinator, without I/O: what arrives on the DataChannel
+//! goes in (`handle`), with the time; what to send, which unit to run, what the page should hear
+//! and when to wake next come out (`poll`, `poll_timeout`). The browser glue (`contributor.rs`)
+//! only moves bytes and runs the units this machine hands it, so everything here runs natively
+//! in `cargo test`.
+//!
+//! Every message from the coordinator is validated by `tessera_protocol::decode`; one that does
+//! not decode, a bad frame, or a refusal of our protocol version ends the connection
+//! (`Output::Restart`), never a panic. Units wait in a bounded queue and run one at a time, with
+//! a rest after each so that the GPU is busy only the volunteer's share of the time.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use tessera_protocol::{
+    Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, JobId,
+    PROTOCOL_VERSION, PayloadKind, PayloadRef, ProtocolError, Tensor, UnitId, Work, decode, encode_control,
+};
+
+/// Milliseconds on the page's clock (`Date.now()`).
+pub type Millis = f64;
+
+/// Units assigned but not started; the coordinator gives one at a time (`max_concurrent_units`),
+/// so more than this is a coordinator at fault, and the extra units are dropped.
+pub const MAX_QUEUED_UNITS: usize = 8;
+/// Bounds on the heartbeat interval a `Welcome` may ask for.
+const HEARTBEAT_MS: (u64, u64) = (100, 60_000);
+
+/// What the page hears (`onEvent`), as plain objects with a `type`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum Event {
+    Status { status: Status, detail: Option<String> },
+    /// The coordinator welcomed us under this id.
+    Joined { contributor: ContributorId },
+    /// A blob a unit needed: `bytes` long, from Cache Storage (`cached`) or the network.
+    Download { cid: String, bytes: u64, cached: bool },
+    /// A unit's result was sent: `inputs` sentences, `ms` of GPU time.
+    Unit { unit: UnitId, job: JobId, inputs: usize, ms: f64 },
+    /// The coordinator decided a unit we reported on.
+    Verdict { unit: UnitId, accepted: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Connecting,
+    Idle,
+    Working,
+    Paused,
+    Error,
+}
+
+/// A unit to compute now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub job: JobId,
+    pub unit: UnitId,
+    /// The model's manifest CID.
+    pub model: String,
+    pub inputs: Vec<Vec<u32>>,
+}
+
+/// A message for the DataChannel: text is control JSON, binary is one frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Outgoing {
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Text(text) => text.len(),
+            Outgoing::Binary(bytes) => bytes.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Send(Outgoing),
+    /// Start computing this unit; report with [`Session::finished`].
+    Run(Assignment),
+    Event(Event),
+    /// Something worth a line in the console.
+    Log(String),
+    /// The connection cannot go on: close it and connect again. Nothing more comes out.
+    Restart(String),
+}
+
+/// A unit being computed.
+#[derive(Debug)]
+struct Running {
+    job: JobId,
+    unit: UnitId,
+    inputs: usize,
+    cancelled: bool,
+}
+
+/// One connection, from the open DataChannel on.
+#[derive(Debug)]
+pub struct Session {
+    /// The largest message the channel takes (`sctp.maxMessageSize`).
+    max_message: usize,
+    budget: f64,
+    contributor: Option<ContributorId>,
+    heartbeat_ms: u64,
+    next_heartbeat: Option<Millis>,
+    queue: VecDeque<Assignment>,
+    running: Option<Running>,
+    /// When the last unit finished and how long it kept the GPU busy.
+    last_unit: Option<(Millis, f64)>,
+    next_stream: u64,
+    outputs: VecDeque<Output>,
+    ended: bool,
+}
+
+impl Session {
+    /// A session on a channel that just opened: its first output is the `Hello`.
+    pub fn new(capabilities: Capabilities, budget: f64, max_message: usize) -> Session {
+        let mut session = Session {
+            max_message,
+            budget: clamp_budget(budget),
+            contributor: None,
+            heartbeat_ms: 0,
+            next_heartbeat: None,
+            queue: VecDeque::new(),
+            running: None,
+            last_unit: None,
+            next_stream: 1,
+            outputs: VecDeque::new(),
+            ended: false,
+        };
+        session.send(&ContributorMessage::Hello { protocol_version: PROTOCOL_VERSION, capabilities });
+        session
+    }
+
+    pub fn poll(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        if self.ended {
+            return None;
+        }
+        let next_unit = (self.contributor.is_some() && self.running.is_none() && !self.queue.is_empty()).then(|| self.rest_until());
+        match (self.next_heartbeat, next_unit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The compute budget: the share of time the GPU may be busy, in (0, 1].
+    pub fn set_budget(&mut self, now: Millis, budget: f64) {
+        self.budget = clamp_budget(budget);
+        self.start_next(now);
+    }
+
+    /// Ends the session politely: the coordinator reissues whatever we hold.
+    pub fn leave(&mut self) {
+        if !self.ended {
+            self.send(&ContributorMessage::Leave);
+            self.ended = true;
+        }
+    }
+
+    /// One message off the DataChannel.
+    pub fn handle(&mut self, now: Millis, incoming: Incoming<'_>) {
+        if self.ended {
+            return;
+        }
+        match decode::<CoordinatorMessage>(incoming) {
+            Ok(Decoded::Control(message)) => self.control(now, message),
+            // We ask the coordinator for no payloads (blobs come over HTTP), so a well-formed
+            // frame is only noted.
+            Ok(Decoded::Chunk(chunk)) => {
+                let h = chunk.header;
+                self.log(format!("ignoring an unrequested {:?} frame (stream {}, chunk {} of {})", h.kind, h.stream, h.index, h.count));
+            }
+            Err(e) => self.restart(format!("the coordinator sent a message that does not decode: {e}")),
+        }
+    }
+
+    /// Sends the heartbeats that are due and starts a unit whose rest is over.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.ended {
+            return;
+        }
+        if let Some(due) = self.next_heartbeat
+            && now >= due
+        {
+            self.send(&ContributorMessage::Heartbeat);
+            // One beat however late we are; the next one an interval from now.
+            self.next_heartbeat = Some(now + self.heartbeat_ms as f64);
+        }
+        self.start_next(now);
+    }
+
+    /// The unit from the last `Output::Run` is done: its L2-normalised rows, or why it failed;
+    /// `busy_ms` is how long it kept the GPU busy.
+    pub fn finished(&mut self, now: Millis, unit: UnitId, busy_ms: f64, result: Result<Vec<Vec<f32>>, String>) {
+        let Some(running) = self.running.take_if(|r| r.unit == unit) else {
+            return;
+        };
+        self.last_unit = Some((now, busy_ms.max(0.0)));
+        if self.ended {
+            return;
+        }
+        if running.cancelled {
+            self.log(format!("unit {unit}: cancelled while it ran; its result is dropped"));
+        } else {
+            match result.and_then(|rows| self.result_messages(&running, rows)) {
+                Ok(messages) => {
+                    self.outputs.extend(messages.into_iter().map(Output::Send));
+                    let Running { job, unit, inputs, .. } = running;
+                    self.event(Event::Unit { unit, job, inputs, ms: busy_ms });
+                }
+                Err(reason) => {
+                    self.log(format!("unit {unit} failed: {reason}"));
+                    self.send(&ContributorMessage::Error { code: ErrorCode::Internal, message: format!("unit {unit}: {reason}") });
+                }
+            }
+        }
+        if self.ended {
+            return;
+        }
+        self.status(Status::Idle);
+        self.start_next(now);
+    }
+
+    fn control(&mut self, now: Millis, message: CoordinatorMessage) {
+        match message {
+            CoordinatorMessage::Welcome { contributor, heartbeat_interval_ms, .. } => {
+                self.heartbeat_ms = heartbeat_interval_ms.clamp(HEARTBEAT_MS.0, HEARTBEAT_MS.1);
+                self.next_heartbeat = Some(now + self.heartbeat_ms as f64);
+                if self.contributor.replace(contributor).is_none() {
+                    self.event(Event::Joined { contributor });
+                    self.status(if self.running.is_some() { Status::Working } else { Status::Idle });
+                }
+                self.start_next(now);
+            }
+            CoordinatorMessage::Assign { job, unit, work: Work::Embedding { model, inputs }, .. } => {
+                let known = self.running.as_ref().is_some_and(|r| r.unit == unit) || self.queue.iter().any(|a| a.unit == unit);
+                if known {
+                    self.log(format!("unit {unit} was assigned twice; the second is ignored"));
+                } else if self.queue.len() >= MAX_QUEUED_UNITS {
+                    self.log(format!("unit {unit} dropped: {MAX_QUEUED_UNITS} units are queued already"));
+                } else {
+                    self.queue.push_back(Assignment { job, unit, model, inputs });
+                    self.start_next(now);
+                }
+            }
+            CoordinatorMessage::Cancel { unit } => {
+                self.queue.retain(|a| a.unit != unit);
+                if let Some(running) = self.running.as_mut().filter(|r| r.unit == unit) {
+                    running.cancelled = true;
+                }
+            }
+            CoordinatorMessage::Verdict { unit, accepted } => self.event(Event::Verdict { unit, accepted }),
+            CoordinatorMessage::Error { code: ErrorCode::UnsupportedVersion, message } => {
+                self.restart(format!("the coordinator refused this contributor: {message}"));
+            }
+            CoordinatorMessage::Error { code, message } => self.log(format!("the coordinator says {code:?}: {message}")),
+            // This contributor holds no blobs to offer (it fetches them over HTTP).
+            CoordinatorMessage::BlobRequest { cid, stream, .. } => {
+                let message = format!("{cid} (stream {stream}): this contributor does not serve blobs");
+                self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
+            }
+            // Direct channels between contributors come with span serving.
+            CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } => {}
+        }
+    }
+
+    /// When the rest after the last unit is over: it kept the GPU busy `t` ms, so the GPU rests
+    /// `t * (1 / budget - 1)` ms.
+    fn rest_until(&self) -> Millis {
+        self.last_unit.map_or(f64::NEG_INFINITY, |(finished, busy)| finished + busy * (1.0 / self.budget - 1.0))
+    }
+
+    fn start_next(&mut self, now: Millis) {
+        if self.ended || self.contributor.is_none() || self.running.is_some() || now < self.rest_until() {
+            return;
+        }
+        let Some(assignment) = self.queue.pop_front() else { return };
+        self.running = Some(Running { job: assignment.job, unit: assignment.unit, inputs: assignment.inputs.len(), cancelled: false });
+        self.status(Status::Working);
+        self.outputs.push_back(Output::Run(assignment));
+    }
+
+    /// The result as tensor frames and its `UnitResult`, after checking that it has one row
+    /// of one width per input and that every frame fits the channel.
+    fn result_messages(&mut self, running: &Running, rows: Vec<Vec<f32>>) -> Result<Vec<Outgoing>, String> {
+        let width = rows.first().map_or(0, Vec::len);
+        if rows.len() != running.inputs || rows.iter().any(|r| r.len() != width) {
+            let widths: Vec<usize> = rows.iter().map(Vec::len).collect();
+            return Err(format!("the model gave rows of widths {widths:?} for {} inputs", running.inputs));
+        }
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        let bytes = Tensor::from_f32(vec![running.inputs as u64, width as u64], &flat).map_err(|e| e.to_string())?.encode();
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        let mut messages = Vec::new();
+        for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes).map_err(|e| e.to_string())? {
+            if frame.len() > self.max_message {
+                return Err(format!("a result frame of {} bytes exceeds the DataChannel's maxMessageSize of {}", frame.len(), self.max_message));
+            }
+            messages.push(Outgoing::Binary(frame));
+        }
+        let result = ContributorMessage::UnitResult { unit: running.unit, payload: PayloadRef { stream, bytes: bytes.len() as u64 } };
+        messages.push(Outgoing::Text(encode_control(&result)));
+        Ok(messages)
+    }
+
+    fn send(&mut self, message: &ContributorMessage) {
+        self.outputs.push_back(Output::Send(Outgoing::Text(encode_control(message))));
+    }
+
+    fn event(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    fn status(&mut self, status: Status) {
+        self.event(Event::Status { status, detail: None });
+    }
+
+    fn log(&mut self, line: String) {
+        self.outputs.push_back(Output::Log(line));
+    }
+
+    fn restart(&mut self, reason: String) {
+        self.outputs.push_back(Output::Restart(reason));
+        self.ended = true;
+    }
+}
+
+fn clamp_budget(budget: f64) -> f64 {
+    if budget.is_finite() { budget.clamp(0.01, 1.0) } else { 1.0 }
+}
+
+/// The DataChannel's label, as the coordinator expects it (`tessera_rtc::CHANNEL_LABEL`).
+pub const CHANNEL_LABEL: &str = "tessera";
+
+/// The signalling messages on `GET /ws` (the coordinator's are `tessera_rtc::signal`, which
+/// needs tokio): one offer out, one answer or error back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Signal {
+    Offer { sdp: String },
+    Answer { sdp: String },
+    Error { code: ErrorCode, message: String },
+}
+
+impl tessera_protocol::Message for Signal {
+    const TYPES: &'static [&'static str] = &["offer", "answer", "error"];
+}
+
+/// The offer to send for this SDP.
+pub fn offer(sdp: &str) -> String {
+    encode_control(&Signal::Offer { sdp: sdp.to_string() })
+}
+
+/// The SDP of the coordinator's answer, or why there is none.
+pub fn answer(text: &str) -> Result<String, String> {
+    match tessera_protocol::decode_control::<Signal>(text.as_bytes(), tessera_protocol::MAX_TEXT_MESSAGE) {
+        Ok(Signal::Answer { sdp }) => Ok(sdp),
+        Ok(Signal::Error { code, message }) => Err(format!("the coordinator refused the offer ({code:?}): {message}")),
+        Ok(Signal::Offer { .. }) => Err("the coordinator answered with an offer".into()),
+        Err(ProtocolError::ControlTooLarge { len, max }) => Err(format!("the signalling answer of {len} bytes is over the limit of {max}")),
+        Err(e) => Err(format!("the signalling answer does not decode: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

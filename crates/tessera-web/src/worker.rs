@@ -1,0 +1,176 @@
+//! What a browser contributor computes with: the page's GPU (reopened after it is lost), the
+//! models units name by manifest CID (fetched through `blobs`, loaded once, kept by CID), and the
+//! unit itself, timed for the compute budget.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use js_sys::{Reflect, Uint8Array};
+use tessera_engine::bert::{Bert, BertConfig};
+use tessera_engine::cid::Cid;
+use tessera_engine::{EngineError, Gpu};
+use tessera_protocol::model::MAX_MANIFEST_BYTES;
+use tessera_protocol::{AdapterLimits, Architecture, Capabilities, ModelManifest, UnitId};
+use wasm_bindgen::JsValue;
+
+use crate::blobs;
+use crate::bytes::JsBytes;
+use crate::lifecycle::Options;
+use crate::session::{Assignment, Event};
+
+/// Models kept loaded at once; loading another drops them.
+const MAX_MODELS: usize = 2;
+/// The largest `config.json` read.
+const MAX_CONFIG_BYTES: u32 = 1 << 20;
+/// GPU memory a tab offers the coordinator at most.
+const MEMORY_BUDGET: u64 = 1 << 30;
+
+/// A unit's outcome, for `Session::finished`.
+pub struct Finished {
+    pub unit: UnitId,
+    pub busy_ms: f64,
+    pub result: Result<Vec<Vec<f32>>, String>,
+    /// The device was lost (or reported errors): reopen it before going on.
+    pub gpu_lost: bool,
+}
+
+pub struct Worker {
+    options: Options,
+    gpu: RefCell<Option<Rc<Gpu>>>,
+    models: RefCell<HashMap<String, Rc<Bert>>>,
+    emit: Box<dyn Fn(Event)>,
+}
+
+impl Worker {
+    pub fn new(options: Options, gpu: Gpu, emit: Box<dyn Fn(Event)>) -> Worker {
+        Worker { options, gpu: RefCell::new(Some(Rc::new(gpu))), models: RefCell::default(), emit }
+    }
+
+    /// The GPU, opened again (with no models) if it was lost.
+    pub async fn gpu(&self) -> Result<Rc<Gpu>, String> {
+        if let Some(gpu) = self.gpu.borrow().clone() {
+            return Ok(gpu);
+        }
+        let gpu = Rc::new(open_gpu().await?);
+        self.models.borrow_mut().clear();
+        *self.gpu.borrow_mut() = Some(gpu.clone());
+        crate::log(&format!("reopened the GPU: {}", gpu.adapter().name));
+        Ok(gpu)
+    }
+
+    fn lose_gpu(&self) {
+        self.gpu.borrow_mut().take();
+        self.models.borrow_mut().clear();
+    }
+
+    /// Computes one unit.
+    pub async fn run(self: Rc<Self>, assignment: Assignment) -> Finished {
+        let mut busy_ms = 0.0;
+        let result = self.compute(&assignment, &mut busy_ms).await;
+        let gpu_lost = self.gpu.borrow().is_none();
+        Finished { unit: assignment.unit, busy_ms, result, gpu_lost }
+    }
+
+    async fn compute(&self, assignment: &Assignment, busy_ms: &mut f64) -> Result<Vec<Vec<f32>>, String> {
+        let gpu = self.gpu().await?;
+        let bert = self.model(&gpu, &assignment.model).await?;
+        let started = crate::clock_ms();
+        let result = bert.embed(&gpu, &assignment.inputs).await;
+        *busy_ms = crate::clock_ms() - started;
+        self.check_device(&gpu, result.as_ref().err())?;
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Fails, and drops the GPU to be reopened, if the device reported errors or an op failed
+    /// the way a lost device makes it fail.
+    fn check_device(&self, gpu: &Gpu, error: Option<&EngineError>) -> Result<(), String> {
+        let errors = gpu.take_device_errors();
+        let lost = matches!(error, Some(EngineError::Device(_) | EngineError::Readback { .. }));
+        if errors.is_empty() && !lost {
+            return Ok(());
+        }
+        self.lose_gpu();
+        let what = if errors.is_empty() { error.map(ToString::to_string).unwrap_or_default() } else { errors.join("; ") };
+        Err(format!("the GPU failed ({what}); it will be reopened"))
+    }
+
+    /// The BERT encoder that manifest `id` names, loaded once.
+    async fn model(&self, gpu: &Gpu, id: &str) -> Result<Rc<Bert>, String> {
+        if let Some(bert) = self.models.borrow().get(id) {
+            return Ok(bert.clone());
+        }
+        let cid: Cid = id.parse().map_err(|e| format!("model {e}"))?;
+        let manifest = self.blob(&cid).await?;
+        if manifest.length() as usize > MAX_MANIFEST_BYTES {
+            return Err(format!("model {id}: a manifest of {} bytes, over the limit of {MAX_MANIFEST_BYTES}", manifest.length()));
+        }
+        let manifest = ModelManifest::parse(&manifest.to_vec()).map_err(|e| format!("model {id}: {e}"))?;
+        if manifest.architecture != Architecture::Bert {
+            return Err(format!("model {} is a {:?} model; embedding units need a BERT encoder", manifest.name, manifest.architecture));
+        }
+        let file = |name: &str| -> Result<Cid, String> {
+            let cid = manifest.file(name).map_err(|e| e.to_string())?;
+            cid.parse().map_err(|e| format!("model {}: {name}: {e}", manifest.name))
+        };
+        let config = self.blob(&file("config.json")?).await?;
+        if config.length() > MAX_CONFIG_BYTES {
+            return Err(format!("model {}: config.json of {} bytes, over the limit of {MAX_CONFIG_BYTES}", manifest.name, config.length()));
+        }
+        let config = BertConfig::from_json(&format!("{} config.json", manifest.name), &config.to_vec()).map_err(|e| e.to_string())?;
+        let weights = self.blob(&file("model.safetensors")?).await?;
+        let name = format!("{} model.safetensors", manifest.name);
+        let loaded = Bert::load(gpu, config, &name, &mut JsBytes::reader(&weights));
+        self.check_device(gpu, None)?;
+        let bert = Rc::new(loaded.map_err(|e| e.to_string())?);
+        let mut models = self.models.borrow_mut();
+        if models.len() >= MAX_MODELS {
+            models.clear();
+        }
+        models.insert(id.to_string(), bert.clone());
+        crate::log(&format!("loaded {} ({id})", manifest.name));
+        Ok(bert)
+    }
+
+    async fn blob(&self, cid: &Cid) -> Result<Uint8Array, String> {
+        let cid_text = cid.to_string();
+        let fetched = blobs::fetch(&self.options.blob_url(&cid_text), cid).await?;
+        (self.emit)(Event::Download { cid: cid_text, bytes: u64::from(fetched.bytes.length()), cached: fetched.cached });
+        Ok(fetched.bytes)
+    }
+}
+
+/// The page's WebGPU device, or why there is none.
+pub async fn open_gpu() -> Result<Gpu, String> {
+    let global = js_sys::global();
+    let get = |target: &JsValue, key: &str| Reflect::get(target, &key.into()).unwrap_or(JsValue::UNDEFINED);
+    let gpu = get(&get(&global, "navigator"), "gpu");
+    if gpu.is_undefined() || gpu.is_null() {
+        return Err(if get(&global, "isSecureContext").as_bool() == Some(false) {
+            "WebGPU is unavailable: this page is not a secure context (it must be served over https or from localhost)".into()
+        } else {
+            "this browser does not offer WebGPU (navigator.gpu is missing)".into()
+        });
+    }
+    Gpu::request().await.map_err(|e| format!("WebGPU is present but offers no usable GPU: {e}"))
+}
+
+/// What this tab tells the coordinator in its `Hello`, with a measured score.
+pub async fn capabilities(gpu: &Gpu) -> Result<Capabilities, String> {
+    let limits = gpu.limits();
+    let score = tessera_engine::score::matmul_score(gpu, &crate::clock_ms).await.map_err(|e| format!("measuring the GPU: {e}"))?;
+    let name = &gpu.adapter().name;
+    Ok(Capabilities {
+        adapter: if name.is_empty() { "WebGPU adapter".into() } else { name.clone() },
+        backend: "webgpu".into(),
+        limits: AdapterLimits {
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        },
+        memory_budget_bytes: limits.max_buffer_size.min(MEMORY_BUDGET),
+        benchmark_score: score,
+        max_concurrent_units: 1,
+    })
+}
