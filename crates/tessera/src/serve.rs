@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// Inputs per work unit.
     #[arg(long, default_value_t = 16)]
     unit_inputs: usize,
+    /// Contributors that must agree on a unit before it is accepted (1 trusts one result:
+    /// for benchmarks and trials, not for volunteers one does not know).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
+    replicas: u8,
     /// The web pages to serve (`/` the volunteer page, `/widget.js`, `/embed`, and the wasm
     /// build in `pkg/`). Default: the `www/` folder of the repository this binary was built
     /// from, when it is there.
@@ -68,6 +72,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut config = ServerConfig::new(args.addr, data.clone(), model_dir);
     config.inputs_per_unit = args.unit_inputs;
+    config.replicas = args.replicas;
     config.www_dir = www.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
