@@ -8,7 +8,8 @@
 //!   and return [`EngineError`] rather than letting a GPU validation error through.
 //! - [`reference`] holds a CPU version of every kernel, [`checks`] compares the two.
 //! - [`score::matmul_score`] is the speed a contributor reports.
-//! - [`shard`] cuts a model into the span shards contributors download.
+//! - [`shard`] cuts a model into the span shards contributors download; [`stage`] runs a span
+//!   (with a KV cache per session) or the embedding and head, hidden states in and out.
 
 mod batch;
 pub mod bert;
@@ -29,6 +30,7 @@ pub mod reference;
 mod rng;
 pub mod score;
 pub mod shard;
+pub mod stage;
 pub mod shaders;
 mod tensor;
 #[cfg(not(target_arch = "wasm32"))]

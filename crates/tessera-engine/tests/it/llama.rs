@@ -160,6 +160,73 @@ fn replaying_in_chunks_of_up_to_eight_tokens_equals_decoding_one_by_one() {
     }
 }
 
+/// The model as the coordinator and three contributors run it: the ends, then three span
+/// stages with hidden states crossing as CPU rows, gives the whole model's logits bit for bit,
+/// prompt and decode; a replacement stage rebuilt by replaying the session's inputs carries on
+/// exactly; and bad input to a stage is an error, not a wrong answer.
+#[test]
+fn stages_compose_to_the_whole_model_and_a_replacement_carries_on() {
+    use tessera_engine::generate::Session;
+    use tessera_engine::stage::{EndsStage, SpanStage};
+    let Some((gpu, model)) = model() else { return };
+    let path = model_path();
+    let load = |stages: Stages| Llama::load(gpu, "model", &mut std::fs::File::open(&path).unwrap(), &stages).unwrap();
+    let ends = EndsStage::new(load(Stages { embedding: true, blocks: 0..0, head: true }));
+    let spans = [0..10, 10..20, 20..30];
+    let mut stages: Vec<SpanStage> = spans.iter().map(|b| SpanStage::new(load(Stages { embedding: false, blocks: b.clone(), head: false }), b.clone(), 4).unwrap()).collect();
+
+    let mut whole = Session::new(gpu, model, 64).unwrap();
+    let prompt = fixture().cases[1].prompt_ids.clone();
+    let mut feed = prompt.clone();
+    let mut inputs_of_middle: Vec<(usize, Vec<f32>)> = Vec::new();
+    let mut position = 0;
+    for _ in 0..4 {
+        let expected = pollster::block_on(whole.feed(&feed)).unwrap();
+        let mut hidden = pollster::block_on(ends.embed(gpu, &feed)).unwrap();
+        for (i, stage) in stages.iter_mut().enumerate() {
+            if i == 1 {
+                inputs_of_middle.push((position, hidden.clone()));
+            }
+            hidden = pollster::block_on(stage.forward(gpu, 7, 64, position, &hidden)).unwrap();
+        }
+        let logits = pollster::block_on(ends.logits(gpu, &hidden)).unwrap();
+        assert!(logits.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "stages differ from the whole model at position {position}");
+        position += feed.len();
+        feed = vec![argmax(&logits)];
+    }
+
+    // The middle stage is lost; its replacement replays the session's inputs in the chunks they
+    // first came in (the prompt, then decoded tokens merged up to eight), then takes the next step.
+    let mut replacement = SpanStage::new(load(Stages { embedding: false, blocks: 10..20, head: false }), 10..20, 4).unwrap();
+    let decoded: Vec<f32> = inputs_of_middle[1..].iter().flat_map(|(_, h)| h.clone()).collect();
+    pollster::block_on(replacement.forward(gpu, 7, 64, 0, &inputs_of_middle[0].1)).unwrap();
+    pollster::block_on(replacement.forward(gpu, 7, 64, inputs_of_middle[1].0, &decoded)).unwrap();
+    assert_eq!(replacement.cached(7), stages[1].cached(7));
+    let step = pollster::block_on(ends.embed(gpu, &feed)).unwrap();
+    let before = pollster::block_on(stages[0].forward(gpu, 7, 64, position, &step)).unwrap();
+    let a = pollster::block_on(stages[1].forward(gpu, 7, 64, position, &before)).unwrap();
+    let b = pollster::block_on(replacement.forward(gpu, 7, 64, position, &before)).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "the replacement computes differently");
+
+    // Bad input from a peer.
+    let dim = model.config.dim;
+    let stage = &mut stages[2];
+    let fail = |r: Result<Vec<f32>, tessera_engine::EngineError>| r.unwrap_err().to_string();
+    assert!(fail(pollster::block_on(stage.forward(gpu, 7, 64, 0, &[0.0; 5]))).contains("not rows of 576"));
+    let mut nan = vec![0.0; dim];
+    nan[3] = f32::NAN;
+    assert!(fail(pollster::block_on(stage.forward(gpu, 7, 64, 0, &nan))).contains("value 3 is NaN"));
+    assert!(fail(pollster::block_on(stage.forward(gpu, 7, 64, 100, &vec![0.0; dim]))).contains("holds only"));
+    assert!(fail(pollster::block_on(stage.forward(gpu, 8, 2, 0, &vec![0.0; 3 * dim]))).contains("exceed"));
+    for session in 9..12 {
+        let _ = pollster::block_on(stage.forward(gpu, session, 4, 0, &vec![0.0; dim]));
+    }
+    assert!(fail(pollster::block_on(stage.forward(gpu, 12, 4, 0, &vec![0.0; dim]))).contains("sessions are open"));
+    assert_eq!(stage.sessions(), 4, "a failed first step leaves no cache");
+    assert!(!stage.end(12) && stage.end(9));
+    assert!(fail(pollster::block_on(ends.embed(gpu, &[u32::MAX]))).contains("outside the vocabulary"));
+}
+
 /// A span shard holds only its blocks' bytes and computes what the whole file does for them.
 #[test]
 fn a_span_shard_computes_as_the_whole_file_does() {
