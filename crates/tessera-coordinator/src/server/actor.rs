@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tessera_protocol::{Capabilities, ContributorId, CoordinatorMessage, ErrorCode, JobId, Tensor, UnitId};
+use tessera_protocol::{Capabilities, ContributorId, CoordinatorMessage, ErrorCode, JobId, SignalPayload, Tensor, UnitId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::openai::ApiError;
 use crate::scheduler::{JobSpec, Output, Report, Scheduler};
-use crate::server::peer::Outbound;
+use crate::server::peer::{OUTBOX, Outbound};
 use crate::server::{Counters, ServerConfig, ServerError, log};
 use crate::sqlite::SqliteStore;
 use crate::store::JobOutcome;
@@ -44,6 +44,8 @@ pub enum Command {
     /// It said `Leave`, or its DataChannel closed.
     Gone(ContributorId),
     Report { from: ContributorId, unit: UnitId, result: Tensor },
+    /// A signal for contributor `to`; `from` is checked to be the sender's own id.
+    Relay { from: ContributorId, to: ContributorId, payload: SignalPayload },
     Submit {
         spec: JobSpec,
         reply: oneshot::Sender<Result<(JobId, oneshot::Receiver<JobResult>), ApiError>>,
@@ -186,6 +188,7 @@ impl Actor {
                     Err(e) => log(format_args!("contributor {from}: report for unit {unit}: {e}")),
                 }
             }
+            Command::Relay { from, to, payload } => self.relay(from, to, payload),
             Command::Submit { spec, reply } => {
                 let _ = reply.send(self.submit(now, spec));
             }
@@ -317,6 +320,26 @@ impl Actor {
                 tokio::spawn(async move { peer.close.close().await });
             }
             let _ = self.scheduler.leave(now, id);
+        }
+    }
+
+    /// Passes a signal on to `to`, or tells `from` why not. A relay never costs the receiver its
+    /// connection: it is refused while `to`'s queue is over half full, so the scheduler's own
+    /// messages to it always have room.
+    fn relay(&mut self, from: ContributorId, to: ContributorId, payload: SignalPayload) {
+        let refusal = match self.peers.get(&to) {
+            None => (ErrorCode::UnknownPeer, format!("no contributor {to} is connected; the signal was dropped")),
+            Some(peer) if peer.outbox.capacity() < OUTBOX / 2 => {
+                (ErrorCode::Internal, format!("contributor {to} has too many messages waiting; the signal was dropped, try again later"))
+            }
+            Some(peer) => match peer.outbox.try_send(Outbound::Control(CoordinatorMessage::Signal { from, to, payload })) {
+                Ok(()) => return,
+                Err(_) => (ErrorCode::Internal, format!("contributor {to} is going away; the signal was dropped")),
+            },
+        };
+        // The sender's own queue being full only loses this reply.
+        if let Some(peer) = self.peers.get(&from) {
+            let _ = peer.outbox.try_send(Outbound::Control(CoordinatorMessage::Error { code: refusal.0, message: refusal.1 }));
         }
     }
 

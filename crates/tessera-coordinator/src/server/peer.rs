@@ -3,15 +3,19 @@
 //! binary payloads with its own bounded `Reassembler` (dropped with the task, so a disconnect
 //! abandons whatever was partial), and reports to the actor. A second task per peer writes:
 //! control messages from the actor and the blob ranges the contributor asks for, in order.
+//!
+//! Signals between contributors (`ContributorMessage::Signal`, for the direct DataChannels of
+//! model serving) are checked here (joined, `from` is the sender's own id, size, a per-peer
+//! token bucket) and relayed by the actor, which knows who is connected.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_engine::cid::Cid;
 use tessera_protocol::{
     Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, Payload,
-    PayloadKind, ProtocolError, Reassembler, ReassemblyLimits, Tensor, decode, encode_control,
+    PayloadKind, ProtocolError, Reassembler, ReassemblyLimits, SignalPayload, Tensor, decode, encode_control,
 };
 use tessera_rtc::{Message, Peer, PeerEvent, PeerSender};
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +25,15 @@ use crate::server::actor::Command;
 use crate::server::{Counters, log};
 
 /// Messages waiting for one peer's writer.
-const OUTBOX: usize = 1024;
+pub(crate) const OUTBOX: usize = 1024;
+/// Signals a peer may send in a burst: a WebRTC negotiation is an offer or answer and a few
+/// ICE candidates, so this covers several neighbours at once.
+const RELAY_BURST: u32 = 64;
+/// Signals a peer may send per second, sustained, once its burst is spent.
+const RELAY_PER_SECOND: u32 = 16;
+/// Largest signal relayed, in bytes of SDP or candidate text (a DataChannel-only SDP is about
+/// 1 KiB; the endpoint takes offers up to the same 16 KiB).
+const MAX_SIGNAL_BYTES: usize = 16 * 1024;
 /// Non-fatal protocol errors a peer may make before it is closed.
 const MAX_STRIKES: u32 = 3;
 /// Complete result payloads waiting for their `UnitResult`.
@@ -80,6 +92,40 @@ struct State {
     joined: Option<ContributorId>,
     reassembler: Reassembler,
     payloads: VecDeque<Payload>,
+    relay: RelayBudget,
+}
+
+/// A token bucket: the signals this peer may still relay now. Bounds what one peer can push
+/// at another (and at the actor), whatever it sends.
+struct RelayBudget {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RelayBudget {
+    fn full(now: Instant) -> RelayBudget {
+        RelayBudget { tokens: f64::from(RELAY_BURST), refilled: now }
+    }
+
+    /// Takes one signal's token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(RELAY_PER_SECOND)).min(f64::from(RELAY_BURST));
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// The text a signal carries, in bytes.
+fn signal_bytes(payload: &SignalPayload) -> usize {
+    match payload {
+        SignalPayload::Offer { sdp } | SignalPayload::Answer { sdp } => sdp.len(),
+        SignalPayload::Candidate { candidate, sdp_mid, .. } => candidate.len() + sdp_mid.as_ref().map_or(0, String::len),
+    }
 }
 
 /// Runs one peer until its channel closes.
@@ -87,7 +133,15 @@ pub async fn run(mut peer: Peer, ctx: Context) {
     let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
     tokio::spawn(write(peer.sender(), outbox_rx, Arc::clone(&ctx.blobs), Arc::clone(&ctx.counters)));
     let limits = ReassemblyLimits { max_message_bytes: MAX_RESULT_BYTES, max_partial_messages: 4, max_buffered_bytes: 4 * MAX_RESULT_BYTES };
-    let mut state = State { ctx, outbox, sender: peer.sender(), joined: None, reassembler: Reassembler::new(limits), payloads: VecDeque::new() };
+    let mut state = State {
+        ctx,
+        outbox,
+        sender: peer.sender(),
+        joined: None,
+        reassembler: Reassembler::new(limits),
+        payloads: VecDeque::new(),
+        relay: RelayBudget::full(Instant::now()),
+    };
     let mut strikes = 0;
     let mut closing = false;
     loop {
@@ -219,7 +273,27 @@ impl State {
                 }
                 self.outbox.send(Outbound::Blob { cid, offset, length, stream }).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "closed"))
             }
-            ContributorMessage::Signal { to, .. } => Err(Fault::new(ErrorCode::UnknownPeer, format!("cannot relay to contributor {to}: this coordinator does not relay signals yet"))),
+            ContributorMessage::Signal { from, to, payload } => {
+                // `id` is set: a peer that has not joined was refused above.
+                let Some(id) = id else { return Ok(()) };
+                if from != id {
+                    return Err(Fault::new(ErrorCode::Malformed, format!("a signal from contributor {from}: you are contributor {id}, and `from` must be your own id")));
+                }
+                if to == id {
+                    return Err(Fault::new(ErrorCode::Malformed, format!("a signal to contributor {to}: that is you")));
+                }
+                let bytes = signal_bytes(&payload);
+                if bytes > MAX_SIGNAL_BYTES {
+                    return Err(Fault::new(ErrorCode::TooLarge, format!("a signal of {bytes} bytes to contributor {to}: at most {MAX_SIGNAL_BYTES} are relayed")));
+                }
+                if !self.relay.take(Instant::now()) {
+                    return Err(Fault::new(
+                        ErrorCode::TooLarge,
+                        format!("too many signals: a burst of {RELAY_BURST}, then {RELAY_PER_SECOND} a second; the one to contributor {to} was dropped"),
+                    ));
+                }
+                tell(Command::Relay { from, to, payload }).await
+            }
             ContributorMessage::Error { code, message } => {
                 let who = id.map_or_else(String::new, |id| id.to_string());
                 log(format_args!("contributor {who} reports an error ({code:?}): {message}"));
