@@ -44,6 +44,8 @@ const MAX_RESULT_BYTES: u64 = 8 << 20;
 const MAX_BLOB_RANGE: u64 = 1 << 30;
 /// How long a closed-for-errors peer has to go before we stop waiting for its close.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a peer whose channel opened may take to say hello (a contributor sends it at once).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a peer's writer sends.
 pub enum Outbound {
@@ -128,6 +130,13 @@ fn signal_bytes(payload: &SignalPayload) -> usize {
     }
 }
 
+/// What woke a peer's task.
+enum Wake {
+    Event(Option<PeerEvent>),
+    /// Its channel opened `HELLO_TIMEOUT` ago and it has not said hello.
+    NoHello,
+}
+
 /// Runs one peer until its channel closes.
 pub async fn run(mut peer: Peer, ctx: Context) {
     let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
@@ -144,35 +153,52 @@ pub async fn run(mut peer: Peer, ctx: Context) {
     };
     let mut strikes = 0;
     let mut closing = false;
+    // Set when the channel opens, cleared by the hello: a silent peer must not keep its place
+    // among the endpoint's `max_peers` for good.
+    let mut hello_by: Option<tokio::time::Instant> = None;
     loop {
-        let event = if closing {
+        let wake = if closing {
             match tokio::time::timeout(CLOSE_GRACE, peer.recv()).await {
-                Ok(event) => event,
+                Ok(event) => Wake::Event(event),
                 Err(_) => break,
             }
+        } else if let Some(deadline) = hello_by {
+            tokio::time::timeout_at(deadline, peer.recv()).await.map_or(Wake::NoHello, Wake::Event)
         } else {
-            peer.recv().await
+            Wake::Event(peer.recv().await)
         };
-        match event {
-            None | Some(PeerEvent::Closed(_)) => break,
-            Some(PeerEvent::Connected | PeerEvent::Open) => {}
-            Some(PeerEvent::Message(_)) if closing => {}
-            Some(PeerEvent::Message(message)) => {
-                let Err(fault) = state.on_message(message).await else { continue };
-                Counters::add(&state.ctx.counters.protocol_errors, 1);
-                strikes += 1;
-                let fatal = fault.fatal || strikes >= MAX_STRIKES;
-                let who = state.joined.map_or(format!("peer {}", peer.id()), |id| format!("contributor {id}"));
-                log(format_args!("{who}: {}{}", fault.message, if fatal { "; closing" } else { "" }));
-                let error = CoordinatorMessage::Error { code: fault.code, message: fault.message };
-                if fatal {
-                    Counters::add(&state.ctx.counters.peers_disconnected_for_errors, 1);
-                    let _ = state.outbox.send(Outbound::Close(Some(error))).await;
-                    closing = true;
-                } else if state.outbox.send(Outbound::Control(error)).await.is_err() {
-                    break;
+        let fault = match wake {
+            Wake::NoHello => Fault::fatal(ErrorCode::NotJoined, format!("no hello within {} s of the channel opening", HELLO_TIMEOUT.as_secs())),
+            Wake::Event(None | Some(PeerEvent::Closed(_))) => break,
+            Wake::Event(Some(PeerEvent::Open)) => {
+                if state.joined.is_none() {
+                    hello_by = Some(tokio::time::Instant::now() + HELLO_TIMEOUT);
                 }
+                continue;
             }
+            Wake::Event(Some(PeerEvent::Connected)) => continue,
+            Wake::Event(Some(PeerEvent::Message(_))) if closing => continue,
+            Wake::Event(Some(PeerEvent::Message(message))) => {
+                let outcome = state.on_message(message).await;
+                if state.joined.is_some() {
+                    hello_by = None;
+                }
+                let Err(fault) = outcome else { continue };
+                fault
+            }
+        };
+        Counters::add(&state.ctx.counters.protocol_errors, 1);
+        strikes += 1;
+        let fatal = fault.fatal || strikes >= MAX_STRIKES;
+        let who = state.joined.map_or(format!("peer {}", peer.id()), |id| format!("contributor {id}"));
+        log(format_args!("{who}: {}{}", fault.message, if fatal { "; closing" } else { "" }));
+        let error = CoordinatorMessage::Error { code: fault.code, message: fault.message };
+        if fatal {
+            Counters::add(&state.ctx.counters.peers_disconnected_for_errors, 1);
+            let _ = state.outbox.send(Outbound::Close(Some(error))).await;
+            closing = true;
+        } else if state.outbox.send(Outbound::Control(error)).await.is_err() {
+            break;
         }
     }
     if let Some(id) = state.joined {

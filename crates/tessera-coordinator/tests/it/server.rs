@@ -1,7 +1,8 @@
 //! The coordinator's async shell on loopback, without a GPU: a `Server` with a stand-in model
 //! (a real BERT config and tokenizer; weights that are only hashed, never loaded) and raw
 //! contributors that speak the protocol over real WebRTC and answer units with made-up
-//! vectors. Verdicts after a vote, and signals relayed between contributors.
+//! vectors. Verdicts after a vote, signals relayed between contributors, and a flood of
+//! connections while a contributor works.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,7 +23,7 @@ use crate::common::caps;
 
 /// The stand-in model's width.
 const HIDDEN: usize = 8;
-/// Heartbeats in these tests: a contributor that misses a few beats is lost.
+/// Heartbeats in these tests: a contributor starved by a flood for a few beats is lost.
 const HEARTBEAT_MS: u64 = 250;
 const HEARTBEAT_TIMEOUT_MS: u64 = 3_000;
 /// How long any one message may take to arrive; a deadline, never a sleep.
@@ -420,5 +421,127 @@ async fn signals_are_relayed_between_contributors_within_bounds() {
     assert!(
         relayed >= RELAY_BURST && relayed <= RELAY_BURST + refilled,
         "{relayed} of {sent} signals relayed in {elapsed:.3} s"
+    );
+}
+
+/// Opens `/ws` by hand: the socket if the coordinator switched protocols, else the status.
+async fn upgrade(addr: SocketAddr) -> Result<TcpStream, u16> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send the upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    if status == 101 { Ok(stream) } else { Err(status) }
+}
+
+/// Heartbeats and answers every unit until told to stop; returns the accepted verdicts.
+async fn work(mut raw: Raw, mut stop: oneshot::Receiver<()>) -> usize {
+    let mut beat = tokio::time::interval(Duration::from_millis(HEARTBEAT_MS));
+    let mut accepted = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return accepted,
+            _ = beat.tick() => raw.send(&ContributorMessage::Heartbeat).await,
+            event = raw.peer.recv() => match event {
+                Some(PeerEvent::Message(Message::Text(text))) => {
+                    match decode_control(text.as_bytes(), usize::MAX).expect("a coordinator message") {
+                        CoordinatorMessage::Assign { unit, work, .. } => raw.answer(unit, &work, false).await,
+                        CoordinatorMessage::Verdict { accepted: true, .. } => accepted += 1,
+                        other @ (CoordinatorMessage::Verdict { .. } | CoordinatorMessage::Error { .. }) => {
+                            panic!("the working contributor was refused: {other:?}")
+                        }
+                        _ => {}
+                    }
+                }
+                Some(PeerEvent::Closed(reason)) => panic!("the working contributor was closed: {reason}"),
+                None => panic!("the working contributor's channel ended"),
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+/// Hundreds of signalling sessions held open, hundreds of offers that never connect, and
+/// DataChannels that never say hello, while a contributor heartbeats and computes: each
+/// excess is refused or closed by name, and the contributor's units go through throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_leaves_a_working_contributor_working() {
+    let coordinator = start(1).await;
+    let addr = coordinator.addr;
+    let (stop, stopped) = oneshot::channel();
+    let worker = tokio::spawn(work(Raw::join(addr).await, stopped));
+    let texts = ["hello world", "again"];
+    let started = Instant::now();
+
+    // Sessions that upgrade and say nothing hold their place: the excess gets 503.
+    let held = tessera_rtc::signal::MAX_SESSIONS + 44;
+    let attempts = futures::future::join_all((0..held).map(|_| upgrade(addr))).await;
+    let refused: Vec<u16> = attempts.iter().filter_map(|a| a.as_ref().err().copied()).collect();
+    assert_eq!(refused, vec![503; 44]);
+    // During the flood a request goes through the working contributor.
+    assert_eq!(embed(addr, &texts).await.len(), 2);
+    drop(attempts);
+
+    // Offers that are answered but never connect, many at once: each gets an answer or a
+    // refusal (503 while the held sessions are still closing, or the endpoint's own limits).
+    let offers = 300;
+    let url = format!("ws://{addr}/ws");
+    let ghost = tessera_rtc::connect(
+        "127.0.0.1:0".parse().unwrap(),
+        tessera_rtc::Config::default(),
+        |offer| async move { Err::<String, _>(offer) },
+    )
+    .await;
+    let Err(tessera_rtc::RtcError::Signalling(offer)) = ghost else {
+        panic!("expected the offer back from the signalling function");
+    };
+    let replies = futures::future::join_all(
+        (0..offers).map(|_| tessera_rtc::signal::offer_over_websocket(&url, offer.clone())),
+    )
+    .await;
+    for reply in &replies {
+        if let Err(e) = reply {
+            let shown = e.to_string();
+            assert!(
+                shown.contains("503") || shown.contains("refused the offer"),
+                "an offer was neither answered nor refused: {shown}"
+            );
+        }
+    }
+    assert_eq!(embed(addr, &texts).await.len(), 2);
+
+    // DataChannels that open and never say hello are closed, by name, and give back their
+    // places among the endpoint's peers.
+    let silent = futures::future::join_all((0..16).map(|_| channel(addr))).await;
+    assert_eq!(embed(addr, &texts).await.len(), 2);
+    for mut peer in silent {
+        let message = expect_error(&mut peer, ErrorCode::NotJoined).await;
+        assert_eq!(message, "no hello within 5 s of the channel opening");
+        assert_eq!(next_control(&mut peer).await, None);
+    }
+
+    assert_eq!(metric(addr, "tessera_contributors_lost_total").await, 0);
+    assert_eq!(metric(addr, "tessera_contributors_connected").await, 1);
+    let _ = stop.send(());
+    let accepted = worker.await.expect("the working contributor");
+    assert_eq!(accepted, 3, "one unit a request, each accepted");
+    let answered = replies.iter().filter(|r| r.is_ok()).count();
+    println!(
+        "flood: {held} sessions ({} refused with 503), {offers} offers ({answered} answered), \
+         16 silent channels, in {:.1} s",
+        refused.len(),
+        started.elapsed().as_secs_f64()
     );
 }
