@@ -235,6 +235,7 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
             },
         }
     };
+    log(&format!("connected to {}; the DataChannel takes messages of up to {} bytes", shared.options.coordinator, channel.max_message()));
     let mut session = Session::new(capabilities, shared.budget.get(), channel.max_message());
     let mut unit: Fuse<LocalBoxFuture<'static, Finished>> = Fuse::terminated();
     let mut leaving = false;

@@ -28,7 +28,10 @@ fn full_budget() -> f64 {
 
 impl Options {
     pub fn parse(json: &str) -> Result<Options, String> {
-        let mut options: Options = serde_json::from_str(json).map_err(|e| format!("options: {e}"))?;
+        let mut options: Options = serde_json::from_str(json).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => format!("options: {e}"),
+            _ => format!("options must be a JSON object such as {{\"coordinator\": \"https://tessera.example\", \"budget\": 1}}: {e}"),
+        })?;
         check_budget(options.budget)?;
         let base = options.coordinator.trim_end_matches('/');
         let host = base.strip_prefix("http://").or_else(|| base.strip_prefix("https://"));
@@ -98,6 +101,9 @@ pub struct Stats {
     pub busy_ms: f64,
     pub started_at_ms: Millis,
     pub first_accepted_at_ms: Option<Millis>,
+    /// Whether the page has been told a status yet (the first one always goes out).
+    #[serde(skip)]
+    status_told: bool,
 }
 
 impl Stats {
@@ -114,6 +120,7 @@ impl Stats {
             busy_ms: 0.0,
             started_at_ms: now,
             first_accepted_at_ms: None,
+            status_told: false,
         }
     }
 
@@ -121,9 +128,10 @@ impl Stats {
     pub fn apply(&mut self, now: Millis, event: &Event) -> bool {
         match event {
             Event::Status { status, detail } => {
-                if (*status, detail) == (self.status, &self.detail) {
+                if self.status_told && (*status, detail) == (self.status, &self.detail) {
                     return false;
                 }
+                self.status_told = true;
                 self.status = *status;
                 self.detail.clone_from(detail);
             }
@@ -174,7 +182,7 @@ mod tests {
         check_options(r#"{"budget":1}"#, Err("missing field `coordinator`"));
         check_options(r#"{"coordinator":"http://h","budjet":1}"#, Err("unknown field `budjet`"));
         check_options(r#"{"coordinator":"http://h","budget":"1"}"#, Err("invalid type"));
-        check_options("not json", Err("options: "));
+        check_options("not json", Err("options must be a JSON object"));
         assert_eq!(Options::parse(r#"{"coordinator":"http://h:1/"}"#).map(|o| o.blob_url("bafk")), Ok("http://h:1/blobs/bafk".into()));
     }
 
@@ -195,6 +203,7 @@ mod tests {
         let mut stats = Stats::new(1000.0);
         let status = |status, detail: Option<&str>| Event::Status { status, detail: detail.map(String::from) };
         let rows = [
+            (status(Status::Connecting, None), true),
             (status(Status::Connecting, None), false),
             (status(Status::Error, Some("gone")), true),
             (status(Status::Error, Some("gone")), false),

@@ -153,9 +153,12 @@ impl Channel {
         let on_state = Handler::new({
             let (mut sender, pc) = (sender, pc.clone());
             move |_: JsValue| {
-                if matches!(pc.connection_state(), RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed) {
-                    push(&mut sender, Received::Closed(format!("the connection to the coordinator is {:?}", pc.connection_state())));
-                }
+                let state = match pc.connection_state() {
+                    RtcPeerConnectionState::Failed => "failed",
+                    RtcPeerConnectionState::Closed => "closed",
+                    _ => return,
+                };
+                push(&mut sender, Received::Closed(format!("the connection to the coordinator {state}")));
             }
         });
         let function = |handler: &Handler| Some(handler.as_ref().unchecked_ref::<js_sys::Function>().clone());

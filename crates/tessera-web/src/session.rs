@@ -342,14 +342,19 @@ fn clamp_budget(budget: f64) -> f64 {
 /// The DataChannel's label, as the coordinator expects it (`tessera_rtc::CHANNEL_LABEL`).
 pub const CHANNEL_LABEL: &str = "tessera";
 
-/// The signalling messages on `GET /ws` (the coordinator's are `tessera_rtc::signal`, which
-/// needs tokio): one offer out, one answer or error back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Signal {
-    Offer { sdp: String },
-    Answer { sdp: String },
-    Error { code: ErrorCode, message: String },
+/// A signalling message on `GET /ws` (the coordinator's side is `tessera_rtc::signal`, which
+/// needs tokio): our `{"type":"offer","sdp":…}`, and its reply, `{"type":"answer","sdp":…}` or
+/// `{"type":"error","code":…,"message":…}`. One flat struct: an internally tagged enum would
+/// cost the wasm a buffering deserializer per variant.
+#[derive(Serialize, Deserialize)]
+struct Signal {
+    r#type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sdp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 impl tessera_protocol::Message for Signal {
@@ -358,15 +363,21 @@ impl tessera_protocol::Message for Signal {
 
 /// The offer to send for this SDP.
 pub fn offer(sdp: &str) -> String {
-    encode_control(&Signal::Offer { sdp: sdp.to_string() })
+    encode_control(&Signal { r#type: "offer".into(), sdp: Some(sdp.into()), code: None, message: None })
 }
 
 /// The SDP of the coordinator's answer, or why there is none.
 pub fn answer(text: &str) -> Result<String, String> {
     match tessera_protocol::decode_control::<Signal>(text.as_bytes(), tessera_protocol::MAX_TEXT_MESSAGE) {
-        Ok(Signal::Answer { sdp }) => Ok(sdp),
-        Ok(Signal::Error { code, message }) => Err(format!("the coordinator refused the offer ({code:?}): {message}")),
-        Ok(Signal::Offer { .. }) => Err("the coordinator answered with an offer".into()),
+        Ok(Signal { r#type, sdp, code, message }) => match (r#type.as_str(), sdp) {
+            ("answer", Some(sdp)) => Ok(sdp),
+            ("error", _) => Err(format!(
+                "the coordinator refused the offer ({:?}): {}",
+                code.unwrap_or(ErrorCode::Unknown),
+                message.unwrap_or_default()
+            )),
+            (kind, _) => Err(format!("the coordinator answered with {kind:?} and no SDP")),
+        },
         Err(ProtocolError::ControlTooLarge { len, max }) => Err(format!("the signalling answer of {len} bytes is over the limit of {max}")),
         Err(e) => Err(format!("the signalling answer does not decode: {e}")),
     }

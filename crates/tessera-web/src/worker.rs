@@ -5,6 +5,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use js_sys::{Reflect, Uint8Array};
 use tessera_engine::bert::{Bert, BertConfig};
@@ -35,27 +37,53 @@ pub struct Finished {
     pub gpu_lost: bool,
 }
 
+/// An open GPU and whether WebGPU has reported it lost.
+struct Opened {
+    gpu: Rc<Gpu>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Opened {
+    fn new(gpu: Gpu) -> Opened {
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        gpu.device().set_device_lost_callback(move |reason, message| {
+            flag.store(true, Ordering::Relaxed);
+            // `Destroyed` is our own doing: a replaced or stopped GPU.
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                crate::log(&format!("the GPU device was lost: {message}"));
+            }
+        });
+        Opened { gpu: Rc::new(gpu), lost }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
 pub struct Worker {
     options: Options,
-    gpu: RefCell<Option<Rc<Gpu>>>,
+    gpu: RefCell<Option<Opened>>,
     models: RefCell<HashMap<String, Rc<Bert>>>,
     emit: Box<dyn Fn(Event)>,
 }
 
 impl Worker {
     pub fn new(options: Options, gpu: Gpu, emit: Box<dyn Fn(Event)>) -> Worker {
-        Worker { options, gpu: RefCell::new(Some(Rc::new(gpu))), models: RefCell::default(), emit }
+        Worker { options, gpu: RefCell::new(Some(Opened::new(gpu))), models: RefCell::default(), emit }
     }
 
     /// The GPU, opened again (with no models) if it was lost.
     pub async fn gpu(&self) -> Result<Rc<Gpu>, String> {
-        if let Some(gpu) = self.gpu.borrow().clone() {
-            return Ok(gpu);
+        if let Some(opened) = self.gpu.borrow().as_ref().filter(|o| !o.is_lost()) {
+            return Ok(opened.gpu.clone());
         }
-        let gpu = Rc::new(open_gpu().await?);
-        self.models.borrow_mut().clear();
-        *self.gpu.borrow_mut() = Some(gpu.clone());
-        crate::log(&format!("reopened the GPU: {}", gpu.adapter().name));
+        self.lose_gpu();
+        let opened = Opened::new(open_gpu().await?);
+        let gpu = opened.gpu.clone();
+        *self.gpu.borrow_mut() = Some(opened);
+        crate::log("reopened the GPU");
         Ok(gpu)
     }
 
@@ -68,7 +96,7 @@ impl Worker {
     pub async fn run(self: Rc<Self>, assignment: Assignment) -> Finished {
         let mut busy_ms = 0.0;
         let result = self.compute(&assignment, &mut busy_ms).await;
-        let gpu_lost = self.gpu.borrow().is_none();
+        let gpu_lost = self.gpu.borrow().as_ref().is_none_or(Opened::is_lost);
         Finished { unit: assignment.unit, busy_ms, result, gpu_lost }
     }
 
@@ -86,12 +114,17 @@ impl Worker {
     /// the way a lost device makes it fail.
     fn check_device(&self, gpu: &Gpu, error: Option<&EngineError>) -> Result<(), String> {
         let errors = gpu.take_device_errors();
-        let lost = matches!(error, Some(EngineError::Device(_) | EngineError::Readback { .. }));
+        let reported_lost = self.gpu.borrow().as_ref().is_some_and(Opened::is_lost);
+        let lost = reported_lost || matches!(error, Some(EngineError::Device(_) | EngineError::Readback { .. }));
         if errors.is_empty() && !lost {
             return Ok(());
         }
         self.lose_gpu();
-        let what = if errors.is_empty() { error.map(ToString::to_string).unwrap_or_default() } else { errors.join("; ") };
+        let what = match (errors.is_empty(), error) {
+            (false, _) => errors.join("; "),
+            (true, Some(error)) => error.to_string(),
+            (true, None) => "the device was lost".into(),
+        };
         Err(format!("the GPU failed ({what}); it will be reopened"))
     }
 

@@ -319,7 +319,8 @@ fn signalling_speaks_the_coordinators_messages() {
     assert_eq!(reply(&SignalMessage::Answer { sdp: "v=0 answer".into() }), Ok("v=0 answer".into()));
     let refusal = reply(&SignalMessage::Error { code: ErrorCode::Internal, message: "not accepting peers".into() });
     assert_eq!(refusal, Err("the coordinator refused the offer (Internal): not accepting peers".into()));
-    assert_eq!(reply(&SignalMessage::Offer { sdp: "x".into() }), Err("the coordinator answered with an offer".into()));
+    assert_eq!(reply(&SignalMessage::Offer { sdp: "x".into() }), Err("the coordinator answered with \"offer\" and no SDP".into()));
+    assert_eq!(answer(r#"{"type":"answer"}"#), Err("the coordinator answered with \"answer\" and no SDP".into()));
     assert!(answer("<html>").unwrap_err().starts_with("the signalling answer does not decode: "));
     assert!(answer(&"x".repeat(70_000)).unwrap_err().contains("over the limit"));
 }
