@@ -298,14 +298,26 @@ async fn signal(url: &str, sdp: &str) -> Result<String, String> {
     socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     socket.set_onerror(Some(on_error.as_ref().unchecked_ref()));
     socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    // Declared after the closures, so dropped before them, even when this future is dropped
+    // half-way (a pause while connecting).
+    let _socket = Signalling(socket);
     let reply = select! {
         reply = replies.next() => reply.unwrap_or_else(|| Err("the signalling WebSocket's handlers are gone".into())),
         _ = TimeoutFuture::new(SIGNAL_TIMEOUT_MS).fuse() => Err(format!("no signalling answer within {} s", SIGNAL_TIMEOUT_MS / 1000)),
     };
-    socket.set_onopen(None);
-    socket.set_onmessage(None);
-    socket.set_onerror(None);
-    socket.set_onclose(None);
-    let _ = socket.close();
     answer(&reply?)
+}
+
+/// The signalling socket: its handlers are removed and it is closed when this is dropped.
+struct Signalling(WebSocket);
+
+impl Drop for Signalling {
+    fn drop(&mut self) {
+        let socket = &self.0;
+        socket.set_onopen(None);
+        socket.set_onmessage(None);
+        socket.set_onerror(None);
+        socket.set_onclose(None);
+        let _ = socket.close();
+    }
 }
