@@ -141,7 +141,9 @@ function setUpBudget() {
 /** No WebGPU: a plain statement, and no controls. */
 function unsupported(detail) {
   $('adapter').classList.add('unsupported');
-  document.querySelector('.budget').hidden = true;
+  for (const part of [document.querySelector('.budget'), document.querySelector('.controls'), $('activity')]) {
+    part.hidden = true;
+  }
   setStatus('unsupported', detail);
 }
 
