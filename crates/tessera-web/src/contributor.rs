@@ -94,7 +94,7 @@ impl Contributor {
         let gpu = worker::open_gpu().await.map_err(js_error)?;
         let (wake, woken) = mpsc::channel(0);
         let shared = Rc::new(Shared {
-            adapter: gpu.adapter().clone(),
+            adapter: worker::describe(&gpu).await,
             budget: Cell::new(options.budget),
             options: options.clone(),
             wanted: Cell::new(Wanted::Run),
@@ -109,7 +109,8 @@ impl Contributor {
         Ok(Contributor { shared })
     }
 
-    /// The GPU adapter as JSON: `{name, backend, device_type, driver}`.
+    /// The GPU adapter as JSON: `{name, backend, device_type, driver}` (the name as the browser
+    /// gives it: `info.description`, or `info.vendor · info.architecture`).
     pub fn adapter(&self) -> Result<String, JsError> {
         to_json(&self.shared.adapter)
     }
@@ -215,7 +216,7 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
     };
     let capabilities = match capabilities {
         Some(known) => known.clone(),
-        None => match worker::capabilities(&gpu).await {
+        None => match worker::capabilities(&gpu, &shared.adapter.name).await {
             Ok(measured) => capabilities.insert(measured).clone(),
             Err(e) => return Ended::Failed(e),
         },

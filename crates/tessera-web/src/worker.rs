@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use js_sys::{Reflect, Uint8Array};
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::cid::Cid;
-use tessera_engine::{EngineError, Gpu};
+use tessera_engine::{AdapterSummary, EngineError, Gpu};
 use tessera_protocol::model::MAX_MANIFEST_BYTES;
 use tessera_protocol::{AdapterLimits, Architecture, Capabilities, ModelManifest, UnitId};
-use wasm_bindgen::JsValue;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
 
 use crate::blobs;
 use crate::bytes::JsBytes;
@@ -188,13 +189,34 @@ pub async fn open_gpu() -> Result<Gpu, String> {
     Gpu::request().await.map_err(|e| format!("WebGPU is present but offers no usable GPU: {e}"))
 }
 
-/// What this tab tells the coordinator in its `Hello`, with a measured score.
-pub async fn capabilities(gpu: &Gpu) -> Result<Capabilities, String> {
+/// The adapter as the page sees it. Browsers give wgpu no name, so it is taken from the
+/// adapter's `info` ("google · swiftshader"), as a page would show it.
+pub async fn describe(gpu: &Gpu) -> AdapterSummary {
+    let mut summary = gpu.adapter().clone();
+    if summary.name.is_empty() {
+        summary.name = browser_adapter_name().await.unwrap_or_else(|| "a WebGPU adapter".into());
+    }
+    summary
+}
+
+async fn browser_adapter_name() -> Option<String> {
+    let get = |target: &JsValue, key: &str| Reflect::get(target, &key.into()).ok();
+    let gpu = get(&get(&js_sys::global(), "navigator")?, "gpu")?;
+    let request: js_sys::Function = get(&gpu, "requestAdapter")?.dyn_into().ok()?;
+    let adapter = JsFuture::from(request.call0(&gpu).ok()?.dyn_into::<js_sys::Promise>().ok()?).await.ok()?;
+    let info = get(&adapter, "info")?;
+    let parts: Vec<String> =
+        ["description", "vendor", "architecture"].iter().filter_map(|key| get(&info, key)?.as_string()).filter(|part| !part.is_empty()).collect();
+    (!parts.is_empty()).then(|| parts.join(" · "))
+}
+
+/// What this tab tells the coordinator in its `Hello` about `gpu` (called `name`), with a
+/// measured score.
+pub async fn capabilities(gpu: &Gpu, name: &str) -> Result<Capabilities, String> {
     let limits = gpu.limits();
     let score = tessera_engine::score::matmul_score(gpu, &crate::clock_ms).await.map_err(|e| format!("measuring the GPU: {e}"))?;
-    let name = &gpu.adapter().name;
     Ok(Capabilities {
-        adapter: if name.is_empty() { "WebGPU adapter".into() } else { name.clone() },
+        adapter: name.to_string(),
         backend: "webgpu".into(),
         limits: AdapterLimits {
             max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
