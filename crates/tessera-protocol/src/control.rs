@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 /// The control protocol version a `Hello` and a `Welcome` carry. Peers must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 macro_rules! id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -79,6 +80,13 @@ pub struct PayloadRef {
     pub bytes: u64,
 }
 
+/// A contiguous span of a model's transformer blocks, `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocks {
+    pub start: u32,
+    pub end: u32,
+}
+
 /// A session-description or ICE message relayed between two contributors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -107,6 +115,9 @@ pub enum ErrorCode {
     UnknownUnit,
     UnknownPeer,
     BlobNotFound,
+    /// A span could not be loaded or run here (or this contributor serves no spans): the
+    /// coordinator places it elsewhere.
+    SpanFailed,
     Internal,
     /// A code this version does not know.
     #[serde(other)]
@@ -143,6 +154,11 @@ pub enum ContributorMessage {
         to: ContributorId,
         payload: SignalPayload,
     },
+    /// The span shard `shard` of a `LoadSpan` is loaded and ready for `Forward`.
+    SpanReady { shard: String },
+    /// The hidden states that `Forward { session, step }` produced: an F32 tensor `[rows, dim]`
+    /// in the `Tensor` frames of `payload`, sent before this message.
+    Forwarded { session: u64, step: u64, payload: PayloadRef },
     /// Something the contributor received was rejected.
     Error { code: ErrorCode, message: String },
 }
@@ -185,6 +201,17 @@ pub enum CoordinatorMessage {
         to: ContributorId,
         payload: SignalPayload,
     },
+    /// Load `blocks` of `model` from the span shard `shard` (a blob: fetch it with `BlobRequest`
+    /// and check it against its CID), keep KV caches for up to `max_sessions` sessions, and
+    /// answer `SpanReady` (or an `Error` with `SpanFailed`).
+    LoadSpan { model: String, shard: String, blocks: Blocks, max_sessions: u32 },
+    /// Run span `shard` over the hidden states of positions `start..` of `session` (an F32
+    /// tensor `[rows, dim]` in the `Tensor` frames of `payload`, sent before this message) and
+    /// answer `Forwarded`. A session new here gets a KV cache of `capacity` positions; positions
+    /// it holds from `start` on are computed again (a replay).
+    Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, payload: PayloadRef },
+    /// `session` is over: free its KV caches.
+    EndSession { session: u64 },
     /// Something the contributor sent was rejected; after a fatal one the connection closes.
     Error { code: ErrorCode, message: String },
 }
@@ -203,6 +230,8 @@ impl Message for ContributorMessage {
         "blob_request",
         "blob_have",
         "signal",
+        "span_ready",
+        "forwarded",
         "error",
     ];
 }
@@ -216,6 +245,9 @@ impl Message for CoordinatorMessage {
         "blob_request",
         "blob_have",
         "signal",
+        "load_span",
+        "forward",
+        "end_session",
         "error",
     ];
 }

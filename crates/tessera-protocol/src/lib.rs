@@ -11,7 +11,7 @@ pub mod model;
 pub mod tensor;
 
 pub use control::{
-    AdapterLimits, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
+    AdapterLimits, Blocks, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
     JobId, Message, PROTOCOL_VERSION, PayloadRef, SignalPayload, UnitId, Work,
 };
 pub use error::ProtocolError;

@@ -52,8 +52,19 @@ fn contributor_messages() -> Vec<ContributorMessage> {
                 sdp_m_line_index: Some(0),
             },
         },
+        ContributorMessage::SpanReady {
+            shard: "bafkreishard".into(),
+        },
+        ContributorMessage::Forwarded {
+            session: 7,
+            step: 12,
+            payload: PayloadRef {
+                stream: 5,
+                bytes: 2320,
+            },
+        },
         ContributorMessage::Error {
-            code: ErrorCode::Malformed,
+            code: ErrorCode::SpanFailed,
             message: "bad".into(),
         },
     ]
@@ -89,6 +100,24 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             to: ContributorId(2),
             payload: SignalPayload::Offer { sdp: "v=0".into() },
         },
+        CoordinatorMessage::LoadSpan {
+            model: "smollm2".into(),
+            shard: "bafkreishard".into(),
+            blocks: Blocks { start: 10, end: 20 },
+            max_sessions: 8,
+        },
+        CoordinatorMessage::Forward {
+            shard: "bafkreishard".into(),
+            session: 7,
+            step: 12,
+            start: 37,
+            capacity: 64,
+            payload: PayloadRef {
+                stream: 2,
+                bytes: 2320,
+            },
+        },
+        CoordinatorMessage::EndSession { session: 7 },
         CoordinatorMessage::Error {
             code: ErrorCode::UnsupportedVersion,
             message: "x".into(),
@@ -148,6 +177,28 @@ fn wire_shape_is_stable() {
         text,
         r#"{"type":"unit_result","unit":9,"payload":{"stream":3,"bytes":1536}}"#
     );
+    let text = encode_control(&CoordinatorMessage::Forward {
+        shard: "bafkreishard".into(),
+        session: 7,
+        step: 12,
+        start: 37,
+        capacity: 64,
+        payload: PayloadRef { stream: 2, bytes: 2320 },
+    });
+    assert_eq!(
+        text,
+        r#"{"type":"forward","shard":"bafkreishard","session":7,"step":12,"start":37,"capacity":64,"payload":{"stream":2,"bytes":2320}}"#
+    );
+    let text = encode_control(&CoordinatorMessage::LoadSpan {
+        model: "smollm2".into(),
+        shard: "bafkreishard".into(),
+        blocks: Blocks { start: 10, end: 20 },
+        max_sessions: 8,
+    });
+    assert_eq!(
+        text,
+        r#"{"type":"load_span","model":"smollm2","shard":"bafkreishard","blocks":{"start":10,"end":20},"max_sessions":8}"#
+    );
     let unknown_code = r#"{"type":"error","code":"from_the_future","message":"m"}"#;
     assert_eq!(
         decode_control::<CoordinatorMessage>(unknown_code.as_bytes(), 1024).unwrap(),
@@ -186,23 +237,52 @@ fn bad_control_messages_say_what_is_wrong() {
     );
     check(
         "{\"type\": \"welcome\"}",
-        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"error\"]",
+        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"error\"]",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": 2, \"capabilities\": {\"shape\": \"of the future\"}}",
-        "protocol version 2 is not supported: this peer speaks version 1",
+        "{\"type\": \"forward\"}",
+        "unknown message type \"forward\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"error\"]",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": \"1\"}",
-        "protocol version \"1\" is not supported: this peer speaks version 1",
+        "{\"type\": \"hello\", \"protocol_version\": 1, \"capabilities\": {\"shape\": \"of the past\"}}",
+        "protocol version 1 is not supported: this peer speaks version 2",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": 1}",
+        "{\"type\": \"hello\", \"protocol_version\": \"2\"}",
+        "protocol version \"2\" is not supported: this peer speaks version 2",
+    );
+    check(
+        "{\"type\": \"hello\", \"protocol_version\": 2}",
         "invalid \"hello\" message: missing field `capabilities`",
     );
     check(
         "{\"type\": \"unit_result\", \"unit\": -1, \"payload\": {\"stream\": 1, \"bytes\": 2}}",
         "invalid \"unit_result\" message: invalid value: integer `-1`, expected u64",
+    );
+    check(
+        "{\"type\": \"forwarded\", \"session\": 1, \"step\": 2}",
+        "invalid \"forwarded\" message: missing field `payload`",
+    );
+    check(
+        "{\"type\": \"forwarded\", \"session\": 1, \"step\": -2, \"payload\": {\"stream\": 1, \"bytes\": 2}}",
+        "invalid \"forwarded\" message: invalid value: integer `-2`, expected u64",
+    );
+    check(
+        "{\"type\": \"span_ready\", \"shard\": 5}",
+        "invalid \"span_ready\" message: invalid type: integer `5`, expected a string",
+    );
+    let load = |blocks: &str| {
+        let text = format!("{{\"type\":\"load_span\",\"model\":\"m\",\"shard\":\"b\",\"blocks\":{blocks},\"max_sessions\":1}}");
+        decode_control::<CoordinatorMessage>(text.as_bytes(), MAX_TEXT_MESSAGE).map_err(|e| e.to_string())
+    };
+    assert!(load(r#"{"start":0,"end":10}"#).is_ok());
+    assert_eq!(
+        load(r#"{"start":0,"end":4294967296}"#).unwrap_err(),
+        "invalid \"load_span\" message: invalid value: integer `4294967296`, expected u32"
+    );
+    assert_eq!(
+        load("[0,10,20]").unwrap_err(),
+        "invalid \"load_span\" message: invalid length 3, expected 2 elements in sequence"
     );
     let long = format!(
         "{{\"type\": \"blob_have\", \"cids\": [\"{}\"]}}",

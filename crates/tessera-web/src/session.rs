@@ -270,6 +270,9 @@ impl Session {
             }
             // Direct channels between contributors come with span serving.
             CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } => {}
+            CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } => {
+                self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() });
+            }
         }
     }
 

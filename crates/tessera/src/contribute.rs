@@ -201,6 +201,9 @@ impl Session {
                     }
                     CoordinatorMessage::Verdict { unit, accepted: false } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
                     CoordinatorMessage::Verdict { accepted: true, .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Signal { .. } => {}
+                    CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } => {
+                        send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() }).await?;
+                    }
                 },
                 Err(e) => eprintln!("tessera contribute: ignoring a message the coordinator should not have sent: {e}"),
             }

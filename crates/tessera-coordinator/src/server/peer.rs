@@ -320,6 +320,9 @@ impl State {
                 }
                 tell(Command::Relay { from, to, payload }).await
             }
+            ContributorMessage::SpanReady { .. } | ContributorMessage::Forwarded { .. } => {
+                Err(Fault::new(ErrorCode::Malformed, "this coordinator asked for no span"))
+            }
             ContributorMessage::Error { code, message } => {
                 let who = id.map_or_else(String::new, |id| id.to_string());
                 log(format_args!("contributor {who} reports an error ({code:?}): {message}"));

@@ -266,7 +266,7 @@ fn bad_messages_from_the_coordinator_restart_the_session() {
     let mut long = vec![b' '; tessera_protocol::MAX_TEXT_MESSAGE + 1];
     long[0] = b'{';
     let long = String::from_utf8(long).unwrap();
-    let wrong_version = r#"{"type":"welcome","protocol_version":2,"contributor":1,"heartbeat_interval_ms":2000}"#;
+    let wrong_version = r#"{"type":"welcome","protocol_version":99,"contributor":1,"heartbeat_interval_ms":2000}"#;
     let bad_work = r#"{"type":"assign","job":1,"unit":2,"deadline_ms":5,"work":{"kind":"generate"}}"#;
     let refused = text(&CoordinatorMessage::Error { code: ErrorCode::UnsupportedVersion, message: "speak version 2".into() });
     let cases: [(Incoming<'_>, &str); 9] = [
@@ -323,4 +323,14 @@ fn signalling_speaks_the_coordinators_messages() {
     assert_eq!(answer(r#"{"type":"answer"}"#), Err("the coordinator answered with \"answer\" and no SDP".into()));
     assert!(answer("<html>").unwrap_err().starts_with("the signalling answer does not decode: "));
     assert!(answer(&"x".repeat(70_000)).unwrap_err().contains("over the limit"));
+}
+
+#[test]
+fn span_messages_are_refused_by_name() {
+    let mut session = joined(1.0, BIG);
+    let load = CoordinatorMessage::LoadSpan { model: "smollm2".into(), shard: "bafkshard".into(), blocks: tessera_protocol::Blocks { start: 0, end: 10 }, max_sessions: 4 };
+    let out = handle(&mut session, 10.0, &load);
+    assert_eq!(out.iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() }]);
+    let out = handle(&mut session, 11.0, &CoordinatorMessage::EndSession { session: 3 });
+    assert!(matches!(sent(&out[0]), ContributorMessage::Error { code: ErrorCode::SpanFailed, .. }));
 }
