@@ -210,11 +210,55 @@ async fn browser_adapter_name() -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(" · "))
 }
 
-/// What this tab tells the coordinator in its `Hello` about `gpu` (called `name`), with a
-/// measured score.
+/// Where a measured score is kept between visits (`localStorage`, this origin's).
+const SCORE_KEY: &str = "tessera.matmulScore.v1";
+/// How long a measured score is reused. A volunteer's GPU rarely changes, and measuring takes
+/// seconds on a slow adapter, all before the page can join.
+const SCORE_MAX_AGE_MS: f64 = 7.0 * 24.0 * 3600.0 * 1000.0;
+
+/// A score as kept in `localStorage`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedScore {
+    /// The adapter it was measured on: its name and `AdapterSummary`.
+    adapter: String,
+    score: f64,
+    /// `Date.now()` when measured.
+    measured_at_ms: f64,
+}
+
+fn local_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok().flatten()
+}
+
+/// The score measured on `adapter` within `SCORE_MAX_AGE_MS`, if one was kept and still makes
+/// sense; storage that is disabled, full or garbled just means measuring again.
+fn saved_score(adapter: &str) -> Option<f64> {
+    let saved: SavedScore = serde_json::from_str(&local_storage()?.get_item(SCORE_KEY).ok()??).ok()?;
+    let age = js_sys::Date::now() - saved.measured_at_ms;
+    (saved.adapter == adapter && (0.0..SCORE_MAX_AGE_MS).contains(&age) && saved.score.is_finite() && saved.score > 0.0).then_some(saved.score)
+}
+
+fn save_score(adapter: &str, score: f64) {
+    let saved = SavedScore { adapter: adapter.to_string(), score, measured_at_ms: js_sys::Date::now() };
+    if let (Some(storage), Ok(json)) = (local_storage(), serde_json::to_string(&saved)) {
+        // Not being able to keep it only costs a measurement next time.
+        let _ = storage.set_item(SCORE_KEY, &json);
+    }
+}
+
+/// What this tab tells the coordinator in its `Hello` about `gpu` (called `name`), with its
+/// score: measured, or kept from a visit in the last week on the same adapter.
 pub async fn capabilities(gpu: &Gpu, name: &str) -> Result<Capabilities, String> {
     let limits = gpu.limits();
-    let score = tessera_engine::score::matmul_score(gpu, &crate::clock_ms).await.map_err(|e| format!("measuring the GPU: {e}"))?;
+    let adapter = format!("{name} {}", serde_json::to_string(gpu.adapter()).unwrap_or_default());
+    let score = match saved_score(&adapter) {
+        Some(score) => score,
+        None => {
+            let score = tessera_engine::score::matmul_score(gpu, &crate::clock_ms).await.map_err(|e| format!("measuring the GPU: {e}"))?;
+            save_score(&adapter, score);
+            score
+        }
+    };
     Ok(Capabilities {
         adapter: name.to_string(),
         backend: "webgpu".into(),
