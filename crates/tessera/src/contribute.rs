@@ -3,11 +3,14 @@
 //! on the engine. Model files are fetched over the DataChannel by CID, checked against it, and
 //! kept in a local blob cache, so the next start loads them at once.
 //!
-//! Three tasks share one DataChannel: the reader (routes what arrives), the heartbeat, and the
+//! Four tasks share one DataChannel: the reader (routes what arrives), the heartbeat, the
 //! worker (one unit at a time: fetch what it lacks, compute on a blocking thread, send the result
-//! as tensor frames followed by `UnitResult`).
+//! as tensor frames followed by `UnitResult`) and the span worker (spans of a language model:
+//! fetch a span's shard by CID, load it as a `SpanStage`, run each `Forward` on a blocking
+//! thread and send the states back as tensor frames followed by `Forwarded`). Heartbeats never
+//! wait for either worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +23,10 @@ use tessera_engine::Gpu;
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::checks::Rng;
 use tessera_engine::cid::Cid;
+use tessera_engine::llama::{Llama, Stages};
+use tessera_engine::stage::SpanStage;
 use tessera_protocol::{
-    AdapterLimits, Architecture, Capabilities, Chunker, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming,
+    AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming,
     ModelManifest, PROTOCOL_VERSION, PayloadKind, PayloadRef, Reassembler, ReassemblyLimits, UnitId, Work,
 };
 use tessera_rtc::{Message, PeerEvent, PeerSender};
@@ -39,11 +44,20 @@ pub struct ContributeArgs {
     /// coordinator must never accept these results.
     #[arg(long, hide = true)]
     perturb: bool,
+    /// GPU memory the coordinator may use here, in MiB (default: what the adapter allows, at
+    /// most 2 GiB). It decides how many blocks of a language model this contributor holds.
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
 }
 
 /// The largest blob (a model file) fetched in one piece; a bound on what a coordinator can make
 /// this process buffer.
 const MAX_BLOB_BYTES: u64 = 1 << 30;
+/// Complete tensor payloads waiting for their `Forward`.
+const MAX_WAITING_TENSORS: usize = 8;
+/// Largest hidden-state tensor accepted for a `Forward` (a full 8k context of a 576-wide model
+/// is 19 MB).
+const MAX_HIDDEN_BYTES: usize = 32 << 20;
 /// Reconnection back-off after the coordinator goes away.
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
 
@@ -56,7 +70,7 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
     let gpu = Arc::new(Gpu::request().await.context("this machine has no GPU adapter wgpu can use")?);
     let cache_dir = args.cache.clone().unwrap_or_else(|| tessera_engine::cache::model_cache_dir().join("blobs"));
     let blobs = Arc::new(BlobStore::open(&cache_dir).with_context(|| format!("opening the blob cache {}", cache_dir.display()))?);
-    let capabilities = capabilities(&gpu).await?;
+    let capabilities = capabilities(&gpu, args.memory_budget_mib).await?;
     eprintln!("tessera contribute: {} ({}), score {:.1} GFLOP/s", capabilities.adapter, capabilities.backend, capabilities.benchmark_score);
     let models = Arc::new(Mutex::new(HashMap::new()));
     let mut failures = 0;
@@ -85,6 +99,7 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
 struct Refused(String);
 
 /// One connection to the coordinator.
+#[derive(Clone)]
 struct Session {
     gpu: Arc<Gpu>,
     blobs: Arc<BlobStore>,
@@ -99,10 +114,17 @@ enum Job {
     Cancel(UnitId),
 }
 
-/// State the reader shares with blob fetches: the fetch in flight, if any.
+/// What the reader hands the span worker.
+enum SpanJob {
+    Load { shard: String, blocks: Blocks, max_sessions: u32 },
+    Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, hidden: tessera_protocol::Tensor },
+    End { session: u64 },
+}
+
+/// State the reader shares with blob fetches: the fetches in flight, by stream.
 #[derive(Default)]
 struct Fetches {
-    waiting: Option<(u64, oneshot::Sender<anyhow::Result<Vec<u8>>>)>,
+    waiting: HashMap<u64, oneshot::Sender<anyhow::Result<Vec<u8>>>>,
 }
 
 impl Session {
@@ -119,11 +141,16 @@ impl Session {
         send(&sender, &ContributorMessage::Hello { protocol_version: PROTOCOL_VERSION, capabilities }).await?;
 
         let (jobs, job_queue) = mpsc::channel(64);
+        let (span_jobs, span_queue) = mpsc::channel(256);
         let fetches = Arc::new(Mutex::new(Fetches::default()));
         let streams = Arc::new(AtomicU64::new(1));
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
         let mut worker = Some(Worker { session: self, sender: sender.clone(), fetches: fetches.clone(), streams });
         let mut job_queue = Some(job_queue);
+        let mut span_queue = Some(span_queue);
+        let mut span_task = None;
+        // Tensor payloads (a `Forward`'s hidden states) that wait for their control message.
+        let mut tensors: VecDeque<tessera_protocol::Payload> = VecDeque::new();
         let mut reassembler = Reassembler::new(ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 4, max_buffered_bytes: MAX_BLOB_BYTES });
         let mut worker_task = None;
 
@@ -140,16 +167,19 @@ impl Session {
             };
             match decoded {
                 Ok(Decoded::Chunk(chunk)) => match reassembler.push(chunk) {
+                    Ok(Some(payload)) if payload.kind == PayloadKind::Tensor => {
+                        if tensors.len() >= MAX_WAITING_TENSORS {
+                            break Err(anyhow!("the coordinator sent {MAX_WAITING_TENSORS} tensors without their forward messages"));
+                        }
+                        tensors.push_back(payload);
+                    }
                     Ok(Some(payload)) => {
-                        let mut fetches = fetches.lock().await;
-                        match fetches.waiting.take() {
-                            Some((stream, reply)) if stream == payload.stream && payload.kind == PayloadKind::Blob => {
+                        let waiting = fetches.lock().await.waiting.remove(&payload.stream);
+                        match waiting {
+                            Some(reply) if payload.kind == PayloadKind::Blob => {
                                 let _ = reply.send(Ok(payload.bytes));
                             }
-                            other => {
-                                fetches.waiting = other;
-                                eprintln!("tessera contribute: ignoring an unexpected {:?} payload on stream {}", payload.kind, payload.stream);
-                            }
+                            _ => eprintln!("tessera contribute: ignoring an unexpected {:?} payload on stream {}", payload.kind, payload.stream),
                         }
                     }
                     Ok(None) => {}
@@ -169,7 +199,9 @@ impl Session {
                                 }
                             }
                         }));
-                        if let (Some(worker), Some(queue)) = (worker.take(), job_queue.take()) {
+                        if let (Some(worker), Some(queue), Some(spans)) = (worker.take(), job_queue.take(), span_queue.take()) {
+                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new() };
+                            span_task = Some(tokio::spawn(span_worker.run(spans)));
                             worker_task = Some(tokio::spawn(worker.run(queue)));
                         }
                     }
@@ -185,8 +217,9 @@ impl Session {
                         eprintln!("tessera contribute: the coordinator says {code:?}: {message}");
                         match code {
                             ErrorCode::UnsupportedVersion => break Err(Refused(message).into()),
+                            // The error does not say which stream: every fetch in flight fails.
                             ErrorCode::BlobNotFound => {
-                                if let Some((_, reply)) = fetches.lock().await.waiting.take() {
+                                for (_, reply) in fetches.lock().await.waiting.drain() {
                                     let _ = reply.send(Err(anyhow!("the coordinator has no such blob: {message}")));
                                 }
                             }
@@ -201,8 +234,29 @@ impl Session {
                     }
                     CoordinatorMessage::Verdict { unit, accepted: false } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
                     CoordinatorMessage::Verdict { accepted: true, .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Signal { .. } => {}
-                    CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } => {
-                        send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() }).await?;
+                    CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
+                        if span_jobs.try_send(SpanJob::Load { shard: shard.clone(), blocks, max_sessions }).is_err() {
+                            send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("span {shard}: too many span jobs queued") }).await?;
+                        }
+                    }
+                    CoordinatorMessage::Forward { shard, session, step, start, capacity, payload } => {
+                        let job = match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
+                            Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
+                                .map(|hidden| SpanJob::Forward { shard, session, step, start, capacity, hidden })
+                                .map_err(|e| e.to_string()),
+                            Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
+                            None => Err(format!("no tensor arrived on stream {}", payload.stream)),
+                        };
+                        let refusal = match job {
+                            Ok(job) => span_jobs.try_send(job).err().map(|_| "too many span jobs queued".to_string()),
+                            Err(e) => Some(e),
+                        };
+                        if let Some(why) = refusal {
+                            send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("session {session} step {step}: {why}") }).await?;
+                        }
+                    }
+                    CoordinatorMessage::EndSession { session } => {
+                        let _ = span_jobs.try_send(SpanJob::End { session });
                     }
                 },
                 Err(e) => eprintln!("tessera contribute: ignoring a message the coordinator should not have sent: {e}"),
@@ -214,11 +268,15 @@ impl Session {
         if let Some(task) = worker_task {
             task.abort();
         }
+        if let Some(task) = span_task {
+            task.abort();
+        }
         outcome
     }
 }
 
 /// Runs units one at a time.
+#[derive(Clone)]
 struct Worker {
     session: Session,
     sender: PeerSender,
@@ -333,7 +391,7 @@ impl Worker {
     async fn download(&self, cid: &Cid) -> anyhow::Result<Vec<u8>> {
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
         let (reply, bytes) = oneshot::channel();
-        self.fetches.lock().await.waiting = Some((stream, reply));
+        self.fetches.lock().await.waiting.insert(stream, reply);
         send(&self.sender, &ContributorMessage::BlobRequest { cid: cid.to_string(), offset: 0, length: 0, stream }).await?;
         let bytes = bytes.await.map_err(|_| anyhow!("the connection closed while fetching {cid}"))??;
         let started = Instant::now();
@@ -343,13 +401,105 @@ impl Worker {
     }
 }
 
+/// Runs span jobs in order: loads, forwards and session ends. A span lives as long as this
+/// connection (its sessions' caches would be stale on another).
+struct SpanWorker {
+    worker: Worker,
+    /// Loaded spans by shard CID.
+    spans: HashMap<String, Arc<std::sync::Mutex<SpanStage>>>,
+}
+
+impl SpanWorker {
+    async fn run(mut self, mut queue: mpsc::Receiver<SpanJob>) {
+        while let Some(job) = queue.recv().await {
+            let outcome = match job {
+                SpanJob::Load { shard, blocks, max_sessions } => {
+                    let started = Instant::now();
+                    match self.load(&shard, blocks, max_sessions).await {
+                        Ok(()) => {
+                            eprintln!("tessera contribute: span {}..{} ({shard}) loaded in {:.1} s", blocks.start, blocks.end, started.elapsed().as_secs_f64());
+                            send(&self.worker.sender, &ContributorMessage::SpanReady { shard }).await
+                        }
+                        Err(e) => self.fail(format!("span {}..{} ({shard}): {e:#}", blocks.start, blocks.end)).await,
+                    }
+                }
+                SpanJob::Forward { shard, session, step, start, capacity, hidden } => match self.forward(&shard, session, step, start, capacity, hidden).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.fail(format!("span {shard}, session {session} step {step}: {e:#}")).await,
+                },
+                SpanJob::End { session } => {
+                    for stage in self.spans.values() {
+                        if let Ok(mut stage) = stage.lock() {
+                            stage.end(session);
+                        }
+                    }
+                    Ok(())
+                }
+            };
+            if outcome.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn fail(&self, message: String) -> anyhow::Result<()> {
+        eprintln!("tessera contribute: {message}");
+        send(&self.worker.sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message }).await
+    }
+
+    /// Fetches and checks the shard (or finds it in the cache) and loads its blocks.
+    async fn load(&mut self, shard: &str, blocks: Blocks, max_sessions: u32) -> anyhow::Result<()> {
+        if self.spans.contains_key(shard) {
+            return Ok(());
+        }
+        let cid: Cid = shard.parse()?;
+        self.worker.fetch(&cid).await?;
+        let mut blob = self.worker.session.blobs.get(&cid)?;
+        let gpu = self.worker.session.gpu.clone();
+        let range = blocks.start as usize..blocks.end as usize;
+        let name = format!("span shard {shard}");
+        let stage = tokio::task::spawn_blocking(move || -> anyhow::Result<SpanStage> {
+            let model = Llama::load(&gpu, &name, &mut blob.file, &Stages { embedding: false, blocks: range.clone(), head: false })?;
+            Ok(SpanStage::new(model, range, max_sessions.max(1) as usize)?)
+        })
+        .await??;
+        self.spans.insert(shard.to_string(), Arc::new(std::sync::Mutex::new(stage)));
+        Ok(())
+    }
+
+    /// Runs one step of a session through a loaded span and sends the states back.
+    async fn forward(&self, shard: &str, session: u64, step: u64, start: u32, capacity: u32, hidden: tessera_protocol::Tensor) -> anyhow::Result<()> {
+        let stage = self.spans.get(shard).with_context(|| "this span is not loaded here")?.clone();
+        let values: Vec<f32> = hidden.f32_values().with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype()))?.collect();
+        let rows = match hidden.dims() {
+            [rows, _] => *rows,
+            dims => bail!("hidden states of dims {dims:?}, not [rows, dim]"),
+        };
+        let gpu = self.worker.session.gpu.clone();
+        let (output, dim) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<f32>, usize)> {
+            let mut stage = stage.lock().map_err(|_| anyhow!("the span's lock is poisoned"))?;
+            let dim = stage.dim();
+            let output = pollster::block_on(stage.forward(&gpu, session, capacity as usize, start as usize, &values))?;
+            Ok((output, dim))
+        })
+        .await??;
+        let tensor = tessera_protocol::Tensor::from_f32(vec![rows, dim as u64], &output)?;
+        let bytes = tensor.encode();
+        let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
+        for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes)? {
+            self.worker.sender.send(Message::Binary(frame)).await?;
+        }
+        send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 } }).await
+    }
+}
+
 async fn send(sender: &PeerSender, message: &ContributorMessage) -> anyhow::Result<()> {
     let text = serde_json::to_string(message)?;
     sender.send(Message::Text(text)).await.context("sending to the coordinator")
 }
 
 /// What this contributor tells the coordinator about itself, with a measured score.
-async fn capabilities(gpu: &Gpu) -> anyhow::Result<Capabilities> {
+async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>) -> anyhow::Result<Capabilities> {
     let limits = gpu.limits();
     let adapter = gpu.adapter();
     Ok(Capabilities {
@@ -363,7 +513,7 @@ async fn capabilities(gpu: &Gpu) -> anyhow::Result<Capabilities> {
         },
         // What one model of the sizes served needs with room to spare; the scheduler only
         // compares it with what a unit's model takes.
-        memory_budget_bytes: limits.max_buffer_size.min(2 << 30),
+        memory_budget_bytes: memory_budget_mib.map_or(limits.max_buffer_size.min(2 << 30), |mib| mib << 20),
         benchmark_score: {
             let started = Instant::now();
             tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3).await?
