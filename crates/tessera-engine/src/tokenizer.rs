@@ -1,6 +1,8 @@
 //! Text to token ids and back, natively (the coordinator runs the embedding, so browsers never
 //! tokenize): byte-level BPE built from a GGUF's metadata (SmolLM2 and other GPT-2-style llama
-//! models), or any Hugging Face `tokenizer.json` (MiniLM's WordPiece).
+//! models), or any Hugging Face `tokenizer.json` (MiniLM's WordPiece); and [`ChatTemplate`], a
+//! model's chat template rendered with `minijinja` (the one place that renders it: `tessera run
+//! --chat` and the coordinator's chat completions give the model the same text).
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
@@ -103,5 +105,40 @@ impl TextTokenizer {
 
     fn failed(&self, problem: String) -> ModelError {
         ModelError::Invalid { file: self.file.clone(), problem }
+    }
+}
+
+/// A model's chat template (`tokenizer.chat_template`, Jinja).
+#[derive(Clone, Debug)]
+pub struct ChatTemplate {
+    file: String,
+    source: String,
+}
+
+impl ChatTemplate {
+    /// The template of the GGUF file `file`, checked to parse.
+    pub fn from_gguf(file: &str, gguf: &Gguf) -> Result<ChatTemplate, ModelError> {
+        let source = gguf
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ModelError::invalid(file, "it has no chat template (tokenizer.chat_template)"))?;
+        let template = ChatTemplate { file: file.into(), source: source.into() };
+        minijinja::Environment::new().template_from_str(&template.source).map_err(|e| template.error("does not parse", &e))?;
+        Ok(template)
+    }
+
+    fn error(&self, what: &str, e: &minijinja::Error) -> ModelError {
+        ModelError::invalid(&self.file, format!("the chat template {what}: {e}"))
+    }
+
+    /// The prompt for `messages` (role, content), ending with the assistant's turn.
+    pub fn render<'a>(&self, messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<String, ModelError> {
+        let env = minijinja::Environment::new();
+        let template = env.template_from_str(&self.source).map_err(|e| self.error("does not parse", &e))?;
+        let messages: Vec<minijinja::Value> =
+            messages.into_iter().map(|(role, content)| minijinja::Value::from_pairs([("role", role), ("content", content)])).collect();
+        template
+            .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+            .map_err(|e| self.error("does not render", &e))
     }
 }

@@ -10,7 +10,7 @@ use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::generate::{Sampler, Session};
 use tessera_engine::gguf::{Gguf, Value};
 use tessera_engine::llama::{Llama, Stages};
-use tessera_engine::tokenizer::TextTokenizer;
+use tessera_engine::tokenizer::{ChatTemplate, TextTokenizer};
 use tessera_engine::Gpu;
 
 use crate::models;
@@ -80,7 +80,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut file = std::fs::File::open(&path).with_context(|| format!("opening {name}"))?;
     let gguf = Gguf::read(&name, &mut file)?;
     let tokenizer = TextTokenizer::from_gguf(&name, &gguf)?;
-    let prompt = if args.chat { chat_prompt(&name, &gguf, &args.prompt)? } else { args.prompt.clone() };
+    let prompt = if args.chat { ChatTemplate::from_gguf(&name, &gguf)?.render([("user", args.prompt.as_str())])? } else { args.prompt.clone() };
     let prompt_ids = tokenizer.encode(&prompt, false)?;
     anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
     let eos = gguf.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|id| id as u32);
@@ -134,23 +134,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", &text[printed.min(text.len())..])?;
     }
     Ok(())
-}
-
-/// The prompt as a user message in the model's chat template (`tokenizer.chat_template`).
-fn chat_prompt(name: &str, gguf: &Gguf, prompt: &str) -> anyhow::Result<String> {
-    let template = gguf
-        .get("tokenizer.chat_template")
-        .and_then(Value::as_str)
-        .with_context(|| format!("{name} has no chat template (tokenizer.chat_template)"))?;
-    let env = minijinja::Environment::new();
-    let template = env.template_from_str(template).with_context(|| format!("{name}: the chat template does not parse"))?;
-    let rendered = template
-        .render(minijinja::context! {
-            messages => vec![minijinja::Value::from_pairs([("role", "user"), ("content", prompt)])],
-            add_generation_prompt => true,
-        })
-        .with_context(|| format!("{name}: rendering the chat template"))?;
-    Ok(rendered)
 }
 
 pub fn embed(args: EmbedArgs) -> anyhow::Result<()> {
