@@ -1,6 +1,8 @@
 //! `tessera serve`: the coordinator. Finds (or fetches) the default MiniLM, then runs
 //! `tessera_coordinator::server` on a tokio runtime until Ctrl-C. It serves the volunteer page
-//! and the widget from `--www`, by default the `www/` of the repository it was built from.
+//! and the widget from `--www`, by default the `www/` of the repository it was built from. When
+//! SmolLM2 is fetched, it is served too, split into spans across the contributors
+//! (`/v1/chat/completions`, `/v1/completions`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tessera_coordinator::server::{Server, ServerConfig};
+use tessera_coordinator::server::{LlamaSource, Server, ServerConfig};
 
 use crate::models;
 
@@ -34,6 +36,10 @@ pub struct ServeArgs {
     /// from, when it is there.
     #[arg(long)]
     www: Option<PathBuf>,
+    /// How long a contributor holding a span may take for one step of a generation session
+    /// before its span moves to another.
+    #[arg(long, default_value_t = 20_000)]
+    stage_deadline_ms: u64,
 }
 
 /// `www/` of the repository this binary was built from, if it is still there.
@@ -74,6 +80,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.inputs_per_unit = args.unit_inputs;
     config.replicas = args.replicas;
     config.www_dir = www.clone();
+    config.serving.stage_deadline = std::time::Duration::from_millis(args.stage_deadline_ms);
+    match models::default_path("smollm2") {
+        Some(path) if path.exists() => config.llama = Some(LlamaSource { name: "smollm2".into(), path }),
+        _ => eprintln!("tessera serve: smollm2 is not fetched, so no text generation (run `tessera models fetch smollm2`)"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let server = Server::start(config).await.with_context(|| format!("starting the coordinator (data in {})", data.display()))?;

@@ -1,4 +1,6 @@
-//! The HTTP API: `POST /v1/embeddings` (a job across contributors), `GET /api/contributors`,
+//! The HTTP API: `POST /v1/embeddings` (a job across contributors), the generation routes
+//! (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /api/requests/{id}`: `generation`), `GET /api/contributors`,
 //! `GET /api/jobs/{id}`, `GET /metrics` (Prometheus text) and `GET`/`HEAD /blobs/{cid}` with
 //! ranges. Every error is OpenAI's error object (`ApiError`), through one `IntoResponse`; every
 //! route has a body limit. The web pages (`/`, `/embed`, `/widget.js`, `/pkg/*` and the files
@@ -26,6 +28,8 @@ use crate::openai::{ApiError, EmbeddingInputs, EmbeddingsRequest, EmbeddingsResp
 use crate::reconcile::JobKind;
 use crate::scheduler::JobSpec;
 use crate::server::actor::Command;
+use crate::server::generation::{self, MAX_COMPLETION_BODY};
+use crate::server::serving::Serving;
 use crate::server::www::Www;
 use crate::server::{Counters, PublishedModel};
 
@@ -49,10 +53,11 @@ pub struct AppState {
     pub unit_deadline: Duration,
     pub request_timeout: Duration,
     pub www: Www,
+    pub serving: Serving,
 }
 
 /// `ApiError` as a response: its status and OpenAI's error JSON.
-struct ApiResponse(ApiError);
+pub(crate) struct ApiResponse(ApiError);
 
 impl From<ApiError> for ApiResponse {
     fn from(e: ApiError) -> Self {
@@ -67,7 +72,7 @@ impl IntoResponse for ApiResponse {
     }
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
 }
 
@@ -76,6 +81,10 @@ type ApiResult = Result<Response, ApiResponse>;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/embeddings", post(embeddings).layer(DefaultBodyLimit::max(MAX_EMBEDDINGS_BODY)))
+        .route("/v1/models", get(generation::models))
+        .route("/v1/chat/completions", post(generation::chat_completions).layer(DefaultBodyLimit::max(MAX_COMPLETION_BODY)))
+        .route("/v1/completions", post(generation::completions).layer(DefaultBodyLimit::max(MAX_COMPLETION_BODY)))
+        .route("/api/requests/{id}", get(generation::request))
         .route("/api/contributors", get(contributors))
         .route("/api/jobs/{id}", get(job))
         .route("/metrics", get(metrics))
@@ -92,7 +101,7 @@ pub fn router(state: AppState) -> Router {
 
 fn not_found() -> Response {
     ApiResponse(ApiError::not_found(
-        "No such route: see /v1/embeddings, /api/contributors, /api/jobs/{id}, /metrics, /blobs/{cid}, /ws, and the pages /, /embed and /widget.js",
+        "No such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /api/requests/{id}, /api/contributors, /api/jobs/{id}, /metrics, /blobs/{cid}, /ws, and the pages /, /embed and /widget.js",
     ))
     .into_response()
 }

@@ -2,15 +2,20 @@
 //! (`actor`), one task per contributor speaks the protocol over its DataChannel (`peer`), and
 //! axum serves the HTTP API, the blobs and the WebSocket signalling (`http`) and the volunteer
 //! page and the widget (`www`). `model` publishes the embedding model into the blob store under
-//! its manifest's CID.
+//! its manifest's CID. Generation is a task of its own (`serving`: the span plan and the
+//! pipeline of sessions, over the language model `llm` loads) behind the OpenAI-compatible
+//! routes of `generation`.
 //!
 //! Nothing here decides anything: membership, deadlines, reissue and reconciliation are the
 //! scheduler's; this module only translates between sockets, clocks and its inputs and outputs.
 
 mod actor;
+mod generation;
 mod http;
+mod llm;
 mod model;
 mod peer;
+mod serving;
 mod www;
 
 use std::net::SocketAddr;
@@ -27,7 +32,9 @@ use crate::scheduler::{Config, SchedulerError};
 use crate::sqlite::{Durability, SqliteStore};
 use crate::store::StoreError;
 
+pub use llm::LlamaSource;
 pub use model::PublishedModel;
+pub use serving::ServingConfig;
 
 /// What `start` needs.
 #[derive(Debug, Clone)]
@@ -53,6 +60,10 @@ pub struct ServerConfig {
     /// to build them; the API is unaffected.
     pub www_dir: Option<PathBuf>,
     pub scheduler: Config,
+    /// The language model served through `/v1/chat/completions` and `/v1/completions`, its
+    /// embedding and head on this machine's GPU; `None`: those routes answer 404 for every model.
+    pub llama: Option<LlamaSource>,
+    pub serving: ServingConfig,
 }
 
 impl ServerConfig {
@@ -68,6 +79,8 @@ impl ServerConfig {
             unit_deadline: Duration::from_secs(120),
             request_timeout: Duration::from_secs(600),
             www_dir: None,
+            llama: None,
+            serving: ServingConfig::default(),
             scheduler: Config {
                 heartbeat_interval_ms: 2_000,
                 heartbeat_timeout_ms: 12_000,
@@ -180,11 +193,25 @@ impl Server {
         let actor = actor::Actor::new(&config, store, Arc::clone(&counters))?;
         tokio::spawn(actor.run(inbox));
 
+        let serving = serving::start(config.serving.clone(), config.llama.as_ref().map(|l| l.name.clone()), Arc::clone(&blobs));
+        if let Some(source) = config.llama.clone() {
+            let loaded = Arc::clone(&serving.model);
+            tokio::spawn(async move {
+                let result = tokio::task::spawn_blocking(move || llm::load(&source)).await.unwrap_or_else(|e| Err(e.to_string()));
+                match &result {
+                    Ok(model) => log(format_args!("{} loaded: {} blocks, its embedding and head on {}", model.name, model.config.blocks, model.gpu.adapter().name)),
+                    Err(e) => log(format_args!("the language model cannot be served: {e}")),
+                }
+                let _ = loaded.set(result.map(Arc::new));
+            });
+        }
+
         let (accepted_tx, mut accepted_rx) = mpsc::channel(16);
         let peer_context = peer::Context {
             actor: commands.clone(),
             blobs: Arc::clone(&blobs),
             counters: Arc::clone(&counters),
+            serving: serving.commands.clone(),
         };
         tokio::spawn(async move {
             while let Some(p) = accepted_rx.recv().await {
@@ -203,6 +230,7 @@ impl Server {
             unit_deadline: config.unit_deadline,
             request_timeout: config.request_timeout,
             www: www::Www::new(config.www_dir.as_deref()),
+            serving,
         };
         let router = http::router(state).merge(tessera_rtc::signal::router(endpoint, accepted_tx));
         Ok(Server { listener, router, local_addr, model })

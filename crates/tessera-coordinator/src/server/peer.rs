@@ -4,6 +4,10 @@
 //! abandons whatever was partial), and reports to the actor. A second task per peer writes:
 //! control messages from the actor and the blob ranges the contributor asks for, in order.
 //!
+//! Span serving's messages (`SpanReady`, `Forwarded` with its tensor, and errors) go to the
+//! serving task (`serving`), which also hears who joins and leaves; the writer sends the hidden
+//! states it forwards as tensor frames.
+//!
 //! Signals between contributors (`ContributorMessage::Signal`, for the direct DataChannels of
 //! model serving) are checked here (joined, `from` is the sender's own id, size, a per-peer
 //! token bucket) and relayed by the actor, which knows who is connected.
@@ -22,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::blobs::BlobStore;
 use crate::server::actor::Command;
+use crate::server::serving;
 use crate::server::{Counters, log};
 
 /// Messages waiting for one peer's writer.
@@ -38,8 +43,9 @@ const MAX_SIGNAL_BYTES: usize = 16 * 1024;
 const MAX_STRIKES: u32 = 3;
 /// Complete result payloads waiting for their `UnitResult`.
 const MAX_WAITING_PAYLOADS: usize = 8;
-/// Largest result accepted: a unit's embeddings are `inputs x hidden` f32s, far less.
-const MAX_RESULT_BYTES: u64 = 8 << 20;
+/// Largest result accepted: a unit's embeddings are `inputs x hidden` f32s, far less; a span's
+/// hidden states for a whole 8k context of a 576-wide model are 19 MB.
+const MAX_RESULT_BYTES: u64 = 32 << 20;
 /// Largest blob range served in one request (a whole model file fits).
 const MAX_BLOB_RANGE: u64 = 1 << 30;
 /// How long a closed-for-errors peer has to go before we stop waiting for its close.
@@ -51,6 +57,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Outbound {
     Control(CoordinatorMessage),
     Blob { cid: String, offset: u64, length: u64, stream: u64 },
+    /// An encoded tensor, as `Tensor` frames on `stream`.
+    Tensor { stream: u64, bytes: Vec<u8> },
     /// Send this error (if any), then close the channel.
     Close(Option<CoordinatorMessage>),
 }
@@ -60,6 +68,7 @@ pub struct Context {
     pub actor: mpsc::Sender<Command>,
     pub blobs: Arc<BlobStore>,
     pub counters: Arc<Counters>,
+    pub serving: mpsc::Sender<serving::Command>,
 }
 
 /// A protocol fault: the reply, and whether the peer is closed after it.
@@ -203,10 +212,29 @@ pub async fn run(mut peer: Peer, ctx: Context) {
     }
     if let Some(id) = state.joined {
         let _ = state.ctx.actor.send(Command::Gone(id)).await;
+        let _ = state.ctx.serving.send(serving::Command::Left(id)).await;
     }
 }
 
 impl State {
+    /// The complete tensor payload `payload` names, decoded; `what` names it in errors.
+    fn tensor(&mut self, payload: tessera_protocol::PayloadRef, what: &str) -> Result<Tensor, Fault> {
+        let Some(at) = self.payloads.iter().position(|p| p.stream == payload.stream) else {
+            return Err(Fault::new(ErrorCode::Malformed, format!("{what}: no complete tensor payload on stream {}", payload.stream)));
+        };
+        let Some(bytes) = self.payloads.remove(at) else {
+            return Err(Fault::new(ErrorCode::Malformed, format!("{what}: no complete tensor payload on stream {}", payload.stream)));
+        };
+        if bytes.bytes.len() as u64 != payload.bytes {
+            return Err(Fault::new(ErrorCode::Malformed, format!("{what}: stream {} carried {} bytes, the message says {}", payload.stream, bytes.bytes.len(), payload.bytes)));
+        }
+        Tensor::decode(&bytes.bytes, MAX_RESULT_BYTES as usize).map_err(|e| Fault::new(ErrorCode::Malformed, format!("{what}: {e}")))
+    }
+
+    async fn serve(&self, command: serving::Command) -> Result<(), Fault> {
+        self.ctx.serving.send(command).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "the coordinator is shutting down"))
+    }
+
     async fn on_message(&mut self, message: Message) -> Result<(), Fault> {
         match message {
             Message::Text(text) => match decode::<ContributorMessage>(Incoming::Text(&text)).map_err(Fault::from_decode)? {
@@ -262,9 +290,10 @@ impl State {
                     return Err(Fault::new(ErrorCode::Malformed, format!("already joined as contributor {id}")));
                 }
                 let (reply, answer) = oneshot::channel();
-                tell(Command::Join { capabilities, outbox: self.outbox.clone(), close: self.sender.clone(), reply }).await?;
+                tell(Command::Join { capabilities: capabilities.clone(), outbox: self.outbox.clone(), close: self.sender.clone(), reply }).await?;
                 let (id, heartbeat_interval_ms) = answer.await.map_err(|_| Fault::fatal(ErrorCode::Internal, "the coordinator refused to add this contributor"))?;
                 self.joined = Some(id);
+                self.serve(serving::Command::Joined { id, capabilities, outbox: self.outbox.clone() }).await?;
                 let welcome = CoordinatorMessage::Welcome { protocol_version: tessera_protocol::PROTOCOL_VERSION, contributor: id, heartbeat_interval_ms };
                 self.outbox.send(Outbound::Control(welcome)).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "closed"))
             }
@@ -280,19 +309,23 @@ impl State {
                 Ok(())
             }
             ContributorMessage::UnitResult { unit, payload } => {
-                let Some(at) = self.payloads.iter().position(|p| p.stream == payload.stream) else {
-                    return Err(Fault::new(ErrorCode::Malformed, format!("unit {unit}: no complete tensor payload on stream {}", payload.stream)));
-                };
-                let Some(bytes) = self.payloads.remove(at) else { return Ok(()) };
-                if bytes.bytes.len() as u64 != payload.bytes {
-                    return Err(Fault::new(ErrorCode::Malformed, format!("unit {unit}: stream {} carried {} bytes, unit_result says {}", payload.stream, bytes.bytes.len(), payload.bytes)));
-                }
-                let result = Tensor::decode(&bytes.bytes, MAX_RESULT_BYTES as usize).map_err(|e| Fault::new(ErrorCode::Malformed, format!("unit {unit}: {e}")))?;
+                let result = self.tensor(payload, &format!("unit {unit}"))?;
                 match id {
                     Some(from) => tell(Command::Report { from, unit, result }).await,
                     None => Ok(()),
                 }
             }
+            ContributorMessage::Forwarded { session, step, payload } => {
+                let hidden = self.tensor(payload, &format!("session {session} step {step}"))?;
+                match id {
+                    Some(from) => self.serve(serving::Command::Forwarded { from, session, step, hidden }).await,
+                    None => Ok(()),
+                }
+            }
+            ContributorMessage::SpanReady { shard } => match id {
+                Some(from) => self.serve(serving::Command::SpanReady { from, shard }).await,
+                None => Ok(()),
+            },
             ContributorMessage::BlobRequest { cid, offset, length, stream } => {
                 if let Some(id) = id {
                     tell(Command::Heartbeat(id)).await?;
@@ -320,13 +353,13 @@ impl State {
                 }
                 tell(Command::Relay { from, to, payload }).await
             }
-            ContributorMessage::SpanReady { .. } | ContributorMessage::Forwarded { .. } => {
-                Err(Fault::new(ErrorCode::Malformed, "this coordinator asked for no span"))
-            }
             ContributorMessage::Error { code, message } => {
                 let who = id.map_or_else(String::new, |id| id.to_string());
                 log(format_args!("contributor {who} reports an error ({code:?}): {message}"));
-                Ok(())
+                match (code, id) {
+                    (ErrorCode::SpanFailed, Some(from)) => self.serve(serving::Command::SpanFailed { from, message }).await,
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -344,6 +377,7 @@ async fn write(sender: PeerSender, mut outbox: mpsc::Receiver<Outbound>, blobs: 
                 }
                 break;
             }
+            Outbound::Tensor { stream, bytes } => send_frames(&sender, stream, PayloadKind::Tensor, &bytes).await,
             Outbound::Blob { cid, offset, length, stream } => {
                 let blobs = Arc::clone(&blobs);
                 let read = tokio::task::spawn_blocking(move || read_blob(&blobs, &cid, offset, length)).await;
@@ -361,8 +395,8 @@ async fn write(sender: PeerSender, mut outbox: mpsc::Receiver<Outbound>, blobs: 
     sender.close().await;
 }
 
-async fn send_blob(sender: &PeerSender, stream: u64, bytes: &[u8], counters: &Counters) -> Result<(), tessera_rtc::RtcError> {
-    let frames = match Chunker::new(stream, PayloadKind::Blob, bytes) {
+async fn send_frames(sender: &PeerSender, stream: u64, kind: PayloadKind, bytes: &[u8]) -> Result<(), tessera_rtc::RtcError> {
+    let frames = match Chunker::new(stream, kind, bytes) {
         Ok(frames) => frames,
         Err(e) => {
             let error = CoordinatorMessage::Error { code: ErrorCode::TooLarge, message: e.to_string() };
@@ -372,6 +406,11 @@ async fn send_blob(sender: &PeerSender, stream: u64, bytes: &[u8], counters: &Co
     for frame in frames {
         sender.send(Message::Binary(frame)).await?;
     }
+    Ok(())
+}
+
+async fn send_blob(sender: &PeerSender, stream: u64, bytes: &[u8], counters: &Counters) -> Result<(), tessera_rtc::RtcError> {
+    send_frames(sender, stream, PayloadKind::Blob, bytes).await?;
     Counters::add(&counters.blob_bytes_sent, bytes.len() as u64);
     Ok(())
 }

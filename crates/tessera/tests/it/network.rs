@@ -1,20 +1,19 @@
-//! The network end to end: the real `tessera serve` and `tessera contribute` processes over
+//! Embeddings over the network end to end: the real `tessera serve` and `tessera contribute` processes over
 //! WebRTC on loopback. One coordinator runs three scenarios in turn: three honest contributors
 //! (while a raw client sends junk on the DataChannel, the WebSocket and the UDP port), one
 //! contributor SIGKILLed mid-job, and one contributor that perturbs its vectors. Each embeds
 //! 500 sentences through `POST /v1/embeddings` and compares them with `tessera embed`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_protocol::{ContributorMessage, CoordinatorMessage, ErrorCode, decode_control, encode_control};
 use tessera_rtc::{Message, Peer, PeerEvent};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+use crate::{BIN, Proc, contribute, contributor_ids, get_json, heavy, http, serve, wait_until};
 /// Every scenario embeds all of them. With 500 the test took 703 s on the two-core machine
 /// under load (reference 75 s; scenarios 246, 134 and 246 s): each scenario is at least 1,000
 /// forward passes (two replicas, and the perturbing contributor's units need thirds), and
@@ -22,17 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 const SENTENCES: usize = 500;
 const MIN_COSINE: f32 = 0.9999;
 /// Long enough for lavapipe on a busy two-core machine; a deadline, never a sleep.
-const JOB_DEADLINE: Duration = Duration::from_secs(600);
-
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const JOB_DEADLINE: Duration = crate::DEADLINE;
 
 fn sentences() -> Vec<String> {
     let subjects = ["The cat", "A scientist", "My neighbour", "The old train", "A small bird", "The committee", "Our teacher", "The river", "A tired runner", "The city council"];
@@ -43,78 +32,10 @@ fn sentences() -> Vec<String> {
         .collect()
 }
 
-/// A minimal HTTP/1.1 exchange (one request per connection): status, headers, body.
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the coordinator");
-    stream.set_read_timeout(Some(JOB_DEADLINE)).expect("set a read timeout");
-    let body = body.unwrap_or_default();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
-    stream.write_all(head.as_bytes()).expect("send the request");
-    stream.write_all(body).expect("send the body");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the response");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("a status line");
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    (status, headers, raw[split + 4..].to_vec())
-}
-
-fn get_json(addr: SocketAddr, path: &str) -> Value {
-    let (status, _, body) = http(addr, "GET", path, None);
-    assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).expect("a JSON body")
-}
-
 fn metric(addr: SocketAddr, name: &str) -> u64 {
     let (_, _, body) = http(addr, "GET", "/metrics", None);
     let text = String::from_utf8(body).expect("metrics are text");
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no metric {name}"))
-}
-
-/// Polls `check` (an HTTP query, not a sleep standing in for an event) until it holds.
-fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn contributor_ids(addr: SocketAddr) -> Vec<u64> {
-    let list = get_json(addr, "/api/contributors");
-    list["contributors"].as_array().expect("a list").iter().map(|c| c["id"].as_u64().expect("an id")).collect()
-}
-
-fn serve(data: &Path) -> (Proc, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .args(["--unit-inputs", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start tessera serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let proc = Proc(child);
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("read serve's stdout");
-        if let Some(url) = line.strip_prefix("tessera coordinator listening on http://") {
-            return (proc, url.parse().expect("host:port"));
-        }
-    }
-    panic!("tessera serve exited without listening");
-}
-
-fn contribute(addr: SocketAddr, cache: &Path, extra: &[&str]) -> Proc {
-    let child = Command::new(BIN)
-        .args(["contribute", "--coordinator", &format!("http://{addr}"), "--cache"])
-        .arg(cache)
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start tessera contribute");
-    Proc(child)
 }
 
 /// The same model on this machine, through `tessera embed`.
@@ -255,12 +176,13 @@ async fn abuse(addr: SocketAddr) {
 
 #[test]
 fn embeddings_over_the_network() {
+    let _heavy = heavy();
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("a temporary folder");
     let cache = dir.path().join("contributor-cache");
     let texts = sentences();
 
-    let (_server, addr) = serve(&dir.path().join("data"));
+    let (_server, addr) = serve(&dir.path().join("data"), &["--unit-inputs", "20"]);
     // No contributor yet: a clear 503 in OpenAI's shape.
     let (status, _, body) = http(addr, "POST", "/v1/embeddings", Some(br#"{"model":"minilm","input":"hello"}"#));
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));

@@ -1,0 +1,662 @@
+//! Generation across contributors: the task that owns the span plan (`placement`) and the
+//! generation sessions (`Pipeline`), and turns their outputs into messages and GPU work.
+//!
+//! A request's prompt is embedded here (the coordinator's `EndsStage`), its hidden states go to
+//! the first span's holder in a `Forward`, come back in its `Forwarded`, go to the next holder,
+//! and so on; the last one's states go through the head here, and the `Sampler` picks the next
+//! token. Every hop goes through the coordinator for now: direct contributor-to-contributor
+//! DataChannels (signalling is relayed already) are the next step.
+//!
+//! The plan is made on the first request (so an embedding-only swarm never loads a span) and
+//! kept: each holder gets a `LoadSpan` naming its span's shard, published into the blob store
+//! on first use, and a hop to a holder whose span is not loaded yet waits for its `SpanReady`.
+//! When a holder leaves, misses a step's deadline or reports `SpanFailed`, `placement::repair`
+//! moves its span (to its standby, another contributor, or a fresh plan), `Pipeline::set_plan`
+//! abandons the steps in flight and replays every session into the new holders, and the
+//! streams carry on: with greedy sampling, exactly as if nothing had happened.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_engine::generate::Sampler;
+use tessera_protocol::{Blocks, Capabilities, ContributorId, CoordinatorMessage, PayloadRef, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::completions::{FinishReason, Sampling};
+use crate::openai::ApiError;
+use crate::pipeline::{Output, Pipeline, PipelineConfig, Received, SessionId};
+use crate::placement::{self, Candidate, ModelShape, Plan, Policy};
+use crate::server::llm::ServedLlama;
+use crate::server::log;
+use crate::server::peer::Outbound;
+use crate::time::Millis;
+
+/// Commands waiting for the task, at most.
+pub const QUEUE: usize = 4096;
+/// How often deadlines are checked.
+const CADENCE: Duration = Duration::from_millis(100);
+/// The coordinator numbers the tensor streams it starts from here, apart from the streams a
+/// contributor picks for its blob requests (which the coordinator answers on).
+const OWN_STREAMS: u64 = 1 << 63;
+/// Finished requests remembered for `/api/requests/{id}`.
+const REQUESTS_KEPT: usize = 1024;
+
+/// How generation is served.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// Sessions at once; each span holder keeps a KV cache for each.
+    pub max_sessions: usize,
+    /// KV cache positions per session that placement reserves on every span holder.
+    pub planned_positions: usize,
+    /// How long one stage may take for one step before it is treated as lost.
+    pub stage_deadline: Duration,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig { max_sessions: 8, planned_positions: 2048, stage_deadline: Duration::from_secs(20) }
+    }
+}
+
+/// What a request's handler hears.
+#[derive(Debug)]
+pub enum Event {
+    Token(u32),
+    /// Generation ended; `spans` names every contributor that served a span of it.
+    Done { finish: FinishReason, spans: String },
+    Failed(ApiError),
+}
+
+/// A generation request, tokenized and checked.
+#[derive(Debug)]
+pub struct Generate {
+    pub prompt: Vec<u32>,
+    /// Tokens to generate at most (they fit the context).
+    pub budget: usize,
+    pub sampling: Sampling,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// A request that started: its id (`/api/requests/{id}`) and the spans it starts on.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub request: u64,
+    pub spans: String,
+}
+
+pub enum Command {
+    Joined { id: ContributorId, capabilities: Capabilities, outbox: mpsc::Sender<Outbound> },
+    Left(ContributorId),
+    SpanReady { from: ContributorId, shard: String },
+    Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor },
+    SpanFailed { from: ContributorId, message: String },
+    Generate { request: Generate, reply: oneshot::Sender<Result<Started, ApiError>> },
+    /// The client went away, or a stop sequence ended the text.
+    Stop { request: u64 },
+    Request(u64, oneshot::Sender<Option<Value>>),
+    /// From the task's own GPU and blob work.
+    Embedded { session: u64, step: u64, result: Result<Vec<f32>, String> },
+    Logits { session: u64, result: Result<Vec<f32>, String> },
+    Published { blocks: Range<u32>, result: Result<String, String> },
+}
+
+/// What the HTTP handlers share with the task.
+#[derive(Clone)]
+pub struct Serving {
+    pub commands: mpsc::Sender<Command>,
+    /// The model's API name, when one is configured.
+    pub name: Option<String>,
+    /// Set once the model is loaded (or could not be).
+    pub model: Arc<OnceLock<Result<Arc<ServedLlama>, String>>>,
+}
+
+struct Member {
+    capabilities: Capabilities,
+    outbox: mpsc::Sender<Outbound>,
+    /// It failed a span: it holds none for this connection.
+    failed: bool,
+}
+
+/// A hop waiting for its holder's span to load.
+struct Waiting {
+    session: u64,
+    step: u64,
+    hidden: Vec<f32>,
+}
+
+/// What a plan's holder holds.
+struct Holding {
+    blocks: Range<u32>,
+    shard: Option<String>,
+    ready: bool,
+    waiting: Vec<Waiting>,
+}
+
+/// A step on its way along its route.
+struct Hop {
+    positions: Range<usize>,
+    route: Vec<ContributorId>,
+    /// The route's next stage.
+    next: usize,
+    sample: bool,
+}
+
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    sampler: Sampler,
+    budget: usize,
+    generated: usize,
+    capacity: usize,
+}
+
+struct Record {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    state: &'static str,
+    finish: Option<FinishReason>,
+    failure: Option<String>,
+    /// (blocks, contributor) pairs that served a sampled step.
+    served: BTreeSet<(u32, u32, u64)>,
+    replans: u32,
+    started: Instant,
+    first_token_ms: Option<u64>,
+    elapsed_ms: Option<u64>,
+}
+
+struct Task {
+    config: ServingConfig,
+    serving: Serving,
+    blobs: Arc<crate::blobs::BlobStore>,
+    own: mpsc::Sender<Command>,
+    start: Instant,
+    members: BTreeMap<ContributorId, Member>,
+    plan: Option<Plan>,
+    pipeline: Option<Pipeline>,
+    holdings: HashMap<ContributorId, Holding>,
+    publishing: BTreeSet<(u32, u32)>,
+    hops: HashMap<(u64, u64), Hop>,
+    live: HashMap<u64, Live>,
+    records: BTreeMap<u64, Record>,
+    next_request: u64,
+    next_stream: u64,
+}
+
+/// Starts the task; `model` is set by whoever loads the model.
+pub fn start(config: ServingConfig, name: Option<String>, blobs: Arc<crate::blobs::BlobStore>) -> Serving {
+    let (commands, inbox) = mpsc::channel(QUEUE);
+    let serving = Serving { commands: commands.clone(), name, model: Arc::new(OnceLock::new()) };
+    let task = Task {
+        config,
+        serving: serving.clone(),
+        blobs,
+        own: commands,
+        start: Instant::now(),
+        members: BTreeMap::new(),
+        plan: None,
+        pipeline: None,
+        holdings: HashMap::new(),
+        publishing: BTreeSet::new(),
+        hops: HashMap::new(),
+        live: HashMap::new(),
+        records: BTreeMap::new(),
+        next_request: 1,
+        next_stream: OWN_STREAMS,
+    };
+    tokio::spawn(task.run(inbox));
+    serving
+}
+
+/// `0-10=3,10-20=5`: blocks and holder, per span.
+fn describe(spans: impl IntoIterator<Item = (u32, u32, u64)>) -> String {
+    spans.into_iter().map(|(a, b, c)| format!("{a}-{b}={c}")).collect::<Vec<_>>().join(",")
+}
+
+impl Task {
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn model(&self) -> Option<Arc<ServedLlama>> {
+        self.serving.model.get().and_then(|m| m.as_ref().ok()).cloned()
+    }
+
+    async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut ticks = tokio::time::interval(CADENCE);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                _ = ticks.tick() => {
+                    let now = self.now();
+                    if let Some(pipeline) = &mut self.pipeline {
+                        pipeline.tick(now);
+                    }
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Joined { id, capabilities, outbox } => {
+                self.members.insert(id, Member { capabilities, outbox, failed: false });
+            }
+            Command::Left(id) => {
+                if self.members.remove(&id).is_some() {
+                    self.lost(id, "left");
+                }
+            }
+            Command::SpanReady { from, shard } => {
+                let Some(holding) = self.holdings.get_mut(&from) else { return };
+                if holding.shard.as_deref() != Some(shard.as_str()) || holding.ready {
+                    return;
+                }
+                holding.ready = true;
+                log(format_args!("contributor {from} holds blocks {}..{}", holding.blocks.start, holding.blocks.end));
+                let waiting = std::mem::take(&mut holding.waiting);
+                for waiting in waiting {
+                    self.send_hop(waiting.session, waiting.step, waiting.hidden);
+                }
+            }
+            Command::SpanFailed { from, message } => {
+                log(format_args!("contributor {from}: span failed: {message}"));
+                if let Some(member) = self.members.get_mut(&from) {
+                    member.failed = true;
+                }
+                if self.holdings.contains_key(&from) || self.plan.as_ref().is_some_and(|p| p.members().contains(&from)) {
+                    self.lost(from, "failed its span");
+                }
+            }
+            Command::Forwarded { from, session, step, hidden } => self.forwarded(from, session, step, hidden),
+            Command::Generate { request, reply } => {
+                let _ = reply.send(self.generate(request));
+            }
+            Command::Stop { request } => self.end(request, None),
+            Command::Request(id, reply) => {
+                let _ = reply.send(self.request(id));
+            }
+            Command::Embedded { session, step, result } => {
+                if !self.hops.contains_key(&(session, step)) {
+                    return;
+                }
+                match result {
+                    Ok(hidden) => self.send_hop(session, step, hidden),
+                    Err(e) => self.fail(session, ApiError::internal(format!("embedding the tokens failed: {e}"))),
+                }
+            }
+            Command::Logits { session, result } => match result {
+                Ok(logits) => self.sampled(session, &logits),
+                Err(e) => self.fail(session, ApiError::internal(format!("the head failed: {e}"))),
+            },
+            Command::Published { blocks, result } => {
+                self.publishing.remove(&(blocks.start, blocks.end));
+                match result {
+                    Ok(cid) => {
+                        let holders: Vec<ContributorId> =
+                            self.holdings.iter().filter(|(_, h)| h.blocks == blocks && h.shard.is_none()).map(|(&id, _)| id).collect();
+                        for id in holders {
+                            self.load(id, &cid);
+                        }
+                    }
+                    Err(e) => self.fail_all(ApiError::internal(format!("writing the shard of blocks {}..{} failed: {e}", blocks.start, blocks.end))),
+                }
+            }
+        }
+    }
+
+    fn candidates(&self, model: &ServedLlama) -> Vec<Candidate> {
+        self.members
+            .iter()
+            .filter(|(_, m)| !m.failed)
+            .map(|(&id, m)| Candidate {
+                contributor: id,
+                blocks_per_second: m.capabilities.benchmark_score * 1e9 / model.block_flops.max(1.0),
+                memory_bytes: m.capabilities.memory_budget_bytes,
+                recent_drops: 0,
+            })
+            .collect()
+    }
+
+    fn shape(&self, model: &ServedLlama) -> ModelShape {
+        let c = &model.config;
+        let kv = 2 * c.kv_heads * c.head_dim * 4 * self.config.planned_positions * self.config.max_sessions;
+        ModelShape { blocks: c.blocks as u32, bytes_per_block: model.block_weight_bytes + kv as u64 }
+    }
+
+    fn generate(&mut self, request: Generate) -> Result<Started, ApiError> {
+        let name = self.serving.name.clone().unwrap_or_default();
+        let model = match self.serving.model.get() {
+            None => return Err(ApiError::unavailable(format!("{name} is still loading on this coordinator; try again in a moment"))),
+            Some(Err(reason)) => return Err(ApiError::unavailable(format!("{name} cannot be served: {reason}"))),
+            Some(Ok(model)) => Arc::clone(model),
+        };
+        let now = self.now();
+        if self.plan.is_none() {
+            let candidates = self.candidates(&model);
+            if candidates.is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "No contributor holds {name}: none is connected that can hold a span of it; start one with `tessera contribute --coordinator URL`"
+                )));
+            }
+            let plan = placement::plan(&self.shape(&model), &candidates, &Policy::default())
+                .map_err(|e| ApiError::unavailable(format!("The contributors connected cannot hold {name}: {e}")))?;
+            let shape = self.shape(&model);
+            log(format_args!("{name} placed ({} bytes a block): {}", shape.bytes_per_block, describe(plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)))));
+            let stage_deadline_ms = u64::try_from(self.config.stage_deadline.as_millis()).unwrap_or(u64::MAX);
+            self.pipeline = Some(Pipeline::new(PipelineConfig { stage_deadline_ms, max_sessions: self.config.max_sessions }, plan.clone()));
+            self.plan = Some(plan);
+            self.ensure_loads(&model);
+        }
+        let (Some(plan), Some(pipeline)) = (&self.plan, &mut self.pipeline) else {
+            return Err(ApiError::internal("no plan"));
+        };
+        let id = self.next_request;
+        let prompt_tokens = request.prompt.len();
+        pipeline.start(now, SessionId(id), request.prompt).map_err(|e| ApiError::unavailable(format!("{e}; try again in a moment")))?;
+        self.next_request += 1;
+        let spans = describe(plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)));
+        let seed = request.sampling.seed.unwrap_or_else(|| id ^ u64::from(self.start.elapsed().subsec_nanos()) << 20);
+        let sampler = Sampler::new(request.sampling.temperature, request.sampling.top_p, seed);
+        let capacity = (prompt_tokens + request.budget).min(model.config.context);
+        self.live.insert(id, Live { events: request.events, sampler, budget: request.budget, generated: 0, capacity });
+        self.records.insert(
+            id,
+            Record {
+                prompt_tokens,
+                completion_tokens: 0,
+                state: "running",
+                finish: None,
+                failure: None,
+                served: BTreeSet::new(),
+                replans: 0,
+                started: Instant::now(),
+                first_token_ms: None,
+                elapsed_ms: None,
+            },
+        );
+        while self.records.len() > REQUESTS_KEPT {
+            self.records.pop_first();
+        }
+        Ok(Started { request: id, spans })
+    }
+
+    /// Tells every holder of the plan without its span to load it (publishing the shard first).
+    fn ensure_loads(&mut self, model: &Arc<ServedLlama>) {
+        let Some(plan) = &self.plan else { return };
+        let stages: Vec<(ContributorId, Range<u32>)> = plan.stages.iter().map(|s| (s.contributor, s.blocks.clone())).collect();
+        for (id, blocks) in stages {
+            if self.holdings.get(&id).is_some_and(|h| h.blocks == blocks) {
+                continue;
+            }
+            self.holdings.insert(id, Holding { blocks: blocks.clone(), shard: None, ready: false, waiting: Vec::new() });
+            if !self.publishing.insert((blocks.start, blocks.end)) {
+                continue;
+            }
+            let (model, blobs, own) = (Arc::clone(model), Arc::clone(&self.blobs), self.own.clone());
+            tokio::spawn(async move {
+                let range = blocks.clone();
+                let result = tokio::task::spawn_blocking(move || model.shard(&blobs, range)).await.unwrap_or_else(|e| Err(e.to_string()));
+                let _ = own.send(Command::Published { blocks, result }).await;
+            });
+        }
+    }
+
+    fn load(&mut self, id: ContributorId, cid: &str) {
+        let Some(holding) = self.holdings.get_mut(&id) else { return };
+        holding.shard = Some(cid.to_string());
+        let blocks = Blocks { start: holding.blocks.start, end: holding.blocks.end };
+        let message = CoordinatorMessage::LoadSpan {
+            model: self.serving.name.clone().unwrap_or_default(),
+            shard: cid.to_string(),
+            blocks,
+            max_sessions: self.config.max_sessions as u32,
+        };
+        log(format_args!("contributor {id}: load blocks {}..{} ({cid})", blocks.start, blocks.end));
+        self.send(id, Outbound::Control(message));
+    }
+
+    /// Queues a message for a member; one whose queue is full or gone is lost.
+    fn send(&mut self, id: ContributorId, message: Outbound) {
+        let sent = self.members.get(&id).is_some_and(|m| m.outbox.try_send(message).is_ok());
+        if !sent && self.members.remove(&id).is_some() {
+            self.lost(id, "its send queue is full or closed");
+        }
+    }
+
+    /// Sends a step's hidden states to the next stage of its route (or keeps them until that
+    /// stage's span is loaded).
+    fn send_hop(&mut self, session: u64, step: u64, hidden: Vec<f32>) {
+        let Some(hop) = self.hops.get(&(session, step)) else { return };
+        let Some(&to) = hop.route.get(hop.next) else { return };
+        let (start, rows) = (hop.positions.start, hop.positions.len());
+        let Some(capacity) = self.live.get(&session).map(|l| l.capacity) else { return };
+        let Some(holding) = self.holdings.get_mut(&to) else { return };
+        let shard = match (&holding.shard, holding.ready) {
+            (Some(shard), true) => shard.clone(),
+            _ => {
+                holding.waiting.push(Waiting { session, step, hidden });
+                return;
+            }
+        };
+        let dim = hidden.len().checked_div(rows).unwrap_or(0);
+        let bytes = match Tensor::from_f32(vec![rows as u64, dim as u64], &hidden) {
+            Ok(tensor) => tensor.encode(),
+            Err(e) => return self.fail(session, ApiError::internal(format!("hidden states of session {session}: {e}"))),
+        };
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
+        let forward = CoordinatorMessage::Forward { shard, session, step, start: start as u32, capacity: capacity as u32, payload };
+        self.send(to, Outbound::Tensor { stream, bytes });
+        self.send(to, Outbound::Control(forward));
+    }
+
+    fn forwarded(&mut self, from: ContributorId, session: u64, step: u64, hidden: Tensor) {
+        let now = self.now();
+        let dim = self.model().map_or(0, |m| m.config.dim as u64);
+        let Some(hop) = self.hops.get(&(session, step)) else { return };
+        if hop.route.get(hop.next) != Some(&from) {
+            return;
+        }
+        let (rows, stage, sample) = (hop.positions.len() as u64, hop.next, hop.sample);
+        let Some(pipeline) = &mut self.pipeline else { return };
+        if pipeline.acknowledge(now, SessionId(session), step, from) != Received::Accepted {
+            return;
+        }
+        let values: Option<Vec<f32>> = match hidden.dims() {
+            [r, d] if *r == rows && *d == dim => hidden.f32_values().map(Iterator::collect),
+            _ => None,
+        };
+        let Some(values) = values else {
+            log(format_args!("contributor {from}: session {session} step {step}: states of {:?} {:?}, expected F32 [{rows}, {dim}]", hidden.dtype(), hidden.dims()));
+            if let Some(member) = self.members.get_mut(&from) {
+                member.failed = true;
+            }
+            return self.lost(from, "returned states of the wrong shape");
+        };
+        if sample
+            && let (Some(record), Some(stage)) = (self.records.get_mut(&session), self.plan.as_ref().and_then(|p| p.stages.get(stage)))
+        {
+            record.served.insert((stage.blocks.start, stage.blocks.end, from.0));
+        }
+        let Some(hop) = self.hops.get_mut(&(session, step)) else { return };
+        hop.next += 1;
+        if hop.next < hop.route.len() {
+            return self.send_hop(session, step, values);
+        }
+        self.hops.remove(&(session, step));
+        let returned = self.pipeline.as_mut().map(|p| p.returned(now, SessionId(session), step));
+        if returned == Some(Ok(true)) {
+            let Some(model) = self.model() else { return };
+            let own = self.own.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = pollster::block_on(model.ends.logits(&model.gpu, &values)).map_err(|e| e.to_string());
+                let _ = own.blocking_send(Command::Logits { session, result });
+            });
+        }
+    }
+
+    fn sampled(&mut self, session: u64, logits: &[f32]) {
+        let now = self.now();
+        let eos = self.model().and_then(|m| m.eos);
+        let Some(live) = self.live.get_mut(&session) else { return };
+        let token = live.sampler.sample(logits);
+        if Some(token) == eos {
+            return self.end(session, Some(FinishReason::Stop));
+        }
+        live.generated += 1;
+        let (generated, budget) = (live.generated, live.budget);
+        let delivered = live.events.send(Event::Token(token)).is_ok();
+        if let Some(record) = self.records.get_mut(&session) {
+            record.completion_tokens = generated;
+            record.first_token_ms.get_or_insert(u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        }
+        if !delivered {
+            return self.end(session, None);
+        }
+        if generated >= budget {
+            return self.end(session, Some(FinishReason::Length));
+        }
+        if let Some(pipeline) = &mut self.pipeline {
+            let _ = pipeline.push_token(now, SessionId(session), token);
+        }
+    }
+
+    /// Acts on what the pipeline asks for.
+    fn pump(&mut self) {
+        loop {
+            let Some(output) = self.pipeline.as_mut().and_then(Pipeline::poll) else { return };
+            match output {
+                Output::Step { session, step, positions, tokens, route, sample } => {
+                    let Some(model) = self.model() else { return };
+                    self.hops.insert((session.0, step), Hop { positions, route, next: 0, sample });
+                    let own = self.own.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = pollster::block_on(model.ends.embed(&model.gpu, &tokens)).map_err(|e| e.to_string());
+                        let _ = own.blocking_send(Command::Embedded { session: session.0, step, result });
+                    });
+                }
+                Output::StageLate { session, step, contributor } => {
+                    // A holder still loading its span is not late: its hops wait for it.
+                    if self.holdings.get(&contributor).is_some_and(|h| !h.ready) {
+                        continue;
+                    }
+                    log(format_args!("contributor {contributor}: session {} step {step} missed its deadline", session.0));
+                    if let Some(member) = self.members.get_mut(&contributor) {
+                        member.failed = true;
+                    }
+                    self.lost(contributor, "missed a step's deadline");
+                }
+            }
+        }
+    }
+
+    /// A contributor that held a span (or stood by) is gone or unfit: repair the plan.
+    fn lost(&mut self, id: ContributorId, why: &str) {
+        self.holdings.remove(&id);
+        let Some(plan) = self.plan.clone() else { return };
+        if !plan.members().contains(&id) {
+            return;
+        }
+        let Some(model) = self.model() else { return };
+        let name = model.name.clone();
+        let candidates = self.candidates(&model);
+        match placement::repair(&self.shape(&model), &plan, &candidates, &Policy::default()) {
+            Ok(repair) => {
+                let spans = describe(repair.plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)));
+                log(format_args!("contributor {id} {why}: {name} re-placed{}: {spans}", if repair.replanned { " afresh" } else { "" }));
+                let now = self.now();
+                self.hops.clear();
+                for holding in self.holdings.values_mut() {
+                    holding.waiting.clear();
+                }
+                if let Some(pipeline) = &mut self.pipeline {
+                    pipeline.set_plan(now, repair.plan.clone());
+                }
+                for id in self.live.keys() {
+                    if let Some(record) = self.records.get_mut(id) {
+                        record.replans += 1;
+                    }
+                }
+                self.plan = Some(repair.plan);
+                self.ensure_loads(&model);
+            }
+            Err(e) => {
+                log(format_args!("contributor {id} {why}: {name} cannot be placed any more: {e}"));
+                self.fail_all(ApiError::unavailable(format!("A contributor holding part of {name} {why}, and the others cannot hold it: {e}")));
+                self.plan = None;
+                self.pipeline = None;
+                self.holdings.clear();
+            }
+        }
+    }
+
+    fn fail(&mut self, session: u64, error: ApiError) {
+        if let Some(live) = self.live.get(&session) {
+            let _ = live.events.send(Event::Failed(error.clone()));
+        }
+        if let Some(record) = self.records.get_mut(&session) {
+            record.state = "failed";
+            record.failure = Some(error.message);
+        }
+        self.end(session, None);
+    }
+
+    fn fail_all(&mut self, error: ApiError) {
+        let sessions: Vec<u64> = self.live.keys().copied().collect();
+        for session in sessions {
+            self.fail(session, error.clone());
+        }
+    }
+
+    /// Ends a session: its handler hears `finish` (if any), its holders free its caches.
+    fn end(&mut self, session: u64, finish: Option<FinishReason>) {
+        let Some(live) = self.live.remove(&session) else { return };
+        if let Some(pipeline) = &mut self.pipeline {
+            let _ = pipeline.finish(SessionId(session));
+        }
+        self.hops.retain(|&(s, _), _| s != session);
+        let holders: Vec<ContributorId> = self.holdings.keys().copied().collect();
+        for holding in self.holdings.values_mut() {
+            holding.waiting.retain(|w| w.session != session);
+        }
+        for id in holders {
+            self.send(id, Outbound::Control(CoordinatorMessage::EndSession { session }));
+        }
+        let Some(record) = self.records.get_mut(&session) else { return };
+        record.elapsed_ms = Some(u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        if let Some(finish) = finish {
+            record.state = "done";
+            record.finish = Some(finish);
+            let _ = live.events.send(Event::Done { finish, spans: describe(record.served.iter().copied()) });
+        } else if record.state == "running" {
+            record.state = "stopped";
+        }
+    }
+
+    fn request(&self, id: u64) -> Option<Value> {
+        let r = self.records.get(&id)?;
+        let spans: Vec<Value> = r.served.iter().map(|&(start, end, contributor)| json!({ "blocks": [start, end], "contributor": contributor })).collect();
+        Some(json!({
+            "id": id,
+            "model": self.serving.name,
+            "state": r.state,
+            "finish_reason": r.finish,
+            "failure": r.failure,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "spans": spans,
+            "x_tessera_spans": describe(r.served.iter().copied()),
+            "replans": r.replans,
+            "first_token_ms": r.first_token_ms,
+            "elapsed_ms": r.elapsed_ms,
+        }))
+    }
+}
