@@ -128,7 +128,9 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
     install_wasm_bindgen()?;
-    if !Path::new("node_modules/playwright-core/package.json").exists() {
+    // Every package the tests import; an older checkout may have some of them only.
+    let installed = |package: &str| Path::new("node_modules").join(package).join("package.json").exists();
+    if !["playwright-core", "openai"].into_iter().all(installed) {
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
     }
     // The default models (skipped when present and intact).
