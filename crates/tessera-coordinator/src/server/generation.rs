@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::completions::{CompletionRequest, Endpoint, FinishReason, Prompt, ResponseHead, SSE_DONE, StopScanner, Usage, generation_budget, sse_event};
 use crate::openai::ApiError;
-use crate::server::http::{ApiResponse, AppState, json_response};
+use crate::server::http::{ApiResponse, AppState, json_response, unreadable_body};
 use crate::server::llm::ServedLlama;
 use crate::server::serving::{Command, Event, Generate, Serving, Started};
 
@@ -91,13 +91,7 @@ fn tokenize(model: &ServedLlama, prompt: &Prompt) -> Result<Vec<u32>, ApiError> 
 }
 
 async fn complete(state: AppState, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> ApiResult {
-    let body = body.map_err(|e| ApiError {
-        status: e.status().as_u16(),
-        message: format!("The request body could not be read: {} (at most {MAX_COMPLETION_BODY} bytes)", e.body_text()),
-        kind: "invalid_request_error",
-        param: None,
-        code: None,
-    })?;
+    let body = body.map_err(|e| unreadable_body(&e, MAX_COMPLETION_BODY))?;
     let request = CompletionRequest::parse(endpoint, &body)?;
     let serving = state.serving.clone();
     let Some(name) = serving.name.clone().filter(|name| *name == request.model) else {

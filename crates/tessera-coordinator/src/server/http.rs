@@ -131,14 +131,20 @@ async fn ask<T>(actor: &mpsc::Sender<Command>, command: impl FnOnce(oneshot::Sen
     rx.await.map_err(|_| gone())
 }
 
-async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
-    let body = body.map_err(|e| ApiError {
-        status: e.status().as_u16(),
-        message: format!("The request body could not be read: {} (at most {MAX_EMBEDDINGS_BODY} bytes)", e.body_text()),
+/// A request body that could not be read (too large, cut off): an OpenAI-shaped error with the
+/// rejection's own status.
+pub(crate) fn unreadable_body(rejection: &BytesRejection, limit: usize) -> ApiError {
+    ApiError {
+        status: rejection.status().as_u16(),
+        message: format!("The request body could not be read: {} (at most {limit} bytes)", rejection.body_text()),
         kind: "invalid_request_error",
         param: None,
         code: None,
-    })?;
+    }
+}
+
+async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let body = body.map_err(|e| unreadable_body(&e, MAX_EMBEDDINGS_BODY))?;
     let request = EmbeddingsRequest::parse(&body)?;
     let model = Arc::clone(&state.model);
     if request.model != model.name && request.model != model.cid {

@@ -1,8 +1,8 @@
 //! The coordinator's async shell on loopback, without a GPU: a `Server` with a stand-in model
 //! (a real BERT config and tokenizer; weights that are only hashed, never loaded) and raw
 //! contributors that speak the protocol over real WebRTC and answer units with made-up
-//! vectors. Verdicts after a vote, signals relayed between contributors, and a flood of
-//! connections while a contributor works.
+//! vectors. Verdicts after a vote, signals relayed between contributors, a flood of
+//! connections while a contributor works, and request bodies over their limit.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -544,4 +544,43 @@ async fn a_flood_of_connections_leaves_a_working_contributor_working() {
         refused.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Sends `head` and then `body_len` bytes of body without waiting for the server to read them
+/// (it may answer and close first), and returns the status and body of its answer.
+async fn http_oversized(addr: SocketAddr, path: &str, body_len: usize) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.expect("connect over HTTP");
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n");
+    let writing = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        writer.write_all(&vec![b' '; body_len]).await
+    });
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, reader.read_to_end(&mut raw)).await.expect("the response comes in time").expect("read the response");
+    // The server may close before reading it all: a failed write is expected then.
+    let _ = writing.await;
+    let text = String::from_utf8(raw).expect("a text response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    (head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line"), body.to_string())
+}
+
+/// Bodies over a route's limit and bodies that are not JSON get OpenAI-shaped errors, and the
+/// coordinator goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_bodies_get_openai_errors_and_the_server_keeps_serving() {
+    let coordinator = start(1).await;
+    let addr = coordinator.addr;
+    for (path, len) in [("/v1/embeddings", 17 << 20), ("/v1/chat/completions", 3 << 20)] {
+        let (status, body) = http_oversized(addr, path, len).await;
+        assert_eq!(status, 413, "{path}: {body}");
+        let error: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{path}: {body}");
+        assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("could not be read") && m.contains("at most")), "{path}: {body}");
+    }
+    let (status, body) = http(addr, "POST", "/v1/embeddings", "{\"model\": ").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a JSON object of the expected shape"), "{body}");
+    let (status, _) = http(addr, "GET", "/metrics", "").await;
+    assert_eq!(status, 200, "the coordinator still serves");
 }
