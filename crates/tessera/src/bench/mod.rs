@@ -6,6 +6,7 @@ mod embed;
 mod kernels;
 mod llama_cpp;
 mod network;
+mod pipeline;
 #[cfg(feature = "burn-peer")]
 mod burn_peer;
 
@@ -31,6 +32,9 @@ pub enum Bench {
     Scheduler(network::SchedulerArgs),
     /// Round trip of a 64 KiB frame over a loopback DataChannel, beside a TCP echo.
     Network(network::NetworkArgs),
+    /// Generation split across real contributor processes: decode in 1, 2 and 3 spans beside a
+    /// local run, the cost of a hop, 8 sessions at once, the stall when a span's holder is killed.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
@@ -40,6 +44,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Embed(args) => embed::run(args),
         Bench::Scheduler(args) => network::scheduler(args),
         Bench::Network(args) => network::network(args),
+        Bench::Pipeline(args) => pipeline::run(args),
     }
 }
 
