@@ -68,7 +68,7 @@ struct Report {
     /// (per-token ms with k spans - with 1 span) / (k - 1), for k = 2 and 3.
     hop_ms: Vec<(usize, f64)>,
     three_over_one: f64,
-    concurrent: Concurrent,
+    concurrent: Option<Concurrent>,
     stall_with_spare: Option<Stall>,
     stall_without_spare: Option<Stall>,
     /// What could not be measured, and why.
@@ -132,9 +132,11 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     }
     let mut swarm = Swarm::start(&exe, THREE_SPANS)?;
     spans.push(single_session(&swarm, 3, &args)?);
-    let concurrent = concurrent(&swarm, &args)?;
-    say("3 spans and concurrent sessions done".into());
+    // The stall first: 8 sessions at once can miss a stage's deadline on a slow adapter, which
+    // drops the plan. The spare holds the middle span afterwards: still three spans.
     let stall_with_spare = stall(&mut swarm, Some(SPARE), &args).map_err(|e| missing.push(format!("stall with a spare: {e:#}"))).ok();
+    say("3 spans and the stall with a spare done".into());
+    let concurrent = concurrent(&swarm, &args).map_err(|e| missing.push(format!("{} concurrent sessions: {e:#}", args.sessions))).ok();
     drop(swarm);
     let stall_without_spare =
         Swarm::start(&exe, THREE_SPANS_NO_SPARE).and_then(|mut swarm| stall(&mut swarm, None, &args)).map_err(|e| missing.push(format!("stall without a spare: {e:#}"))).ok();
@@ -318,15 +320,16 @@ fn print_table(r: &Report) {
         "  a hop is one more span boundary: today span k's holder sends its hidden state to the coordinator, which forwards it to span k+1's holder \
          (contributor -> coordinator -> contributor: two DataChannel transfers, the coordinator's turn, and the next stage's own submit and readback); (ms/token with k spans - with 1) / (k-1)"
     );
-    let c = &r.concurrent;
-    println!(
-        "{} concurrent sessions, {} spans: {:.1} tokens/s aggregate ({} tokens, first request sent to last token), {:.2}x one session's decode",
-        c.sessions,
-        c.spans,
-        c.tokens_per_second,
-        c.tokens,
-        c.tokens_per_second / r.spans[2].decode.tokens_per_second
-    );
+    if let Some(c) = &r.concurrent {
+        println!(
+            "{} concurrent sessions, {} spans: {:.1} tokens/s aggregate ({} tokens, first request sent to last token), {:.2}x one session's decode",
+            c.sessions,
+            c.spans,
+            c.tokens_per_second,
+            c.tokens,
+            c.tokens_per_second / r.spans[2].decode.tokens_per_second
+        );
+    }
     let stall = |label: &str, s: &Option<Stall>, target: f64| match s {
         Some(s) => println!(
             "stall, middle span's holder (contributor {}) SIGKILLed mid-stream, {label}: {:.2} s longest gap between tokens (target <= {target} s: {}); replans {}, same text as without the kill: {}; spans before {}",
