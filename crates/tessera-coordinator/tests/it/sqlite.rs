@@ -109,21 +109,26 @@ fn a_restarted_coordinator_resumes_its_jobs_from_sqlite() {
     assert_eq!((snapshot.next_job, snapshot.next_unit), (2, 6));
 }
 
-#[test]
-fn a_failed_commit_writes_nothing_of_its_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("atomic.sqlite");
-    let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
-    let record = JobRecord {
+/// Job 1, an embedding job of `units` units, as the store records it.
+fn job_record(units: u32) -> JobRecord {
+    JobRecord {
         id: JobId(1),
         kind: JobKind::Embedding,
         model: "bafkreistore".into(),
         replicas: 2,
         unit_deadline_ms: 1000,
         min_memory_bytes: 0,
-        unit_count: 1,
+        unit_count: units,
         submitted: Millis(0),
-    };
+    }
+}
+
+#[test]
+fn a_failed_commit_writes_nothing_of_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("atomic.sqlite");
+    let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
+    let record = job_record(1);
     let work = Work::Embedding {
         model: "bafkreistore".into(),
         inputs: vec![vec![101, 7, 102], vec![], vec![5]],
@@ -244,16 +249,7 @@ fn commit_continuously(units: u32, checkpoint_every: Option<u32>) -> (u64, u64) 
     let mut store = SqliteStore::open(&path, Durability::Normal).unwrap();
     let mut checkpointer = checkpoint_every.map(|_| store.checkpoint_elsewhere().unwrap());
     let (rows, hidden) = (32usize, 384usize);
-    let record = JobRecord {
-        id: JobId(1),
-        kind: JobKind::Embedding,
-        model: "bafkreistore".into(),
-        replicas: 2,
-        unit_deadline_ms: 1000,
-        min_memory_bytes: 0,
-        unit_count: units,
-        submitted: Millis(0),
-    };
+    let record = job_record(units);
     let unit_records = (0..units)
         .map(|i| UnitRecord {
             id: UnitId(1 + u64::from(i)),
