@@ -212,6 +212,9 @@ pub enum CoordinatorMessage {
     Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, payload: PayloadRef },
     /// `session` is over: free its KV caches.
     EndSession { session: u64 },
+    /// Span `shard` is no longer placed here (a re-plan moved it): drop its weights and its
+    /// sessions' KV caches. Nothing is answered; an unknown shard is not an error.
+    UnloadSpan { shard: String },
     /// Something the contributor sent was rejected; after a fatal one the connection closes.
     Error { code: ErrorCode, message: String },
 }
@@ -248,6 +251,7 @@ impl Message for CoordinatorMessage {
         "load_span",
         "forward",
         "end_session",
+        "unload_span",
         "error",
     ];
 }

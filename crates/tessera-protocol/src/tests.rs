@@ -118,6 +118,7 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             },
         },
         CoordinatorMessage::EndSession { session: 7 },
+        CoordinatorMessage::UnloadSpan { shard: "bafkreia".into() },
         CoordinatorMessage::Error {
             code: ErrorCode::UnsupportedVersion,
             message: "x".into(),

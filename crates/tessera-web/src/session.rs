@@ -270,7 +270,7 @@ impl Session {
             }
             // Direct channels between contributors come with span serving.
             CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } => {}
-            CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } => {
+            CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } | CoordinatorMessage::UnloadSpan { .. } => {
                 self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() });
             }
         }

@@ -119,6 +119,7 @@ enum SpanJob {
     Load { shard: String, blocks: Blocks, max_sessions: u32 },
     Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, hidden: tessera_protocol::Tensor },
     End { session: u64 },
+    Unload { shard: String },
 }
 
 /// State the reader shares with blob fetches: the fetches in flight, by stream.
@@ -257,6 +258,9 @@ impl Session {
                     }
                     CoordinatorMessage::EndSession { session } => {
                         let _ = span_jobs.try_send(SpanJob::End { session });
+                    }
+                    CoordinatorMessage::UnloadSpan { shard } => {
+                        let _ = span_jobs.try_send(SpanJob::Unload { shard });
                     }
                 },
                 Err(e) => eprintln!("tessera contribute: ignoring a message the coordinator should not have sent: {e}"),
@@ -432,6 +436,12 @@ impl SpanWorker {
                         if let Ok(mut stage) = stage.lock() {
                             stage.end(session);
                         }
+                    }
+                    Ok(())
+                }
+                SpanJob::Unload { shard } => {
+                    if self.spans.remove(&shard).is_some() {
+                        eprintln!("tessera contribute: span {shard} unloaded");
                     }
                     Ok(())
                 }
