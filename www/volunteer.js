@@ -1,8 +1,10 @@
 // The volunteer page: shows the GPU WebGPU offers, starts the contributor when the volunteer
 // presses Start (never on load: it downloads ~90 MB and keeps the GPU busy), then shows its
 // status and counters, with pause/resume and the share of time busy. The budget is remembered
-// in localStorage. Tests and the benchmark read window.tesseraVolunteer: the contributor's
-// events, each with `at` (ms since the page's navigation began), and a `start` for the click.
+// in localStorage. `?memory=MiB` caps the GPU memory the coordinator may use here (it decides
+// how many blocks of a language model this tab holds). Tests and the benchmark read
+// window.tesseraVolunteer: the contributor's events, each with `at` (ms since the page's
+// navigation began), and a `start` for the click.
 import { STATUS_TEXT, describeAdapter, formatBytes, missingWebGpu, readStats, startContributor } from './common.js';
 
 const $ = (id) => document.getElementById(id);
@@ -42,6 +44,8 @@ function showStats() {
   $('units-accepted').textContent = stats.unitsRejected > 0 ? `${stats.unitsAccepted} (${stats.unitsRejected} rejected)` : String(stats.unitsAccepted);
   $('downloaded').textContent = formatBytes(stats.bytesDownloaded) + (stats.cacheHits > 0 ? ' (cached)' : '');
   $('throughput').textContent = stats.busyMs > 0 && state.inputs > 0 ? (state.inputs / (stats.busyMs / 60000)).toFixed(1) : '–';
+  $('spans').textContent = stats.spans.map((s) => `${s.start}–${s.end}`).join(', ') || '–';
+  $('steps').textContent = String(stats.stepsForwarded);
 }
 
 function onEvent(event) {
@@ -60,6 +64,12 @@ function onEvent(event) {
       state.inputs += event.inputs;
       log(`Unit ${event.unit} of job ${event.job}: ${event.inputs} sentence${event.inputs === 1 ? '' : 's'} in ${(event.ms / 1000).toFixed(1)} s.`);
       break;
+    case 'spanLoaded':
+      log(`Holding blocks ${event.start}–${event.end} of a language model: conversations now pass through this tab.`);
+      break;
+    case 'spanDropped':
+      log('A span of a language model was handed back.');
+      break;
     case 'verdict':
       log(`Unit ${event.unit} ${event.accepted ? 'accepted: another volunteer agreed' : 'rejected: it disagreed with other volunteers'}.`, event.accepted ? 'accepted' : 'rejected');
       break;
@@ -75,13 +85,19 @@ function budget() {
   return Number($('budget').value) / 100;
 }
 
+/** The options for the contributor: the budget, and `?memory=MiB` when the address has it. */
+function options() {
+  const memory = new URLSearchParams(location.search).get('memory');
+  return memory === null ? { budget: budget() } : { budget: budget(), memoryMib: Number(memory) };
+}
+
 async function start() {
   const button = $('start');
   button.disabled = true;
   state.events.push({ type: 'start', at: performance.now() });
   setStatus('loading');
   try {
-    state.contributor = await startContributor({ budget: budget() }, onEvent);
+    state.contributor = await startContributor(options(), onEvent);
   } catch (error) {
     setStatus('error', error.message);
     button.disabled = false;

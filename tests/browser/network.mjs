@@ -62,10 +62,10 @@ export function artifactsDir(name) {
  * Starts `tessera serve` on 127.0.0.1 (a free port) with a fresh data folder and this
  * repository's www/; resolves to { url, close, log } once it listens.
  */
-export async function startCoordinator({ unitInputs = 1, replicas = 2, profile = 'debug' } = {}) {
+export async function startCoordinator({ unitInputs = 1, replicas = 2, profile = 'debug', args = [] } = {}) {
   const data = mkdtempSync(join(tmpdir(), 'tessera-e2e-'));
   const child = spawn(tesseraBinary(profile), [
-    'serve', '--addr', '127.0.0.1:0', '--data', data, '--www', WWW, '--unit-inputs', String(unitInputs), '--replicas', String(replicas),
+    'serve', '--addr', '127.0.0.1:0', '--data', data, '--www', WWW, '--unit-inputs', String(unitInputs), '--replicas', String(replicas), ...args,
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
   const log = [];
   child.stderr.on('data', (d) => log.push(String(d)));

@@ -5,10 +5,11 @@
 //! GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop is.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use futures::channel::mpsc;
-use futures::future::{Fuse, LocalBoxFuture};
+use futures::future::{Fuse, FusedFuture, LocalBoxFuture};
 use futures::{FutureExt, StreamExt, pin_mut, select};
 use gloo_timers::future::TimeoutFuture;
 use serde::Serialize;
@@ -18,8 +19,8 @@ use wasm_bindgen::prelude::*;
 
 use crate::lifecycle::{Backoff, Options, Stats, check_budget};
 use crate::rtc::{Channel, Received};
-use crate::session::{Event, Output, Session, Status};
-use crate::worker::{self, Finished, Worker};
+use crate::session::{Event, Output, Session, SpanJob, Status};
+use crate::worker::{self, Finished, SpanDone, Worker};
 use crate::{js_error, log, now_ms, to_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +217,7 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
     };
     let capabilities = match capabilities {
         Some(known) => known.clone(),
-        None => match worker::capabilities(&gpu, &shared.adapter.name).await {
+        None => match worker::capabilities(&gpu, &shared.adapter.name, shared.options.memory_mib).await {
             Ok(measured) => capabilities.insert(measured).clone(),
             Err(e) => return Ended::Failed(e),
         },
@@ -237,8 +238,15 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
         }
     };
     log(&format!("connected to {}; the DataChannel takes messages of up to {} bytes", shared.options.coordinator, channel.max_message()));
+    // Spans belong to the connection that placed them.
+    for shard in worker.drop_spans() {
+        shared.emit(Event::SpanDropped { shard });
+    }
     let mut session = Session::new(capabilities, shared.budget.get(), channel.max_message());
     let mut unit: Fuse<LocalBoxFuture<'static, Finished>> = Fuse::terminated();
+    // Span jobs run one at a time, in the order the session gave them.
+    let mut span_jobs: VecDeque<SpanJob> = VecDeque::new();
+    let mut span: Fuse<LocalBoxFuture<'static, SpanDone>> = Fuse::terminated();
     let mut leaving = false;
     loop {
         if shared.wanted.get() != Wanted::Run && !leaving {
@@ -253,10 +261,16 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                     }
                 }
                 Output::Run(assignment) => unit = worker.clone().run(assignment).boxed_local().fuse(),
+                Output::Span(job) => span_jobs.push_back(job),
                 Output::Event(event) => shared.emit(event),
                 Output::Log(line) => log(&line),
                 Output::Restart(reason) => return Ended::Failed(reason),
             }
+        }
+        if span.is_terminated()
+            && let Some(job) = span_jobs.pop_front()
+        {
+            span = worker.clone().span(job).boxed_local().fuse();
         }
         if leaving {
             channel.close_after_sending().await;
@@ -280,6 +294,11 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                     return Ended::Failed(format!("the GPU was lost and could not be reopened: {e}"));
                 }
                 session.finished(now_ms(), finished.unit, finished.busy_ms, finished.result);
+            },
+            done = span => match done {
+                SpanDone::Loaded { shard, blocks, result } => session.span_loaded(shard, blocks, result),
+                SpanDone::Forwarded { session: id, step, busy_ms, result } => session.forwarded(now_ms(), id, step, busy_ms, result),
+                SpanDone::Freed => {}
             },
             _ = timer => session.handle_timeout(now_ms()),
             _ = woken.next() => session.set_budget(now_ms(), shared.budget.get()),

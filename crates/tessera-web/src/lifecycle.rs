@@ -13,14 +13,21 @@ const HEALTHY_MS: Millis = 60_000.0;
 
 /// `Contributor.start`'s options.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Options {
     /// The coordinator's `http(s)://host[:port]`, without a trailing slash.
     pub coordinator: String,
     /// The share of time the GPU may be busy, in (0, 1].
     #[serde(default = "full_budget")]
     pub budget: f64,
+    /// GPU memory the coordinator may use in this tab, in MiB (default: what the adapter
+    /// allows, at most 1 GiB). It decides how many blocks of a language model the tab holds.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
 }
+
+/// Bounds on `memoryMib`: less holds no block of any model served; more is not a tab's to give.
+pub const MEMORY_MIB: (u64, u64) = (16, 16 << 10);
 
 fn full_budget() -> f64 {
     1.0
@@ -33,6 +40,9 @@ impl Options {
             _ => format!("options must be a JSON object such as {{\"coordinator\": \"https://tessera.example\", \"budget\": 1}}: {e}"),
         })?;
         check_budget(options.budget)?;
+        if let Some(mib) = options.memory_mib.filter(|mib| !(MEMORY_MIB.0..=MEMORY_MIB.1).contains(mib)) {
+            return Err(format!("options: memoryMib must be from {} to {}, got {mib}", MEMORY_MIB.0, MEMORY_MIB.1));
+        }
         let base = options.coordinator.trim_end_matches('/');
         let host = base.strip_prefix("http://").or_else(|| base.strip_prefix("https://"));
         if !host.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' '])) {
@@ -84,6 +94,14 @@ impl Backoff {
     }
 }
 
+/// A span held: blocks `start..end` of a model, from shard `shard`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeldSpan {
+    pub shard: String,
+    pub start: u32,
+    pub end: u32,
+}
+
 /// The counters `stats()` reports, in camelCase.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -97,8 +115,13 @@ pub struct Stats {
     /// Blob bytes fetched from the network (not from Cache Storage).
     pub bytes_downloaded: u64,
     pub cache_hits: u64,
-    /// GPU time of the units done.
+    /// GPU time of the units done and the span steps run.
     pub busy_ms: f64,
+    /// Spans of a language model held here now.
+    pub spans: Vec<HeldSpan>,
+    /// Conversation steps run through those spans, and the positions they carried.
+    pub steps_forwarded: u64,
+    pub rows_forwarded: u64,
     pub started_at_ms: Millis,
     pub first_accepted_at_ms: Option<Millis>,
     /// Whether the page has been told a status yet (the first one always goes out).
@@ -118,6 +141,9 @@ impl Stats {
             bytes_downloaded: 0,
             cache_hits: 0,
             busy_ms: 0.0,
+            spans: Vec::new(),
+            steps_forwarded: 0,
+            rows_forwarded: 0,
             started_at_ms: now,
             first_accepted_at_ms: None,
             status_told: false,
@@ -147,6 +173,16 @@ impl Stats {
                 self.first_accepted_at_ms.get_or_insert(now);
             }
             Event::Verdict { accepted: false, .. } => self.units_rejected += 1,
+            Event::SpanLoaded { shard, start, end } => {
+                self.spans.retain(|s| s.shard != *shard);
+                self.spans.push(HeldSpan { shard: shard.clone(), start: *start, end: *end });
+            }
+            Event::SpanDropped { shard } => self.spans.retain(|s| s.shard != *shard),
+            Event::Forwarded { rows, ms } => {
+                self.steps_forwarded += 1;
+                self.rows_forwarded += *rows as u64;
+                self.busy_ms += ms;
+            }
         }
         true
     }
@@ -183,6 +219,10 @@ mod tests {
         check_options(r#"{"coordinator":"http://h","budjet":1}"#, Err("unknown field `budjet`"));
         check_options(r#"{"coordinator":"http://h","budget":"1"}"#, Err("invalid type"));
         check_options("not json", Err("options must be a JSON object"));
+        check_options(r#"{"coordinator":"http://h","memoryMib":8}"#, Err("memoryMib must be from 16 to 16384, got 8"));
+        check_options(r#"{"coordinator":"http://h","memoryMib":-1}"#, Err("invalid value"));
+        assert_eq!(Options::parse(r#"{"coordinator":"http://h","memoryMib":300}"#).map(|o| o.memory_mib), Ok(Some(300)));
+        assert_eq!(Options::parse(r#"{"coordinator":"http://h"}"#).map(|o| o.memory_mib), Ok(None));
         assert_eq!(Options::parse(r#"{"coordinator":"http://h:1/"}"#).map(|o| o.blob_url("bafk")), Ok("http://h:1/blobs/bafk".into()));
     }
 
@@ -215,6 +255,11 @@ mod tests {
             (Event::Unit { unit: UnitId(1), job: JobId(1), inputs: 2, ms: 30.0 }, true),
             (Event::Unit { unit: UnitId(2), job: JobId(1), inputs: 2, ms: 12.5 }, true),
             (Event::Verdict { unit: UnitId(1), accepted: false }, true),
+            (Event::SpanLoaded { shard: "s1".into(), start: 0, end: 10 }, true),
+            (Event::SpanLoaded { shard: "s2".into(), start: 10, end: 20 }, true),
+            (Event::Forwarded { rows: 7, ms: 5.0 }, true),
+            (Event::Forwarded { rows: 1, ms: 2.5 }, true),
+            (Event::SpanDropped { shard: "s1".into() }, true),
         ];
         for (i, (event, forwarded)) in rows.iter().enumerate() {
             assert_eq!(stats.apply(2000.0 + i as f64, event), *forwarded, "row {i}: {event:?}");
@@ -226,7 +271,8 @@ mod tests {
             serde_json::to_value(&stats).unwrap(),
             serde_json::json!({
                 "status": "idle", "detail": null, "contributor": 7, "unitsDone": 2, "unitsAccepted": 2,
-                "unitsRejected": 1, "bytesDownloaded": 100, "cacheHits": 1, "busyMs": 42.5,
+                "unitsRejected": 1, "bytesDownloaded": 100, "cacheHits": 1, "busyMs": 50.0,
+                "spans": [{"shard": "s2", "start": 10, "end": 20}], "stepsForwarded": 2, "rowsForwarded": 8,
                 "startedAtMs": 1000.0, "firstAcceptedAtMs": 5000.0
             })
         );

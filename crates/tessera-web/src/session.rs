@@ -8,13 +8,21 @@
 //! not decode, a bad frame, or a refusal of our protocol version ends the connection
 //! (`Output::Restart`), never a panic. Units wait in a bounded queue and run one at a time, with
 //! a rest after each so that the GPU is busy only the volunteer's share of the time.
+//!
+//! Spans of a language model are served too: `LoadSpan`, `Forward` (its hidden states arrive as
+//! tensor frames first and are reassembled here, within bounds) and `EndSession`/`UnloadSpan`
+//! become [`SpanJob`]s, which the glue runs in order and reports with [`Session::span_loaded`]
+//! and [`Session::forwarded`]. A span step is part of someone's conversation, so it runs at once,
+//! without the rest that units take; its GPU time still counts against the next unit's rest.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 use tessera_protocol::{
     Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, JobId,
-    PROTOCOL_VERSION, PayloadKind, PayloadRef, ProtocolError, Tensor, UnitId, Work, decode, encode_control,
+    PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, ProtocolError, Reassembler, ReassemblyLimits, Tensor, UnitId, Work, decode,
+    encode_control,
 };
 
 /// Milliseconds on the page's clock (`Date.now()`).
@@ -25,6 +33,14 @@ pub type Millis = f64;
 pub const MAX_QUEUED_UNITS: usize = 8;
 /// Bounds on the heartbeat interval a `Welcome` may ask for.
 const HEARTBEAT_MS: (u64, u64) = (100, 60_000);
+/// The largest hidden-state tensor a `Forward` may carry (a full 8k context of a 576-wide
+/// model is 19 MB), as for the native contributor.
+pub const MAX_HIDDEN_BYTES: u64 = 32 << 20;
+/// Tensors received and waiting for their `Forward`, at most: the coordinator sends each one
+/// just before its message, so more is a coordinator at fault.
+const MAX_WAITING_TENSORS: usize = 8;
+/// Span jobs handed to the glue and not reported yet, at most (loads and forwards).
+const MAX_SPAN_JOBS: usize = 64;
 
 /// What the page hears (`onEvent`), as plain objects with a `type`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,6 +55,12 @@ pub enum Event {
     Unit { unit: UnitId, job: JobId, inputs: usize, ms: f64 },
     /// The coordinator decided a unit we reported on.
     Verdict { unit: UnitId, accepted: bool },
+    /// A span of a language model is loaded here: blocks `start..end`.
+    SpanLoaded { shard: String, start: u32, end: u32 },
+    /// One step of a conversation went through a span here: `rows` positions in `ms`.
+    Forwarded { rows: usize, ms: f64 },
+    /// A span was dropped: the coordinator moved it, or its load failed.
+    SpanDropped { shard: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,6 +81,22 @@ pub struct Assignment {
     /// The model's manifest CID.
     pub model: String,
     pub inputs: Vec<Vec<u32>>,
+}
+
+/// Span work for the glue, to run in the order it comes out: loads and forwards use the GPU and
+/// are reported back; ends and unloads only free memory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpanJob {
+    /// Fetch shard `shard` (a blob, checked against its CID), load `blocks` from it and keep KV
+    /// caches for up to `max_sessions` sessions; report with [`Session::span_loaded`].
+    Load { shard: String, blocks: Range<usize>, max_sessions: usize },
+    /// Run `hidden` (`[rows, dim]` row-major, positions `start..start + rows` of `session`)
+    /// through span `shard`; report with [`Session::forwarded`].
+    Forward { shard: String, session: u64, step: u64, start: usize, capacity: usize, rows: usize, hidden: Vec<f32> },
+    /// Free `session`'s caches in every span.
+    End { session: u64 },
+    /// Drop span `shard` and its caches.
+    Unload { shard: String },
 }
 
 /// A message for the DataChannel: text is control JSON, binary is one frame.
@@ -82,6 +120,8 @@ pub enum Output {
     Send(Outgoing),
     /// Start computing this unit; report with [`Session::finished`].
     Run(Assignment),
+    /// Queue this span job behind the ones before it.
+    Span(SpanJob),
     Event(Event),
     /// Something worth a line in the console.
     Log(String),
@@ -112,6 +152,12 @@ pub struct Session {
     /// When the last unit finished and how long it kept the GPU busy.
     last_unit: Option<(Millis, f64)>,
     next_stream: u64,
+    /// Frames of the tensors the coordinator sends with `Forward`s.
+    reassembler: Reassembler,
+    /// Tensors received whose `Forward` has not arrived yet.
+    tensors: VecDeque<Payload>,
+    /// Span loads and forwards handed out and not reported yet.
+    span_jobs: usize,
     outputs: VecDeque<Output>,
     ended: bool,
 }
@@ -129,6 +175,13 @@ impl Session {
             running: None,
             last_unit: None,
             next_stream: 1,
+            reassembler: Reassembler::new(ReassemblyLimits {
+                max_message_bytes: MAX_HIDDEN_BYTES,
+                max_partial_messages: 4,
+                max_buffered_bytes: 2 * MAX_HIDDEN_BYTES,
+            }),
+            tensors: VecDeque::new(),
+            span_jobs: 0,
             outputs: VecDeque::new(),
             ended: false,
         };
@@ -173,8 +226,15 @@ impl Session {
         }
         match decode::<CoordinatorMessage>(incoming) {
             Ok(Decoded::Control(message)) => self.control(now, message),
-            // We ask the coordinator for no payloads (blobs come over HTTP), so a well-formed
-            // frame is only noted.
+            // Only a `Forward`'s hidden states come as frames (blobs come over HTTP).
+            Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => match self.reassembler.push(chunk) {
+                Ok(Some(payload)) if self.tensors.len() >= MAX_WAITING_TENSORS => {
+                    self.restart(format!("the coordinator sent tensor {} with {MAX_WAITING_TENSORS} others waiting for their forward", payload.stream));
+                }
+                Ok(Some(payload)) => self.tensors.push_back(payload),
+                Ok(None) => {}
+                Err(e) => self.restart(format!("the coordinator sent a bad tensor frame: {e}")),
+            },
             Ok(Decoded::Chunk(chunk)) => {
                 let h = chunk.header;
                 self.log(format!("ignoring an unrequested {:?} frame (stream {}, chunk {} of {})", h.kind, h.stream, h.index, h.count));
@@ -230,6 +290,56 @@ impl Session {
         self.start_next(now);
     }
 
+    /// The `SpanJob::Load` of `shard` is done: loaded, or why not.
+    pub fn span_loaded(&mut self, shard: String, blocks: Range<usize>, result: Result<(), String>) {
+        self.span_jobs = self.span_jobs.saturating_sub(1);
+        if self.ended {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.event(Event::SpanLoaded { shard: shard.clone(), start: blocks.start as u32, end: blocks.end as u32 });
+                self.send(&ContributorMessage::SpanReady { shard });
+            }
+            Err(reason) => {
+                self.log(format!("span {}..{} ({shard}) failed to load: {reason}", blocks.start, blocks.end));
+                self.event(Event::SpanDropped { shard: shard.clone() });
+                let message = format!("span {}..{} ({shard}): {reason}", blocks.start, blocks.end);
+                self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
+            }
+        }
+    }
+
+    /// The `SpanJob::Forward` of `session`'s `step` is done: its output rows of width `dim`
+    /// (row-major), or why it failed; `busy_ms` is how long it kept the GPU busy.
+    pub fn forwarded(&mut self, now: Millis, session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String>) {
+        self.span_jobs = self.span_jobs.saturating_sub(1);
+        self.add_busy(now, busy_ms);
+        if self.ended {
+            return;
+        }
+        let sent = result.and_then(|(values, dim)| {
+            if dim == 0 || values.is_empty() || !values.len().is_multiple_of(dim) {
+                return Err(format!("the span gave {} values, not rows of {dim}", values.len()));
+            }
+            let rows = values.len() / dim;
+            let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values).map_err(|e| e.to_string())?;
+            let (payload, frames) = self.tensor_frames(&tensor.encode())?;
+            Ok((rows, payload, frames))
+        });
+        match sent {
+            Ok((rows, payload, frames)) => {
+                self.outputs.extend(frames.into_iter().map(Output::Send));
+                self.send(&ContributorMessage::Forwarded { session, step, payload });
+                self.event(Event::Forwarded { rows, ms: busy_ms });
+            }
+            Err(reason) => {
+                self.log(format!("session {session} step {step} failed: {reason}"));
+                self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("session {session} step {step}: {reason}") });
+            }
+        }
+    }
+
     fn control(&mut self, now: Millis, message: CoordinatorMessage) {
         match message {
             CoordinatorMessage::Welcome { contributor, heartbeat_interval_ms, .. } => {
@@ -268,18 +378,81 @@ impl Session {
                 let message = format!("{cid} (stream {stream}): this contributor does not serve blobs");
                 self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
             }
-            // Direct channels between contributors come with span serving.
+            // Hops go through the coordinator: a tab opens no channels to other contributors.
             CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } => {}
-            CoordinatorMessage::LoadSpan { .. } | CoordinatorMessage::Forward { .. } | CoordinatorMessage::EndSession { .. } | CoordinatorMessage::UnloadSpan { .. } => {
-                self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() });
+            CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
+                let range = blocks.start as usize..blocks.end as usize;
+                if range.is_empty() || max_sessions == 0 {
+                    let message = format!("span {shard}: blocks {}..{} for {max_sessions} sessions is no span", blocks.start, blocks.end);
+                    self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
+                } else {
+                    self.span_job(SpanJob::Load { shard, blocks: range, max_sessions: max_sessions as usize });
+                }
+            }
+            CoordinatorMessage::Forward { shard, session, step, start, capacity, payload } => match self.hidden_states(&payload) {
+                Ok((rows, hidden)) => {
+                    let (start, capacity) = (start as usize, capacity as usize);
+                    self.span_job(SpanJob::Forward { shard, session, step, start, capacity, rows, hidden });
+                }
+                Err(reason) => {
+                    let message = format!("session {session} step {step}: {reason}");
+                    self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
+                }
+            },
+            CoordinatorMessage::EndSession { session } => self.outputs.push_back(Output::Span(SpanJob::End { session })),
+            CoordinatorMessage::UnloadSpan { shard } => {
+                self.event(Event::SpanDropped { shard: shard.clone() });
+                self.outputs.push_back(Output::Span(SpanJob::Unload { shard }));
             }
         }
+    }
+
+    /// Hands a load or a forward to the glue, unless too many are outstanding already.
+    fn span_job(&mut self, job: SpanJob) {
+        if self.span_jobs >= MAX_SPAN_JOBS {
+            let what = match &job {
+                SpanJob::Forward { session, step, .. } => format!("session {session} step {step}"),
+                SpanJob::Load { shard, .. } | SpanJob::Unload { shard } => format!("span {shard}"),
+                SpanJob::End { session } => format!("session {session}"),
+            };
+            let message = format!("{what}: {MAX_SPAN_JOBS} span jobs are queued here already");
+            self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
+            return;
+        }
+        self.span_jobs += 1;
+        self.outputs.push_back(Output::Span(job));
+    }
+
+    /// The tensor a `Forward` names, taken from those received: F32 `[rows, dim]` with
+    /// `payload.bytes` bytes.
+    fn hidden_states(&mut self, payload: &PayloadRef) -> Result<(usize, Vec<f32>), String> {
+        let at = self.tensors.iter().position(|t| t.stream == payload.stream).ok_or_else(|| format!("no tensor arrived on stream {}", payload.stream))?;
+        let received = self.tensors.remove(at).ok_or("the tensor went missing")?;
+        if received.bytes.len() as u64 != payload.bytes {
+            return Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, received.bytes.len(), payload.bytes));
+        }
+        let tensor = Tensor::decode(&received.bytes, MAX_HIDDEN_BYTES as usize).map_err(|e| e.to_string())?;
+        let rows = match tensor.dims() {
+            &[rows, dim] if rows > 0 && dim > 0 => rows as usize,
+            dims => return Err(format!("hidden states of dims {dims:?}, not [rows, dim]")),
+        };
+        let values = tensor.f32_values().ok_or_else(|| format!("hidden states of {:?}, not F32", tensor.dtype()))?.collect();
+        Ok((rows, values))
     }
 
     /// When the rest after the last unit is over: it kept the GPU busy `t` ms, so the GPU rests
     /// `t * (1 / budget - 1)` ms.
     fn rest_until(&self) -> Millis {
         self.last_unit.map_or(f64::NEG_INFINITY, |(finished, busy)| finished + busy * (1.0 / self.budget - 1.0))
+    }
+
+    /// GPU time spent outside units (a span step) is owed rest too: the rest still owed now,
+    /// plus this time's share, as if a unit of that length had just finished.
+    fn add_busy(&mut self, now: Millis, busy_ms: f64) {
+        let rest_per_ms = 1.0 / self.budget - 1.0;
+        let owed = (self.rest_until() - now).max(0.0);
+        let carried = if rest_per_ms > 0.0 { owed / rest_per_ms } else { 0.0 };
+        self.last_unit = Some((now, carried + busy_ms.max(0.0)));
     }
 
     fn start_next(&mut self, now: Millis) {
@@ -302,18 +475,23 @@ impl Session {
         }
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         let bytes = Tensor::from_f32(vec![running.inputs as u64, width as u64], &flat).map_err(|e| e.to_string())?.encode();
+        let (payload, mut messages) = self.tensor_frames(&bytes)?;
+        messages.push(Outgoing::Text(encode_control(&ContributorMessage::UnitResult { unit: running.unit, payload })));
+        Ok(messages)
+    }
+
+    /// An encoded tensor as frames on a new stream, each within the channel's message size.
+    fn tensor_frames(&mut self, bytes: &[u8]) -> Result<(PayloadRef, Vec<Outgoing>), String> {
         let stream = self.next_stream;
         self.next_stream += 1;
-        let mut messages = Vec::new();
-        for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes).map_err(|e| e.to_string())? {
+        let mut frames = Vec::new();
+        for frame in Chunker::new(stream, PayloadKind::Tensor, bytes).map_err(|e| e.to_string())? {
             if frame.len() > self.max_message {
                 return Err(format!("a result frame of {} bytes exceeds the DataChannel's maxMessageSize of {}", frame.len(), self.max_message));
             }
-            messages.push(Outgoing::Binary(frame));
+            frames.push(Outgoing::Binary(frame));
         }
-        let result = ContributorMessage::UnitResult { unit: running.unit, payload: PayloadRef { stream, bytes: bytes.len() as u64 } };
-        messages.push(Outgoing::Text(encode_control(&result)));
-        Ok(messages)
+        Ok((PayloadRef { stream, bytes: bytes.len() as u64 }, frames))
     }
 
     fn send(&mut self, message: &ContributorMessage) {

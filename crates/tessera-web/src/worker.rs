@@ -1,9 +1,11 @@
 //! What a browser contributor computes with: the page's GPU (reopened after it is lost), the
 //! models units name by manifest CID (fetched through `blobs`, loaded once, kept by CID), and the
-//! unit itself, timed for the compute budget.
+//! unit itself, timed for the compute budget; and the spans of language models it serves, each a
+//! `SpanStage` loaded from its shard (a blob checked against its CID) with a KV cache per session.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use js_sys::{Reflect, Uint8Array};
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::cid::Cid;
+use tessera_engine::llama::{Llama, Stages};
+use tessera_engine::stage::SpanStage;
 use tessera_engine::{AdapterSummary, EngineError, Gpu};
 use tessera_protocol::model::MAX_MANIFEST_BYTES;
 use tessera_protocol::{AdapterLimits, Architecture, Capabilities, ModelManifest, UnitId};
@@ -20,7 +24,7 @@ use wasm_bindgen_futures::JsFuture;
 use crate::blobs;
 use crate::bytes::JsBytes;
 use crate::lifecycle::Options;
-use crate::session::{Assignment, Event};
+use crate::session::{Assignment, Event, SpanJob};
 
 /// Models kept loaded at once; loading another drops them.
 const MAX_MODELS: usize = 2;
@@ -63,16 +67,27 @@ impl Opened {
     }
 }
 
+/// A span job's outcome, for `Session::span_loaded` or `Session::forwarded`.
+pub enum SpanDone {
+    Loaded { shard: String, blocks: Range<usize>, result: Result<(), String> },
+    /// `result`: the output rows and their width.
+    Forwarded { session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String> },
+    /// An end or an unload: nothing to report.
+    Freed,
+}
+
 pub struct Worker {
     options: Options,
     gpu: RefCell<Option<Opened>>,
     models: RefCell<HashMap<String, Rc<Bert>>>,
+    /// Spans loaded, by shard CID. They belong to one connection: a new one starts without.
+    spans: RefCell<HashMap<String, SpanStage>>,
     emit: Box<dyn Fn(Event)>,
 }
 
 impl Worker {
     pub fn new(options: Options, gpu: Gpu, emit: Box<dyn Fn(Event)>) -> Worker {
-        Worker { options, gpu: RefCell::new(Some(Opened::new(gpu))), models: RefCell::default(), emit }
+        Worker { options, gpu: RefCell::new(Some(Opened::new(gpu))), models: RefCell::default(), spans: RefCell::default(), emit }
     }
 
     /// The GPU, opened again (with no models) if it was lost.
@@ -91,6 +106,88 @@ impl Worker {
     fn lose_gpu(&self) {
         self.gpu.borrow_mut().take();
         self.models.borrow_mut().clear();
+        self.spans.borrow_mut().clear();
+    }
+
+    /// Drops every span (a new connection: the coordinator places spans afresh); returns
+    /// their shards.
+    pub fn drop_spans(&self) -> Vec<String> {
+        self.spans.borrow_mut().drain().map(|(shard, _)| shard).collect()
+    }
+
+    /// Runs one span job; the glue runs them one at a time, in order.
+    pub async fn span(self: Rc<Self>, job: SpanJob) -> SpanDone {
+        match job {
+            SpanJob::Load { shard, blocks, max_sessions } => {
+                let result = self.load_span(&shard, blocks.clone(), max_sessions).await;
+                SpanDone::Loaded { shard, blocks, result }
+            }
+            SpanJob::Forward { shard, session, step, start, capacity, rows, hidden } => {
+                let mut busy_ms = 0.0;
+                let result = self.forward(&shard, session, start, capacity, rows, &hidden, &mut busy_ms).await;
+                SpanDone::Forwarded { session, step, busy_ms, result }
+            }
+            SpanJob::End { session } => {
+                for stage in self.spans.borrow_mut().values_mut() {
+                    stage.end(session);
+                }
+                SpanDone::Freed
+            }
+            SpanJob::Unload { shard } => {
+                if self.spans.borrow_mut().remove(&shard).is_some() {
+                    crate::log(&format!("span {shard} unloaded"));
+                }
+                SpanDone::Freed
+            }
+        }
+    }
+
+    /// Fetches shard `shard` (checked against its CID) and loads `blocks` from it.
+    async fn load_span(&self, shard: &str, blocks: Range<usize>, max_sessions: usize) -> Result<(), String> {
+        if self.spans.borrow().contains_key(shard) {
+            return Ok(());
+        }
+        let cid: Cid = shard.parse().map_err(|e| format!("shard {e}"))?;
+        let gpu = self.gpu().await?;
+        let bytes = self.blob(&cid).await?;
+        let name = format!("span shard {shard}");
+        let stages = Stages { embedding: false, blocks: blocks.clone(), head: false };
+        let loaded = Llama::load(&gpu, &name, &mut JsBytes::reader(&bytes), &stages);
+        self.check_device(&gpu, None)?;
+        let stage = SpanStage::new(loaded.map_err(|e| e.to_string())?, blocks.clone(), max_sessions).map_err(|e| e.to_string())?;
+        crate::log(&format!("loaded blocks {}..{} of a language model ({shard})", blocks.start, blocks.end));
+        self.spans.borrow_mut().insert(shard.to_string(), stage);
+        Ok(())
+    }
+
+    /// Runs `rows` hidden states of `session` through span `shard`: the output rows and their
+    /// width.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        shard: &str,
+        session: u64,
+        start: usize,
+        capacity: usize,
+        rows: usize,
+        hidden: &[f32],
+        busy_ms: &mut f64,
+    ) -> Result<(Vec<f32>, usize), String> {
+        let gpu = self.gpu().await?;
+        // Out of the map while it runs, so that no borrow is held across the GPU's await; jobs
+        // run one at a time, so nothing else looks for it meanwhile.
+        let mut stage = self.spans.borrow_mut().remove(shard).ok_or_else(|| format!("span {shard} is not loaded here"))?;
+        let dim = stage.dim();
+        if hidden.len() != rows * dim {
+            self.spans.borrow_mut().insert(shard.to_string(), stage);
+            return Err(format!("{} values are not {rows} rows of {dim}", hidden.len()));
+        }
+        let started = crate::clock_ms();
+        let result = stage.forward(&gpu, session, capacity, start, hidden).await;
+        *busy_ms = crate::clock_ms() - started;
+        self.spans.borrow_mut().insert(shard.to_string(), stage);
+        self.check_device(&gpu, result.as_ref().err())?;
+        Ok((result.map_err(|e| e.to_string())?, dim))
     }
 
     /// Computes one unit.
@@ -248,7 +345,7 @@ fn save_score(adapter: &str, score: f64) {
 
 /// What this tab tells the coordinator in its `Hello` about `gpu` (called `name`), with its
 /// score: measured, or kept from a visit in the last week on the same adapter.
-pub async fn capabilities(gpu: &Gpu, name: &str) -> Result<Capabilities, String> {
+pub async fn capabilities(gpu: &Gpu, name: &str, memory_mib: Option<u64>) -> Result<Capabilities, String> {
     let limits = gpu.limits();
     let adapter = format!("{name} {}", serde_json::to_string(gpu.adapter()).unwrap_or_default());
     let score = match saved_score(&adapter) {
@@ -268,7 +365,7 @@ pub async fn capabilities(gpu: &Gpu, name: &str) -> Result<Capabilities, String>
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         },
-        memory_budget_bytes: limits.max_buffer_size.min(MEMORY_BUDGET),
+        memory_budget_bytes: memory_mib.map_or(limits.max_buffer_size.min(MEMORY_BUDGET), |mib| mib << 20),
         benchmark_score: score,
         max_concurrent_units: 1,
     })

@@ -53,8 +53,9 @@ const LLAMA_CPP_CMAKE: [&str; 14] = [
     "-DLLAMA_BUILD_TOOLS=ON",
 ];
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
-/// The browser test that needs a private network namespace (WebRTC), run apart from the others.
-const E2E_TEST: &str = "tests/browser/e2e.test.mjs";
+/// The browser tests that need a private network namespace (WebRTC), run apart from the others
+/// and one at a time: the contributor end to end, and a model split across a tab and natives.
+const NETWORK_TESTS: [&str; 2] = ["tests/browser/e2e.test.mjs", "tests/browser/generation.test.mjs"];
 /// The private namespace's veth pair and the address on its first end.
 const NETNS_VETH: [&str; 2] = ["tessera0", "tessera1"];
 const NETNS_ADDR: &str = "198.18.0.1/24";
@@ -72,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test()
         }
-        "e2e" => e2e(),
+        "e2e" => e2e(std::env::args().skip(2).collect()),
         "bench-web" => bench_web(),
         "netns" => netns(std::env::args().skip(2).collect()),
         "build-peers" => build_peers(),
@@ -90,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             run(cargo().args(["run", "--release", "--package", "tessera", "--", "serve"]).args(std::env::args().skip(2)))
         }
-        _ => bail!("usage: cargo run -p xtask -- <setup|test|e2e|build-web|build-peers|bench|bench-web|start|netns PROGRAM ARGS..>"),
+        _ => bail!("usage: cargo run -p xtask -- <setup|test|e2e [NAME..]|build-web|build-peers|bench|bench-web|start|netns PROGRAM ARGS..>"),
     }
 }
 
@@ -289,31 +290,43 @@ fn test() -> anyhow::Result<()> {
     run(wasm_clippy.args(["--", "-D", "warnings"]))?;
     build_web()?;
     run(Command::new("node").arg("--test").args(browser_tests()?))?;
-    run_e2e()
+    run_network_tests(&NETWORK_TESTS)
 }
 
-/// `tests/browser/*.test.mjs` but the end-to-end test.
+/// `tests/browser/*.test.mjs` but the network tests.
 fn browser_tests() -> anyhow::Result<Vec<PathBuf>> {
     let mut tests: Vec<PathBuf> = std::fs::read_dir("tests/browser")
         .context("listing tests/browser")?
         .flatten()
         .map(|e| Path::new("tests/browser").join(e.file_name()))
-        .filter(|p| p.to_string_lossy().ends_with(".test.mjs") && p != Path::new(E2E_TEST))
+        .filter(|p| p.to_string_lossy().ends_with(".test.mjs") && !NETWORK_TESTS.iter().any(|t| p == Path::new(t)))
         .collect();
     tests.sort();
     Ok(tests)
 }
 
-/// The wasm build, then the end-to-end browser test.
-fn e2e() -> anyhow::Result<()> {
+/// The wasm build, then the network tests: those `names` give (`e2e`, `generation`), or all.
+fn e2e(names: Vec<String>) -> anyhow::Result<()> {
+    let tests: Vec<&str> = if names.is_empty() {
+        NETWORK_TESTS.to_vec()
+    } else {
+        names
+            .iter()
+            .map(|name| {
+                NETWORK_TESTS.iter().copied().find(|t| t.ends_with(&format!("/{name}.test.mjs"))).with_context(|| format!("no network test {name:?} (there are {NETWORK_TESTS:?})"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     build_web()?;
-    run_e2e()
+    run_network_tests(&tests)
 }
 
-/// The end-to-end browser test, in a private network namespace, on the debug `tessera`.
-fn run_e2e() -> anyhow::Result<()> {
+/// Browser tests in a private network namespace, one file at a time, on the debug `tessera`.
+fn run_network_tests(tests: &[&str]) -> anyhow::Result<()> {
     run(cargo().args(["build", "--package", "tessera"]))?;
-    run(&mut in_private_network(&["node", "--test", "--test-reporter=spec", E2E_TEST])?)
+    let mut command = vec!["node", "--test", "--test-concurrency=1", "--test-reporter=spec"];
+    command.extend_from_slice(tests);
+    run(&mut in_private_network(&command)?)
 }
 
 /// The volunteer page's benchmark, in a private network namespace, on the release `tessera`.

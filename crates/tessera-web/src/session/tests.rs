@@ -325,12 +325,157 @@ fn signalling_speaks_the_coordinators_messages() {
     assert!(answer(&"x".repeat(70_000)).unwrap_err().contains("over the limit"));
 }
 
+/// The frames of an F32 tensor `dims` on `stream`, as the coordinator sends before a `Forward`.
+fn tensor_frames(stream: u64, dims: Vec<u64>, values: &[f32]) -> (Vec<Vec<u8>>, PayloadRef) {
+    let bytes = Tensor::from_f32(dims, values).unwrap().encode();
+    let frames = Chunker::new(stream, PayloadKind::Tensor, &bytes).unwrap().collect();
+    (frames, PayloadRef { stream, bytes: bytes.len() as u64 })
+}
+
+fn forward(session: u64, step: u64, start: u32, payload: PayloadRef) -> CoordinatorMessage {
+    CoordinatorMessage::Forward { shard: "bafkshard".into(), session, step, start, capacity: 64, payload }
+}
+
+fn send_frames(session: &mut Session, frames: &[Vec<u8>]) {
+    for frame in frames {
+        session.handle(0.0, Incoming::Binary(frame));
+    }
+}
+
+fn span_failed(output: &Output) -> String {
+    match sent(output) {
+        ContributorMessage::Error { code: ErrorCode::SpanFailed, message } => message,
+        other => panic!("expected SpanFailed, got {other:?}"),
+    }
+}
+
 #[test]
-fn span_messages_are_refused_by_name() {
+fn spans_load_and_report_ready_or_failed() {
     let mut session = joined(1.0, BIG);
-    let load = CoordinatorMessage::LoadSpan { model: "smollm2".into(), shard: "bafkshard".into(), blocks: tessera_protocol::Blocks { start: 0, end: 10 }, max_sessions: 4 };
-    let out = handle(&mut session, 10.0, &load);
-    assert_eq!(out.iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Error { code: ErrorCode::SpanFailed, message: "this contributor does not serve spans yet".into() }]);
-    let out = handle(&mut session, 11.0, &CoordinatorMessage::EndSession { session: 3 });
-    assert!(matches!(sent(&out[0]), ContributorMessage::Error { code: ErrorCode::SpanFailed, .. }));
+    let load = |start, end, max_sessions| CoordinatorMessage::LoadSpan {
+        model: "smollm2".into(),
+        shard: "bafkshard".into(),
+        blocks: tessera_protocol::Blocks { start, end },
+        max_sessions,
+    };
+    let out = handle(&mut session, 10.0, &load(0, 10, 4));
+    assert_eq!(out, [Output::Span(SpanJob::Load { shard: "bafkshard".into(), blocks: 0..10, max_sessions: 4 })]);
+    session.span_loaded("bafkshard".into(), 0..10, Ok(()));
+    let out = drain(&mut session);
+    assert_eq!(out[0], Output::Event(Event::SpanLoaded { shard: "bafkshard".into(), start: 0, end: 10 }));
+    assert_eq!(sent(&out[1]), ContributorMessage::SpanReady { shard: "bafkshard".into() });
+
+    session.span_loaded("bafkother".into(), 10..20, Err("the GPU is out of memory".into()));
+    let out = drain(&mut session);
+    assert_eq!(out[1], Output::Event(Event::SpanDropped { shard: "bafkother".into() }));
+    assert_eq!(span_failed(&out[2]), "span 10..20 (bafkother): the GPU is out of memory");
+
+    // No blocks, or no sessions, is no span: refused without a job.
+    assert_eq!(span_failed(&handle(&mut session, 11.0, &load(5, 5, 4))[0]), "span bafkshard: blocks 5..5 for 4 sessions is no span");
+    assert!(span_failed(&handle(&mut session, 11.0, &load(0, 3, 0))[0]).contains("for 0 sessions"));
+
+    // Ends and unloads are jobs in the same queue, so they follow the forwards before them.
+    assert_eq!(handle(&mut session, 12.0, &CoordinatorMessage::EndSession { session: 3 }), [Output::Span(SpanJob::End { session: 3 })]);
+    let unload = CoordinatorMessage::UnloadSpan { shard: "bafkshard".into() };
+    assert_eq!(
+        handle(&mut session, 12.0, &unload),
+        [Output::Event(Event::SpanDropped { shard: "bafkshard".into() }), Output::Span(SpanJob::Unload { shard: "bafkshard".into() })]
+    );
+}
+
+#[test]
+fn forwards_take_their_tensor_and_answer_with_frames_then_forwarded() {
+    let mut session = joined(1.0, BIG);
+    // 2 rows of 9000: 72 KB, two frames in, two frames out.
+    let hidden: Vec<f32> = rows(2, 9000).concat();
+    let (frames, payload) = tensor_frames(40, vec![2, 9000], &hidden);
+    send_frames(&mut session, &frames);
+    assert_eq!(drain(&mut session), []);
+    let out = handle(&mut session, 20.0, &forward(5, 1, 0, payload));
+    let expected = SpanJob::Forward { shard: "bafkshard".into(), session: 5, step: 1, start: 0, capacity: 64, rows: 2, hidden: hidden.clone() };
+    assert_eq!(out, [Output::Span(expected)]);
+
+    let output: Vec<f32> = hidden.iter().map(|v| v * 2.0).collect();
+    session.forwarded(30.0, 5, 1, 12.5, Ok((output.clone(), 9000)));
+    let out = drain(&mut session);
+    let mut reassembler = Reassembler::default();
+    let mut answer = None;
+    for output in &out[..2] {
+        let Output::Send(Outgoing::Binary(frame)) = output else { panic!("expected a frame, got {output:?}") };
+        let Ok(Decoded::Chunk(chunk)) = decode::<CoordinatorMessage>(Incoming::Binary(frame)) else { panic!("a bad frame") };
+        answer = reassembler.push(chunk).unwrap();
+    }
+    let answer = answer.unwrap();
+    let tensor = Tensor::decode(&answer.bytes, usize::MAX).unwrap();
+    assert_eq!(tensor.dims(), [2, 9000]);
+    assert_eq!(tensor.f32_values().unwrap().collect::<Vec<_>>(), output);
+    let payload = PayloadRef { stream: answer.stream, bytes: answer.bytes.len() as u64 };
+    assert_eq!(sent(&out[2]), ContributorMessage::Forwarded { session: 5, step: 1, payload });
+    assert_eq!(out[3], Output::Event(Event::Forwarded { rows: 2, ms: 12.5 }));
+
+    // A step that failed on the GPU, or gave no whole rows, is a SpanFailed for that step.
+    session.forwarded(31.0, 5, 2, 1.0, Err("span bafkshard is not loaded here".into()));
+    assert_eq!(span_failed(&drain(&mut session)[1]), "session 5 step 2: span bafkshard is not loaded here");
+    session.forwarded(32.0, 5, 3, 1.0, Ok((vec![1.0; 7], 4)));
+    assert_eq!(span_failed(&drain(&mut session)[1]), "session 5 step 3: the span gave 7 values, not rows of 4");
+}
+
+#[test]
+fn a_forward_whose_tensor_is_missing_or_wrong_fails_that_step_only() {
+    let mut session = joined(1.0, BIG);
+    let refusal = |session: &mut Session, message: &CoordinatorMessage| span_failed(&handle(session, 0.0, message)[0]);
+    assert_eq!(refusal(&mut session, &forward(1, 1, 0, PayloadRef { stream: 9, bytes: 10 })), "session 1 step 1: no tensor arrived on stream 9");
+
+    let (frames, payload) = tensor_frames(10, vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    send_frames(&mut session, &frames);
+    let wrong = PayloadRef { bytes: payload.bytes + 1, ..payload };
+    assert!(refusal(&mut session, &forward(1, 2, 0, wrong)).contains("stream 10 carried"));
+    // The tensor was used up by the refused forward.
+    assert!(refusal(&mut session, &forward(1, 3, 0, payload)).contains("no tensor arrived on stream 10"));
+
+    let (frames, payload) = tensor_frames(11, vec![2, 2, 1], &[1.0, 2.0, 3.0, 4.0]);
+    send_frames(&mut session, &frames);
+    assert!(refusal(&mut session, &forward(1, 4, 0, payload)).contains("not [rows, dim]"));
+
+    let bytes = Tensor::new(tessera_protocol::DType::U32, vec![1, 2], vec![0; 8]).unwrap().encode();
+    send_frames(&mut session, &Chunker::new(12, PayloadKind::Tensor, &bytes).unwrap().collect::<Vec<_>>());
+    let payload = PayloadRef { stream: 12, bytes: bytes.len() as u64 };
+    assert!(refusal(&mut session, &forward(1, 5, 0, payload)).contains("not F32"));
+
+    // The session goes on: a good forward still becomes a job.
+    let (frames, payload) = tensor_frames(13, vec![1, 2], &[0.5, 0.25]);
+    send_frames(&mut session, &frames);
+    assert!(matches!(&handle(&mut session, 0.0, &forward(1, 6, 0, payload))[..], [Output::Span(SpanJob::Forward { rows: 1, .. })]));
+}
+
+#[test]
+fn tensors_beyond_the_bounds_restart_the_session() {
+    // Too many tensors without their forwards.
+    let mut session = joined(1.0, BIG);
+    for stream in 0..=MAX_WAITING_TENSORS as u64 {
+        send_frames(&mut session, &tensor_frames(stream, vec![1, 1], &[1.0]).0);
+    }
+    assert!(matches!(&drain(&mut session)[..], [Output::Restart(reason)] if reason.contains("others waiting for their forward")));
+
+    // A tensor announced as larger than any hidden state is refused on its first frame.
+    let mut session = joined(1.0, BIG);
+    let mut frame = Chunker::new(1, PayloadKind::Tensor, &vec![0; 70_000]).unwrap().next().unwrap();
+    let total = MAX_HIDDEN_BYTES + 1;
+    frame[20..24].copy_from_slice(&(tessera_protocol::frame::chunk_count(total) as u32).to_le_bytes());
+    frame[24..32].copy_from_slice(&total.to_le_bytes());
+    session.handle(0.0, Incoming::Binary(&frame));
+    let out = drain(&mut session);
+    assert!(matches!(&out[..], [Output::Restart(reason)] if reason.contains("bad tensor frame")), "{out:?}");
+}
+
+#[test]
+fn span_steps_count_against_the_rest_of_the_next_unit() {
+    // Half the time: a 100 ms step owes 100 ms of rest, so a unit that arrives at once waits.
+    let mut session = joined(0.5, BIG);
+    session.forwarded(1000.0, 1, 1, 100.0, Ok((vec![1.0; 4], 4)));
+    drain(&mut session);
+    assert_eq!(handle(&mut session, 1000.0, &assign(1, 1)), []);
+    assert_eq!(session.poll_timeout(), Some(1100.0));
+    session.handle_timeout(1100.0);
+    assert_eq!(drain(&mut session), [status(Status::Working), run(1, 1)]);
 }
