@@ -203,6 +203,87 @@ impl Llama {
         Ok(())
     }
 
+    /// [`Llama::forward_span`] for several sessions at once: `hidden` stacks their rows in the
+    /// order of `sessions`, each of which gives its rows' positions [rows] (u32) and its cache
+    /// (all for the same blocks). The linear layers read each weight once for all the rows; rope,
+    /// the cache append and attention run per session on its own rows (copied out of and back
+    /// into the stacked tensors). With at most eight rows in all (the matvec path, where each
+    /// row's reduction is its own) every session's rows come out as they would alone.
+    pub fn forward_spans(&self, batch: &mut Batch<'_>, hidden: &Tensor, sessions: &mut [(&Tensor, &mut KvCache)]) -> Result<(), EngineError> {
+        if let [(positions, cache)] = sessions {
+            return self.forward_span(batch, hidden, positions, cache);
+        }
+        let c = &self.config;
+        let gpu = batch.gpu();
+        let total = hidden.shape().rows();
+        let rows: Vec<usize> = sessions.iter().map(|(positions, _)| positions.shape().elements()).collect();
+        if sessions.is_empty() || rows.iter().sum::<usize>() != total {
+            return Err(EngineError::shape("llama", format!("sessions of {rows:?} rows do not stack to the {total} rows of {}", hidden.shape())));
+        }
+        let blocks = sessions[0].1.blocks.clone();
+        for ((_, cache), &r) in sessions.iter().zip(&rows) {
+            if cache.blocks != blocks || cache.len + r > cache.capacity {
+                return Err(EngineError::shape(
+                    "llama",
+                    format!("a cache for blocks {:?} holding {} of {} cannot take {r} tokens beside blocks {blocks:?}", cache.blocks, cache.len, cache.capacity),
+                ));
+            }
+        }
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let width = q_dim + 2 * kv_dim;
+        let qkv = gpu.empty(&[total, width], DType::F32)?;
+        let attended = gpu.empty(&[total, q_dim], DType::F32)?;
+        let activated = gpu.empty(&[total, c.ffn], DType::F32)?;
+        // Each session's own rows: its slice of qkv, its q and its attention output.
+        struct Part {
+            offset: usize,
+            rows: usize,
+            qkv: Tensor,
+            q: Tensor,
+            q4: Tensor,
+            attended: Tensor,
+            attention: AttentionParams,
+        }
+        let mut parts = Vec::with_capacity(sessions.len());
+        let mut offset = 0;
+        for ((_, cache), &rows) in sessions.iter().zip(&rows) {
+            let q = gpu.empty(&[rows, c.heads, c.head_dim], DType::F32)?;
+            parts.push(Part {
+                offset,
+                rows,
+                qkv: gpu.empty(&[rows, width], DType::F32)?,
+                q4: q.view(&[1, rows, c.heads, c.head_dim])?,
+                q,
+                attended: gpu.empty(&[1, rows, c.heads, c.head_dim], DType::F32)?,
+                attention: AttentionParams { causal: true, past: cache.len, kv_len: cache.len + rows, scale: 1.0 / (c.head_dim as f32).sqrt() },
+            });
+            offset += rows;
+        }
+        for (slot, index) in blocks.enumerate() {
+            let block = Self::stage(&self.blocks[index], "block")?;
+            batch.norm_linear(hidden, &block.attn_norm, c.eps, &block.qkv, &qkv, false)?;
+            // The copies grouped, since each one ends the compute pass.
+            for part in &parts {
+                batch.copy(&qkv, part.offset * width, &part.qkv, 0, part.rows * width)?;
+            }
+            for (part, (positions, cache)) in parts.iter().zip(sessions.iter()) {
+                let (k_cache, v_cache) = (&cache.k[slot], &cache.v[slot]);
+                batch.rope_qkv(&part.qkv, positions, c.rope_theta, &part.q, k_cache, v_cache, cache.len)?;
+                batch.attention(&part.q4, k_cache, v_cache, None, &part.attended, part.attention)?;
+            }
+            for part in &parts {
+                batch.copy(&part.attended, 0, &attended, part.offset * q_dim, part.rows * q_dim)?;
+            }
+            batch.linear(&attended, &block.o, None, hidden, true)?;
+            batch.norm_glu(hidden, &block.ffn_norm, c.eps, &block.gate, &block.up, &activated)?;
+            batch.linear(&activated, &block.down, None, hidden, true)?;
+        }
+        for ((_, cache), &r) in sessions.iter_mut().zip(&rows) {
+            cache.len += r;
+        }
+        Ok(())
+    }
+
     /// The head: final norm and logits [tokens, vocab] for `hidden` [tokens, dim].
     pub fn head(&self, batch: &mut Batch<'_>, hidden: &Tensor, logits: &Tensor) -> Result<(), EngineError> {
         let weight = match &self.output {

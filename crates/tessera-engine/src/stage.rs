@@ -16,6 +16,22 @@ use crate::gpu::Gpu;
 use crate::llama::{KvCache, Llama};
 use crate::tensor::DType;
 
+/// Rows (of all the sessions together) up to which [`SpanStage::forward_batch`] gives each
+/// session exactly what [`SpanStage::forward`] would: the matvec path's limit.
+pub const EXACT_BATCH_ROWS: usize = crate::ops::MATVEC_MAX_INPUT_ROWS;
+
+/// One session's step in [`SpanStage::forward_batch`]: what [`SpanStage::forward`] takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub session: u64,
+    /// The cache's size if the session is new here.
+    pub capacity: usize,
+    /// The position of the first row.
+    pub start: usize,
+    /// `[rows, dim]`.
+    pub hidden: &'a [f32],
+}
+
 fn invalid(detail: String) -> EngineError {
     EngineError::Shape { op: "stage", detail }
 }
@@ -62,38 +78,83 @@ impl SpanStage {
     /// positions (at most the model's context); `start` must not be past what the session's
     /// cache holds, and what it holds from `start` on is replaced.
     pub async fn forward(&mut self, gpu: &Gpu, session: u64, capacity: usize, start: usize, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
+        let mut outputs = self.forward_batch(gpu, &[Step { session, capacity, start, hidden }]).await?;
+        outputs.pop().ok_or_else(|| invalid(format!("session {session} got no output")))
+    }
+
+    /// Runs several sessions' steps (each as [`SpanStage::forward`] takes it) through the span
+    /// in one submission and one readback, and returns each step's states in order. Their rows
+    /// are stacked for the linear layers (see [`Llama::forward_spans`]): with at most
+    /// [`EXACT_BATCH_ROWS`] rows in all, each session's states are bit for bit what running it
+    /// alone gives. A session may appear once; every step is checked before any cache changes,
+    /// so a bad step fails the batch and leaves every session as it was.
+    pub async fn forward_batch(&mut self, gpu: &Gpu, steps: &[Step<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let dim = self.dim();
-        if hidden.is_empty() || !hidden.len().is_multiple_of(dim) {
-            return Err(invalid(format!("{} values are not rows of {dim}", hidden.len())));
+        if steps.is_empty() {
+            return Err(invalid("a batch of no steps".into()));
         }
-        if let Some(at) = hidden.iter().position(|v| !v.is_finite()) {
-            return Err(invalid(format!("hidden state value {at} is {}", hidden[at])));
-        }
-        let rows = hidden.len() / dim;
-        let (held, capacity) = match self.caches.get(&session) {
-            Some(cache) => (cache.len, cache.capacity()),
-            None => (0, capacity.min(self.model.config.context)),
-        };
-        if start > held {
-            return Err(invalid(format!("positions from {start}: session {session} holds only 0..{held} here")));
-        }
-        if start + rows > capacity {
-            return Err(invalid(format!("positions up to {} exceed session {session}'s {capacity} here", start + rows)));
-        }
-        if !self.caches.contains_key(&session) {
-            if self.caches.len() >= self.max_sessions {
-                return Err(invalid(format!("{} sessions are open here already", self.caches.len())));
+        let mut new_sessions = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            let Step { session, capacity, start, hidden } = *step;
+            if steps[..i].iter().any(|s| s.session == session) {
+                return Err(invalid(format!("session {session} appears twice in one batch")));
             }
-            self.caches.insert(session, self.model.kv_cache(gpu, self.blocks.clone(), capacity)?);
+            if hidden.is_empty() || !hidden.len().is_multiple_of(dim) {
+                return Err(invalid(format!("session {session}: {} values are not rows of {dim}", hidden.len())));
+            }
+            if let Some(at) = hidden.iter().position(|v| !v.is_finite()) {
+                return Err(invalid(format!("session {session}: hidden state value {at} is {}", hidden[at])));
+            }
+            let rows = hidden.len() / dim;
+            let (held, capacity) = match self.caches.get(&session) {
+                Some(cache) => (cache.len, cache.capacity()),
+                None => {
+                    new_sessions.push((session, capacity.min(self.model.config.context)));
+                    (0, capacity.min(self.model.config.context))
+                }
+            };
+            if start > held {
+                return Err(invalid(format!("positions from {start}: session {session} holds only 0..{held} here")));
+            }
+            if start + rows > capacity {
+                return Err(invalid(format!("positions up to {} exceed session {session}'s {capacity} here", start + rows)));
+            }
         }
-        let cache = self.caches.get_mut(&session).ok_or_else(|| invalid(format!("session {session} has no cache")))?;
-        cache.len = start;
-        let input = gpu.upload_f32(&[rows, dim], hidden)?;
-        let positions: Vec<u32> = (start..start + rows).map(|p| p as u32).collect();
-        let positions = gpu.upload_u32(&[rows], &positions)?;
+        if self.caches.len() + new_sessions.len() > self.max_sessions {
+            return Err(invalid(format!("{} sessions are open here already (of {})", self.caches.len(), self.max_sessions)));
+        }
+        for (session, capacity) in new_sessions {
+            let cache = self.model.kv_cache(gpu, self.blocks.clone(), capacity)?;
+            self.caches.insert(session, cache);
+        }
+
+        let rows: Vec<usize> = steps.iter().map(|s| s.hidden.len() / dim).collect();
+        let total: usize = rows.iter().sum();
+        let stacked: Vec<f32> = steps.iter().flat_map(|s| s.hidden.iter().copied()).collect();
+        let input = gpu.upload_f32(&[total, dim], &stacked)?;
+        let positions = steps
+            .iter()
+            .zip(&rows)
+            .map(|(s, &r)| gpu.upload_u32(&[r], &(s.start..s.start + r).map(|p| p as u32).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Each step's cache, in the steps' order (the sessions are distinct).
+        let mut caches: BTreeMap<u64, &mut KvCache> = self.caches.iter_mut().filter(|(s, _)| steps.iter().any(|t| t.session == **s)).map(|(s, c)| (*s, c)).collect();
+        let mut sessions = Vec::with_capacity(steps.len());
+        for (step, positions) in steps.iter().zip(&positions) {
+            let cache = caches.remove(&step.session).ok_or_else(|| invalid(format!("session {} has no cache", step.session)))?;
+            cache.len = step.start;
+            sessions.push((positions, cache));
+        }
         let mut batch = gpu.batch();
-        self.model.forward_span(&mut batch, &input, &positions, cache)?;
-        Ok(bytemuck::pod_collect_to_vec(&batch.submit_and_read(&input).await?))
+        self.model.forward_spans(&mut batch, &input, &mut sessions)?;
+        let output: Vec<f32> = bytemuck::pod_collect_to_vec(&batch.submit_and_read(&input).await?);
+        let mut outputs = Vec::with_capacity(steps.len());
+        let mut offset = 0;
+        for r in rows {
+            outputs.push(output[offset..offset + r * dim].to_vec());
+            offset += r * dim;
+        }
+        Ok(outputs)
     }
 
     /// Drops `session`'s cache; returns whether there was one.

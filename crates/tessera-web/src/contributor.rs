@@ -19,7 +19,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::lifecycle::{Backoff, Options, Stats, check_budget};
 use crate::rtc::{Channel, Received};
-use crate::session::{Event, Output, Session, SpanJob, Status};
+use crate::session::{Event, Output, Session, SpanJob, Status, next_span_jobs};
 use crate::worker::{self, Finished, SpanDone, Worker};
 use crate::{js_error, log, now_ms, to_json};
 
@@ -267,10 +267,8 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                 Output::Restart(reason) => return Ended::Failed(reason),
             }
         }
-        if span.is_terminated()
-            && let Some(job) = span_jobs.pop_front()
-        {
-            span = worker.clone().span(job).boxed_local().fuse();
+        if span.is_terminated() && !span_jobs.is_empty() {
+            span = worker.clone().span(next_span_jobs(&mut span_jobs)).boxed_local().fuse();
         }
         if leaving {
             channel.close_after_sending().await;
@@ -297,7 +295,11 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
             },
             done = span => match done {
                 SpanDone::Loaded { shard, blocks, result } => session.span_loaded(shard, blocks, result),
-                SpanDone::Forwarded { session: id, step, busy_ms, result } => session.forwarded(now_ms(), id, step, busy_ms, result),
+                SpanDone::Forwarded(steps) => {
+                    for done in steps {
+                        session.forwarded(now_ms(), done.session, done.step, done.busy_ms, done.result);
+                    }
+                }
                 SpanDone::Freed => {}
             },
             _ = timer => session.handle_timeout(now_ms()),

@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+use tessera_engine::stage::EXACT_BATCH_ROWS;
 use tessera_protocol::{
     Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, JobId,
     PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, ProtocolError, Reassembler, ReassemblyLimits, Tensor, UnitId, Work, decode,
@@ -97,6 +98,27 @@ pub enum SpanJob {
     End { session: u64 },
     /// Drop span `shard` and its caches.
     Unload { shard: String },
+}
+
+/// The next span jobs to run together, taken from the front of `queue`: a forward and the
+/// forwards right behind it through the same span, each for another session, with at most
+/// `EXACT_BATCH_ROWS` rows in all (so each session's output is what it would be alone); or one
+/// job of another kind. Anything else is a barrier and stays queued.
+pub fn next_span_jobs(queue: &mut VecDeque<SpanJob>) -> Vec<SpanJob> {
+    let Some(first) = queue.pop_front() else { return Vec::new() };
+    let SpanJob::Forward { shard, rows, .. } = &first else { return vec![first] };
+    let (shard, mut total) = (shard.clone(), *rows);
+    let mut jobs = vec![first];
+    while let Some(SpanJob::Forward { shard: next, session, rows, .. }) = queue.front() {
+        let fits = *next == shard && total + rows <= EXACT_BATCH_ROWS;
+        let another_session = !jobs.iter().any(|j| matches!(j, SpanJob::Forward { session: s, .. } if s == session));
+        if !(fits && another_session) {
+            break;
+        }
+        total += rows;
+        jobs.extend(queue.pop_front());
+    }
+    jobs
 }
 
 /// A message for the DataChannel: text is control JSON, binary is one frame.

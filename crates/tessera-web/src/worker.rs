@@ -14,7 +14,7 @@ use js_sys::{Reflect, Uint8Array};
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::cid::Cid;
 use tessera_engine::llama::{Llama, Stages};
-use tessera_engine::stage::SpanStage;
+use tessera_engine::stage::{SpanStage, Step};
 use tessera_engine::{AdapterSummary, EngineError, Gpu};
 use tessera_protocol::model::MAX_MANIFEST_BYTES;
 use tessera_protocol::{AdapterLimits, Architecture, Capabilities, ModelManifest, UnitId};
@@ -70,10 +70,30 @@ impl Opened {
 /// A span job's outcome, for `Session::span_loaded` or `Session::forwarded`.
 pub enum SpanDone {
     Loaded { shard: String, blocks: Range<usize>, result: Result<(), String> },
-    /// `result`: the output rows and their width.
-    Forwarded { session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String> },
+    /// The steps of one batch of forwards, in order.
+    Forwarded(Vec<StepDone>),
     /// An end or an unload: nothing to report.
     Freed,
+}
+
+/// One forward's outcome: the output rows and their width, or why it failed; `busy_ms` is its
+/// share of the batch's GPU time.
+pub struct StepDone {
+    pub session: u64,
+    pub step: u64,
+    pub busy_ms: f64,
+    pub result: Result<(Vec<f32>, usize), String>,
+}
+
+/// A forward job's fields, borrowed for a batch.
+struct Forward<'a> {
+    shard: &'a str,
+    session: u64,
+    step: u64,
+    start: usize,
+    capacity: usize,
+    rows: usize,
+    hidden: &'a [f32],
 }
 
 pub struct Worker {
@@ -115,18 +135,20 @@ impl Worker {
         self.spans.borrow_mut().drain().map(|(shard, _)| shard).collect()
     }
 
-    /// Runs one span job; the glue runs them one at a time, in order.
-    pub async fn span(self: Rc<Self>, job: SpanJob) -> SpanDone {
+    /// Runs span jobs: one load, end or unload, or a batch of forwards through one span (see
+    /// `session::batch_forwards`). The glue runs them one batch at a time, in order.
+    pub async fn span(self: Rc<Self>, mut jobs: Vec<SpanJob>) -> SpanDone {
+        if matches!(jobs.first(), Some(SpanJob::Forward { .. })) {
+            return SpanDone::Forwarded(self.forward(jobs).await);
+        }
+        let Some(job) = jobs.pop() else { return SpanDone::Freed };
         match job {
             SpanJob::Load { shard, blocks, max_sessions } => {
                 let result = self.load_span(&shard, blocks.clone(), max_sessions).await;
                 SpanDone::Loaded { shard, blocks, result }
             }
-            SpanJob::Forward { shard, session, step, start, capacity, rows, hidden } => {
-                let mut busy_ms = 0.0;
-                let result = self.forward(&shard, session, start, capacity, rows, &hidden, &mut busy_ms).await;
-                SpanDone::Forwarded { session, step, busy_ms, result }
-            }
+            // Forwards are taken above.
+            SpanJob::Forward { .. } => SpanDone::Freed,
             SpanJob::End { session } => {
                 for stage in self.spans.borrow_mut().values_mut() {
                     stage.end(session);
@@ -160,34 +182,62 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs `rows` hidden states of `session` through span `shard`: the output rows and their
-    /// width.
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        &self,
-        shard: &str,
-        session: u64,
-        start: usize,
-        capacity: usize,
-        rows: usize,
-        hidden: &[f32],
-        busy_ms: &mut f64,
-    ) -> Result<(Vec<f32>, usize), String> {
+    /// Runs a batch of forwards through one span in one submission (`SpanStage::forward_batch`:
+    /// each session's output is what it would be alone), each step's outcome in order. A batch
+    /// fails whole when one step is bad, changing nothing, so then each step runs alone for an
+    /// answer of its own.
+    async fn forward(&self, jobs: Vec<SpanJob>) -> Vec<StepDone> {
+        let steps: Vec<Forward<'_>> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                SpanJob::Forward { shard, session, step, start, capacity, rows, hidden } => {
+                    Some(Forward { shard, session: *session, step: *step, start: *start, capacity: *capacity, rows: *rows, hidden })
+                }
+                _ => None,
+            })
+            .collect();
+        let started = crate::clock_ms();
+        let results = match self.forward_steps(&steps).await {
+            Ok(results) => results,
+            Err(reason) => steps.iter().map(|_| Err(reason.clone())).collect(),
+        };
+        let busy_ms = (crate::clock_ms() - started) / steps.len().max(1) as f64;
+        steps.iter().zip(results).map(|(f, result)| StepDone { session: f.session, step: f.step, busy_ms, result }).collect()
+    }
+
+    /// The outputs of `steps`, all through the first one's shard; `Err` when none can run.
+    async fn forward_steps(&self, steps: &[Forward<'_>]) -> Result<Vec<Result<(Vec<f32>, usize), String>>, String> {
+        let Some(shard) = steps.first().map(|f| f.shard) else { return Ok(Vec::new()) };
         let gpu = self.gpu().await?;
         // Out of the map while it runs, so that no borrow is held across the GPU's await; jobs
-        // run one at a time, so nothing else looks for it meanwhile.
+        // run one batch at a time, so nothing else looks for it meanwhile.
         let mut stage = self.spans.borrow_mut().remove(shard).ok_or_else(|| format!("span {shard} is not loaded here"))?;
         let dim = stage.dim();
-        if hidden.len() != rows * dim {
-            self.spans.borrow_mut().insert(shard.to_string(), stage);
-            return Err(format!("{} values are not {rows} rows of {dim}", hidden.len()));
-        }
-        let started = crate::clock_ms();
-        let result = stage.forward(&gpu, session, capacity, start, hidden).await;
-        *busy_ms = crate::clock_ms() - started;
+        // A step whose tensor is not rows of this span's width is refused on its own.
+        let mut results: Vec<Result<Vec<f32>, String>> = steps
+            .iter()
+            .map(|f| if f.hidden.len() == f.rows * dim { Ok(Vec::new()) } else { Err(format!("{} rows of {} values, not of {dim}", f.rows, f.hidden.len() / f.rows.max(1))) })
+            .collect();
+        let batch: Vec<Step<'_>> =
+            steps.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(f, _)| Step { session: f.session, capacity: f.capacity, start: f.start, hidden: f.hidden }).collect();
+        let outputs: Vec<Result<Vec<f32>, EngineError>> = match stage.forward_batch(&gpu, &batch).await {
+            Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+            Err(e) if batch.len() <= 1 => vec![Err(e)],
+            Err(_) => {
+                let mut alone = Vec::new();
+                for s in &batch {
+                    alone.push(stage.forward(&gpu, s.session, s.capacity, s.start, s.hidden).await);
+                }
+                alone
+            }
+        };
         self.spans.borrow_mut().insert(shard.to_string(), stage);
-        self.check_device(&gpu, result.as_ref().err())?;
-        Ok((result.map_err(|e| e.to_string())?, dim))
+        self.check_device(&gpu, outputs.iter().find_map(|r| r.as_ref().err()))?;
+        let mut outputs = outputs.into_iter();
+        for result in results.iter_mut().filter(|r| r.is_ok()) {
+            *result = outputs.next().unwrap_or_else(|| Err(EngineError::Shape { op: "stage", detail: "a step had no output".into() })).map_err(|e| e.to_string());
+        }
+        Ok(results.into_iter().map(|r| r.map(|values| (values, dim))).collect())
     }
 
     /// Computes one unit.

@@ -7,8 +7,8 @@
 //! worker (one unit at a time: fetch what it lacks, compute on a blocking thread, send the result
 //! as tensor frames followed by `UnitResult`) and the span worker (spans of a language model:
 //! fetch a span's shard by CID, load it as a `SpanStage`, run each `Forward` on a blocking
-//! thread and send the states back as tensor frames followed by `Forwarded`). Heartbeats never
-//! wait for either worker.
+//! thread, those queued together for one span as one batch, and send the states back as tensor
+//! frames followed by `Forwarded`). Heartbeats never wait for either worker.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
@@ -24,7 +24,7 @@ use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::checks::Rng;
 use tessera_engine::cid::Cid;
 use tessera_engine::llama::{Llama, Stages};
-use tessera_engine::stage::SpanStage;
+use tessera_engine::stage::{EXACT_BATCH_ROWS, SpanStage, Step};
 use tessera_protocol::{
     AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming,
     ModelManifest, PROTOCOL_VERSION, PayloadKind, PayloadRef, Reassembler, ReassemblyLimits, UnitId, Work,
@@ -117,9 +117,29 @@ enum Job {
 /// What the reader hands the span worker.
 enum SpanJob {
     Load { shard: String, blocks: Blocks, max_sessions: u32 },
-    Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, hidden: tessera_protocol::Tensor },
+    Forward { shard: String, step: ForwardStep },
     End { session: u64 },
     Unload { shard: String },
+}
+
+/// One session's step through a span: what a `Forward` carries.
+struct ForwardStep {
+    session: u64,
+    step: u64,
+    start: u32,
+    capacity: u32,
+    hidden: tessera_protocol::Tensor,
+}
+
+impl ForwardStep {
+    /// Its hidden-state rows (`usize::MAX` for a tensor that is not `[rows, dim]`, which then
+    /// runs alone and fails).
+    fn rows(&self) -> usize {
+        match self.hidden.dims() {
+            [rows, _] => usize::try_from(*rows).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        }
+    }
 }
 
 /// State the reader shares with blob fetches: the fetches in flight, by stream.
@@ -243,7 +263,7 @@ impl Session {
                     CoordinatorMessage::Forward { shard, session, step, start, capacity, payload } => {
                         let job = match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
                             Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
-                                .map(|hidden| SpanJob::Forward { shard, session, step, start, capacity, hidden })
+                                .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden } })
                                 .map_err(|e| e.to_string()),
                             Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
                             None => Err(format!("no tensor arrived on stream {}", payload.stream)),
@@ -405,8 +425,10 @@ impl Worker {
     }
 }
 
-/// Runs span jobs in order: loads, forwards and session ends. A span lives as long as this
-/// connection (its sessions' caches would be stale on another).
+/// Runs span jobs in order: loads, forwards and session ends. `Forward`s for one span that wait
+/// in the queue together (distinct sessions, at most `EXACT_BATCH_ROWS` rows in all) run as one
+/// batch, which computes for each exactly what it would alone; any other job is a barrier. A
+/// span lives as long as this connection (its sessions' caches would be stale on another).
 struct SpanWorker {
     worker: Worker,
     /// Loaded spans by shard CID.
@@ -415,7 +437,16 @@ struct SpanWorker {
 
 impl SpanWorker {
     async fn run(mut self, mut queue: mpsc::Receiver<SpanJob>) {
-        while let Some(job) = queue.recv().await {
+        // A job taken from the queue that did not join the batch before it.
+        let mut next = None;
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match queue.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
             let outcome = match job {
                 SpanJob::Load { shard, blocks, max_sessions } => {
                     let started = Instant::now();
@@ -427,10 +458,11 @@ impl SpanWorker {
                         Err(e) => self.fail(format!("span {}..{} ({shard}): {e:#}", blocks.start, blocks.end)).await,
                     }
                 }
-                SpanJob::Forward { shard, session, step, start, capacity, hidden } => match self.forward(&shard, session, step, start, capacity, hidden).await {
-                    Ok(()) => Ok(()),
-                    Err(e) => self.fail(format!("span {shard}, session {session} step {step}: {e:#}")).await,
-                },
+                SpanJob::Forward { shard, step } => {
+                    let steps;
+                    (steps, next) = batch_forwards(&shard, step, &mut queue);
+                    self.forward(&shard, steps).await
+                }
                 SpanJob::End { session } => {
                     for stage in self.spans.values() {
                         if let Ok(mut stage) = stage.lock() {
@@ -477,29 +509,93 @@ impl SpanWorker {
         Ok(())
     }
 
-    /// Runs one step of a session through a loaded span and sends the states back.
-    async fn forward(&self, shard: &str, session: u64, step: u64, start: u32, capacity: u32, hidden: tessera_protocol::Tensor) -> anyhow::Result<()> {
-        let stage = self.spans.get(shard).with_context(|| "this span is not loaded here")?.clone();
-        let values: Vec<f32> = hidden.f32_values().with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype()))?.collect();
-        let rows = match hidden.dims() {
-            [rows, _] => *rows,
-            dims => bail!("hidden states of dims {dims:?}, not [rows, dim]"),
+    /// Runs sessions' steps through a loaded span, as one batch, and sends each its states back
+    /// (or an error naming it). Fails only when the connection does.
+    async fn forward(&self, shard: &str, steps: Vec<ForwardStep>) -> anyhow::Result<()> {
+        let mut answers: Vec<(u64, u64, u64, anyhow::Result<Vec<f32>>)> = Vec::with_capacity(steps.len());
+        // Each runnable step's (session, step, rows), and its input for `run_steps`.
+        let (mut runnable, mut inputs) = (Vec::with_capacity(steps.len()), Vec::with_capacity(steps.len()));
+        for ForwardStep { session, step, start, capacity, hidden } in steps {
+            let values = match hidden.dims() {
+                &[rows, _] => hidden.f32_values().map(|v| (rows, v.collect())).with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype())),
+                dims => Err(anyhow!("hidden states of dims {dims:?}, not [rows, dim]")),
+            };
+            match values {
+                Ok((rows, values)) => {
+                    runnable.push((session, step, rows));
+                    inputs.push((session, capacity as usize, start as usize, values));
+                }
+                Err(e) => answers.push((session, step, 0, Err(e))),
+            }
+        }
+        let outputs: Vec<anyhow::Result<Vec<f32>>> = match self.spans.get(shard) {
+            _ if inputs.is_empty() => Vec::new(),
+            None => inputs.iter().map(|_| Err(anyhow!("this span is not loaded here"))).collect(),
+            Some(stage) => {
+                let (stage, gpu) = (stage.clone(), self.worker.session.gpu.clone());
+                let count = inputs.len();
+                match tokio::task::spawn_blocking(move || run_steps(&stage, &gpu, &inputs)).await {
+                    Ok(outputs) => outputs,
+                    Err(e) => (0..count).map(|_| Err(anyhow!("the span's thread failed: {e}"))).collect(),
+                }
+            }
         };
-        let gpu = self.worker.session.gpu.clone();
-        let (output, dim) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<f32>, usize)> {
-            let mut stage = stage.lock().map_err(|_| anyhow!("the span's lock is poisoned"))?;
-            let dim = stage.dim();
-            let output = pollster::block_on(stage.forward(&gpu, session, capacity as usize, start as usize, &values))?;
-            Ok((output, dim))
-        })
-        .await??;
-        let tensor = tessera_protocol::Tensor::from_f32(vec![rows, dim as u64], &output)?;
+        answers.extend(runnable.into_iter().zip(outputs).map(|((session, step, rows), output)| (session, step, rows, output)));
+        for (session, step, rows, output) in answers {
+            match output {
+                Ok(output) => self.send_states(session, step, rows, &output).await?,
+                Err(e) => self.fail(format!("span {shard}, session {session} step {step}: {e:#}")).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a step's output states (`rows` of them) as tensor frames followed by `Forwarded`.
+    async fn send_states(&self, session: u64, step: u64, rows: u64, output: &[f32]) -> anyhow::Result<()> {
+        let tensor = tessera_protocol::Tensor::from_f32(vec![rows, output.len() as u64 / rows.max(1)], output)?;
         let bytes = tensor.encode();
         let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
         for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes)? {
             self.worker.sender.send(Message::Binary(frame)).await?;
         }
         send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 } }).await
+    }
+}
+
+/// `first` and the `Forward`s queued right behind it that can run with it as one exact batch:
+/// for the same shard, each for another session, at most `EXACT_BATCH_ROWS` rows in all. Takes
+/// only what is queued already; the first job that does not fit (any other kind is a barrier)
+/// comes back to run next.
+fn batch_forwards(shard: &str, first: ForwardStep, queue: &mut mpsc::Receiver<SpanJob>) -> (Vec<ForwardStep>, Option<SpanJob>) {
+    let mut rows = first.rows();
+    let mut steps = vec![first];
+    while rows < EXACT_BATCH_ROWS {
+        let Ok(job) = queue.try_recv() else { break };
+        match job {
+            SpanJob::Forward { shard: other, step }
+                if other == shard && rows.saturating_add(step.rows()) <= EXACT_BATCH_ROWS && steps.iter().all(|s| s.session != step.session) =>
+            {
+                rows += step.rows();
+                steps.push(step);
+            }
+            job => return (steps, Some(job)),
+        }
+    }
+    (steps, None)
+}
+
+/// Runs `steps` (session, capacity, start, hidden states) through `stage` as one batch, and
+/// each step's outcome in order. A batch fails whole when one step is bad, changing nothing, so
+/// then each step runs alone for an answer of its own.
+fn run_steps(stage: &std::sync::Mutex<SpanStage>, gpu: &Gpu, steps: &[(u64, usize, usize, Vec<f32>)]) -> Vec<anyhow::Result<Vec<f32>>> {
+    let Ok(mut stage) = stage.lock() else {
+        return steps.iter().map(|_| Err(anyhow!("the span's lock is poisoned"))).collect();
+    };
+    let batch: Vec<Step> = steps.iter().map(|(session, capacity, start, hidden)| Step { session: *session, capacity: *capacity, start: *start, hidden }).collect();
+    match pollster::block_on(stage.forward_batch(gpu, &batch)) {
+        Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+        Err(e) if batch.len() == 1 => vec![Err(e.into())],
+        Err(_) => batch.iter().map(|s| Ok(pollster::block_on(stage.forward(gpu, s.session, s.capacity, s.start, s.hidden))?)).collect(),
     }
 }
 
@@ -586,6 +682,53 @@ mod tests {
         assert_eq!(signalling_url("https://tessera.example/").unwrap(), "wss://tessera.example/ws");
         assert!(signalling_url("127.0.0.1:8080").unwrap_err().to_string().contains("http://"));
         assert_eq!(local_ip_towards("http://127.0.0.1:8080").unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    /// Queued forwards join the one before them while they fit (one shard, distinct sessions,
+    /// eight rows); the first that does not, or any other job, ends the batch and runs next.
+    #[test]
+    fn queued_forwards_batch_up_to_a_barrier() {
+        fn forward(shard: &str, session: u64, rows: u64) -> SpanJob {
+            let hidden = tessera_protocol::Tensor::from_f32(vec![rows, 2], &vec![0.0; rows as usize * 2]).unwrap();
+            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden } }
+        }
+        fn describe(job: &SpanJob) -> String {
+            match job {
+                SpanJob::Forward { shard, step } => format!("{shard}:{}", step.session),
+                SpanJob::End { session } => format!("end {session}"),
+                SpanJob::Load { shard, .. } => format!("load {shard}"),
+                SpanJob::Unload { shard } => format!("unload {shard}"),
+            }
+        }
+        // The queue after a first forward of session 1 (one row) on shard "a", and the batches
+        // and leftover job: (sessions batched, the job that runs next).
+        let cases: Vec<(Vec<SpanJob>, &[u64], Option<&str>)> = vec![
+            (vec![], &[1], None),
+            (vec![forward("a", 2, 1), forward("a", 3, 2)], &[1, 2, 3], None),
+            (vec![forward("a", 2, 1), SpanJob::End { session: 2 }, forward("a", 3, 1)], &[1, 2], Some("end 2")),
+            (vec![forward("a", 2, 1), SpanJob::Unload { shard: "a".into() }], &[1, 2], Some("unload a")),
+            (vec![forward("a", 2, 1), forward("a", 1, 1), forward("a", 3, 1)], &[1, 2], Some("a:1")),
+            (vec![forward("b", 2, 1), forward("a", 3, 1)], &[1], Some("b:2")),
+            (vec![forward("a", 2, 4), forward("a", 3, 3), forward("a", 4, 1)], &[1, 2, 3], None),
+            (vec![forward("a", 2, 4), forward("a", 3, 4)], &[1, 2], Some("a:3")),
+            (vec![forward("a", 2, 8)], &[1], Some("a:2")),
+        ];
+        for (queued, expected, leftover) in cases {
+            let (sender, mut queue) = mpsc::channel(16);
+            for job in queued {
+                sender.try_send(job).ok().unwrap();
+            }
+            let SpanJob::Forward { shard, step } = forward("a", 1, 1) else { unreachable!() };
+            let (steps, next) = batch_forwards(&shard, step, &mut queue);
+            assert_eq!(steps.iter().map(|s| s.session).collect::<Vec<_>>(), expected);
+            assert_eq!(next.as_ref().map(describe).as_deref(), leftover);
+        }
+        // A first step of more than eight rows runs alone without taking anything.
+        let (sender, mut queue) = mpsc::channel(4);
+        sender.try_send(forward("a", 2, 1)).ok().unwrap();
+        let SpanJob::Forward { shard, step } = forward("a", 1, 9) else { unreachable!() };
+        let (steps, next) = batch_forwards(&shard, step, &mut queue);
+        assert_eq!((steps.len(), next.is_none(), queue.len()), (1, true, 1));
     }
 
     #[test]

@@ -227,6 +227,65 @@ fn stages_compose_to_the_whole_model_and_a_replacement_carries_on() {
     assert!(fail(pollster::block_on(ends.embed(gpu, &[u32::MAX]))).contains("outside the vocabulary"));
 }
 
+/// Several sessions' steps through a span in one batch (their rows stacked, at most eight in
+/// all) give each session bit for bit what running it alone gives, prompt, decode and replay
+/// alike, in one submission and one readback; a bad step fails the whole batch and changes no
+/// session. The span runs on a device of its own, so its counters are this test's alone.
+#[test]
+fn sessions_batched_through_a_span_compute_as_each_alone() {
+    use tessera_engine::stage::{SpanStage, Step};
+    let Some(_) = model() else { return };
+    let gpu = pollster::block_on(Gpu::request()).unwrap();
+    let blocks = 4..7;
+    let load = || Llama::load(&gpu, "model", &mut std::fs::File::open(model_path()).unwrap(), &Stages { embedding: false, blocks: blocks.clone(), head: false }).unwrap();
+    let (mut alone, mut batched) = (SpanStage::new(load(), blocks.clone(), 4).unwrap(), SpanStage::new(load(), blocks.clone(), 4).unwrap());
+    let dim = alone.dim();
+    let seed = crate::seed();
+    let mut rng = tessera_engine::Rng::new(seed);
+    // Rounds of (session, start, rows): prompts of different lengths, decode steps beside a new
+    // session's prompt, and a replay that cuts session 1 back.
+    let rounds: [&[(u64, usize, usize)]; 3] = [&[(1, 0, 3), (2, 0, 1), (3, 0, 2)], &[(2, 1, 2), (1, 3, 1), (3, 2, 1), (4, 0, 4)], &[(1, 2, 2), (4, 4, 1)]];
+    for (round, steps) in rounds.iter().enumerate() {
+        let inputs: Vec<Vec<f32>> = steps.iter().map(|&(_, _, rows)| rng.vec(rows * dim, -2.0, 2.0)).collect();
+        let expected: Vec<Vec<f32>> =
+            steps.iter().zip(&inputs).map(|(&(session, start, _), hidden)| pollster::block_on(alone.forward(&gpu, session, 16, start, hidden)).unwrap()).collect();
+        let steps: Vec<Step> = steps.iter().zip(&inputs).map(|(&(session, start, _), hidden)| Step { session, capacity: 16, start, hidden }).collect();
+        let before = gpu.counters();
+        let outputs = pollster::block_on(batched.forward_batch(&gpu, &steps)).unwrap();
+        let after = gpu.counters();
+        assert_eq!((after.submits - before.submits, after.readbacks - before.readbacks), (1, 1), "round {round}: submits and readbacks");
+        for (step, (got, want)) in steps.iter().zip(outputs.iter().zip(&expected)) {
+            assert_eq!(got.len(), want.len());
+            let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "round {round}, session {}: batched differs from alone (seed {seed})", step.session);
+            assert_eq!(batched.cached(step.session), alone.cached(step.session));
+        }
+    }
+
+    // Bad batches: each fails whole and leaves every session as it was.
+    let held: Vec<usize> = (1..=5).map(|s| batched.cached(s)).collect();
+    let row = vec![0.5; dim];
+    let mut nan = row.clone();
+    nan[7] = f32::NAN;
+    let twelve = row.repeat(12);
+    let step = |session, start, hidden| Step { session, capacity: 16, start, hidden };
+    let cases: &[(&[Step], &str)] = &[
+        (&[], "no steps"),
+        (&[step(1, 4, &row), step(2, 3, &row), step(1, 4, &row)], "session 1 appears twice"),
+        (&[step(1, 4, &row), step(2, 3, &row[1..])], "session 2: 575 values are not rows of 576"),
+        (&[step(1, 4, &row), step(3, 3, &nan)], "session 3: hidden state value 7 is NaN"),
+        (&[step(2, 3, &row), step(3, 9, &row)], "session 3 holds only 0..3"),
+        (&[step(2, 3, &row), step(4, 5, &twelve)], "positions up to 17 exceed session 4's 16"),
+        (&[step(1, 4, &row), step(5, 0, &row), step(6, 0, &row)], "sessions are open here already"),
+    ];
+    for &(steps, expected) in cases {
+        let error = pollster::block_on(batched.forward_batch(&gpu, steps)).unwrap_err().to_string();
+        assert!(error.contains(expected), "{error:?} should say {expected:?}");
+        assert_eq!((1..=5).map(|s| batched.cached(s)).collect::<Vec<_>>(), held, "a failed batch ({expected}) changed a session");
+        assert_eq!(batched.sessions(), 4);
+    }
+}
+
 /// A span shard holds only its blocks' bytes and computes what the whole file does for them.
 #[test]
 fn a_span_shard_computes_as_the_whole_file_does() {

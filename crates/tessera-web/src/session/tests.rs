@@ -479,3 +479,43 @@ fn span_steps_count_against_the_rest_of_the_next_unit() {
     session.handle_timeout(1100.0);
     assert_eq!(drain(&mut session), [status(Status::Working), run(1, 1)]);
 }
+
+#[test]
+fn forwards_through_one_span_for_other_sessions_batch_up_to_the_exact_rows() {
+    let fwd = |shard: &str, session: u64, rows: usize| SpanJob::Forward {
+        shard: shard.into(),
+        session,
+        step: session * 10,
+        start: 0,
+        capacity: 64,
+        rows,
+        hidden: vec![0.5; rows * 2],
+    };
+    let sessions = |jobs: &[SpanJob]| -> Vec<u64> {
+        jobs.iter().map(|j| if let SpanJob::Forward { session, .. } = j { *session } else { 0 }).collect()
+    };
+    let mut queue: VecDeque<SpanJob> = VecDeque::from([
+        fwd("a", 1, 1),
+        fwd("a", 2, 3),
+        fwd("a", 3, 4),
+        // Over the eight rows: the next batch.
+        fwd("a", 4, 1),
+        // The same session twice: the next batch.
+        fwd("a", 4, 1),
+        // Another span.
+        fwd("b", 5, 1),
+        fwd("b", 6, 1),
+        // A barrier: the end of session 6 waits for the forwards before it, and the one after.
+        SpanJob::End { session: 6 },
+        fwd("b", 7, 1),
+        // Nine rows at once run alone.
+        fwd("b", 8, 9),
+        fwd("b", 9, 1),
+    ]);
+    let mut batches = Vec::new();
+    while !queue.is_empty() {
+        batches.push(sessions(&next_span_jobs(&mut queue)));
+    }
+    assert_eq!(batches, [vec![1, 2, 3], vec![4], vec![4], vec![5, 6], vec![0], vec![7], vec![8], vec![9]]);
+    assert!(next_span_jobs(&mut queue).is_empty());
+}

@@ -7,6 +7,7 @@ mod kernels;
 mod llama_cpp;
 mod network;
 mod pipeline;
+mod stage;
 #[cfg(feature = "burn-peer")]
 mod burn_peer;
 
@@ -35,6 +36,8 @@ pub enum Bench {
     /// Generation split across real contributor processes: decode in 1, 2 and 3 spans beside a
     /// local run, the cost of a hop, 8 sessions at once, the stall when a span's holder is killed.
     Pipeline(pipeline::PipelineArgs),
+    /// A span serving 8 sessions' decode steps one by one beside the same steps as one batch.
+    Stage(stage::StageArgs),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Scheduler(args) => network::scheduler(args),
         Bench::Network(args) => network::network(args),
         Bench::Pipeline(args) => pipeline::run(args),
+        Bench::Stage(args) => stage::run(args),
     }
 }
 
