@@ -17,8 +17,14 @@
 //!
 //! A contributor that keeps dropping its span (`recent_drops >= Policy::max_drops`) holds no
 //! stage while steadier contributors can hold the model; it may still stand by.
+//!
+//! [`relieve`] moves the span of a holder that missed a deadline but is still connected, as if
+//! it had left, and lets it stand by; when nobody else can take the span the plan stays. [`admit`]
+//! places a contributor that joined: a standby, unless no session is running and a fresh plan is
+//! worth it. [`loads`] says which contributors must load or unload which spans for a plan:
+//! standbys load their span too (after the holders), so a standby takes over without a download.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use tessera_protocol::ContributorId;
@@ -81,6 +87,23 @@ pub struct Plan {
     pub stages: Vec<Stage>,
 }
 
+/// A contributor's role in a plan: the span it holds or stands by for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    pub contributor: ContributorId,
+    pub blocks: Range<u32>,
+    pub standby: bool,
+}
+
+/// What contributors must load and unload for a plan (see [`loads`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Loads {
+    /// Spans held (or loading) that no role needs any more: free their memory.
+    pub unload: Vec<(ContributorId, Range<u32>)>,
+    /// Roles whose span is not held yet: holders first, in pipeline order, then standbys.
+    pub load: Vec<Role>,
+}
+
 /// A span that changes hands in a repair: its new holder loads it (and rebuilds the KV cache of
 /// every session by replaying its tokens).
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +157,13 @@ impl Plan {
     /// Every contributor in the plan, holding a stage or standing by.
     pub fn members(&self) -> BTreeSet<ContributorId> {
         self.stages.iter().flat_map(|s| std::iter::once(s.contributor).chain(s.standby)).collect()
+    }
+
+    /// Every role: the holders in pipeline order, then the standbys in the same order.
+    pub fn roles(&self) -> Vec<Role> {
+        let holders = self.stages.iter().map(|s| Role { contributor: s.contributor, blocks: s.blocks.clone(), standby: false });
+        let standbys = self.stages.iter().filter_map(|s| s.standby.map(|id| Role { contributor: id, blocks: s.blocks.clone(), standby: true }));
+        holders.chain(standbys).collect()
     }
 
     /// Whether moving running sessions from this plan to `fresh` pays: `fresh`'s slowest stage
@@ -310,9 +340,57 @@ pub fn repair(shape: &ModelShape, current: &Plan, candidates: &[Candidate], poli
     Ok(Repair { plan: Plan { stages }, moves, replanned: false })
 }
 
+/// Moves the span of `late`, a holder that missed a deadline but is still connected, as
+/// [`repair`] would had it left, then lets it stand by (often for the span it just lost, whose
+/// weights it still has). Only with `replan` may the model be placed afresh without it (every
+/// span reloaded: worth it for a holder that keeps missing, not for one slow answer). When the
+/// others cannot take its span (or hold the model), nothing moves: the caller keeps waiting.
+pub fn relieve(shape: &ModelShape, current: &Plan, candidates: &[Candidate], late: ContributorId, policy: &Policy, replan: bool) -> Repair {
+    let others: Vec<Candidate> = candidates.iter().filter(|c| c.contributor != late).cloned().collect();
+    let kept = Repair { plan: current.clone(), moves: Vec::new(), replanned: false };
+    let Ok(moved) = repair(shape, current, &others, policy) else { return kept };
+    if moved.replanned && !replan {
+        return kept;
+    }
+    // Every holder of `moved` is connected, so this only adds standbys.
+    let plan = repair(shape, &moved.plan, candidates, policy).map_or(moved.plan, |r| r.plan);
+    Repair { plan, moves: moved.moves, replanned: moved.replanned }
+}
+
+/// Places the contributors now connected after one joined: it stands by ([`repair`] moves no
+/// span whose holder is here). Only when no session is running (`idle`) and a fresh plan is
+/// worth it ([`Plan::worth_replacing_with`]) is the model placed afresh.
+pub fn admit(shape: &ModelShape, current: &Plan, candidates: &[Candidate], policy: &Policy, idle: bool) -> Result<Repair, PlacementError> {
+    let kept = repair(shape, current, candidates, policy)?;
+    if idle
+        && !kept.replanned
+        && let Ok(fresh) = plan(shape, candidates, policy)
+        && kept.plan.worth_replacing_with(&fresh, policy)
+    {
+        return Ok(Repair { moves: moves_between(current, &fresh), plan: fresh, replanned: true });
+    }
+    Ok(kept)
+}
+
+/// What contributors must load and unload so that every role of `plan` has its span, given the
+/// span each contributor holds or is loading (`held`). A contributor whose role changed unloads
+/// its old span; holders load before standbys.
+pub fn loads(held: &BTreeMap<ContributorId, Range<u32>>, plan: &Plan) -> Loads {
+    let roles = plan.roles();
+    let role_of = |id: ContributorId| roles.iter().find(|r| r.contributor == id).map(|r| &r.blocks);
+    let unload = held.iter().filter(|&(&id, blocks)| role_of(id) != Some(blocks)).map(|(&id, blocks)| (id, blocks.clone())).collect();
+    let load = roles.iter().filter(|r| held.get(&r.contributor) != Some(&r.blocks)).cloned().collect();
+    Loads { unload, load }
+}
+
 fn replan(shape: &ModelShape, current: &Plan, candidates: &[Candidate], policy: &Policy) -> Result<Repair, PlacementError> {
     let fresh = plan(shape, candidates, policy)?;
-    let moves = fresh
+    Ok(Repair { moves: moves_between(current, &fresh), plan: fresh, replanned: true })
+}
+
+/// The spans whose holder differs between `current` and `fresh`.
+fn moves_between(current: &Plan, fresh: &Plan) -> Vec<Move> {
+    fresh
         .stages
         .iter()
         .filter(|stage| current.stages.iter().all(|old| old.blocks != stage.blocks || old.contributor != stage.contributor))
@@ -325,8 +403,7 @@ fn replan(shape: &ModelShape, current: &Plan, candidates: &[Candidate], policy: 
                 from_standby: before.is_some_and(|old| old.standby == Some(stage.contributor)),
             }
         })
-        .collect();
-    Ok(Repair { plan: fresh, moves, replanned: true })
+        .collect()
 }
 
 #[cfg(test)]
@@ -544,6 +621,86 @@ mod tests {
         // When nobody else can hold the model, it holds a stage after all.
         let alone = super::plan(&shape(30), std::slice::from_ref(&flaky), &policy).unwrap();
         assert_eq!(spans(&alone), vec![(0..30, 9)]);
+    }
+
+    fn role(id: u64, blocks: Range<u32>, standby: bool) -> Role {
+        Role { contributor: ContributorId(id), blocks, standby }
+    }
+
+    #[test]
+    fn standbys_load_their_span_after_the_holders() {
+        let candidates = [candidate(1, 10.0, 30), candidate(2, 10.0, 30), candidate(3, 10.0, 30), candidate(4, 8.0, 30)];
+        let plan = plan(&shape(30), &candidates, &Policy::default()).unwrap();
+        let loads = loads(&BTreeMap::new(), &plan);
+        assert!(loads.unload.is_empty());
+        assert_eq!(loads.load, vec![role(1, 0..10, false), role(2, 10..20, false), role(3, 20..30, false), role(4, 0..10, true)]);
+        // Once they hold their spans, nothing more to do.
+        let held: BTreeMap<ContributorId, Range<u32>> = loads.load.iter().map(|r| (r.contributor, r.blocks.clone())).collect();
+        assert_eq!(super::loads(&held, &plan), Loads::default());
+    }
+
+    #[test]
+    fn a_contributor_whose_span_moved_unloads_it() {
+        let policy = Policy::default();
+        let mut candidates = vec![candidate(1, 10.0, 30), candidate(2, 10.0, 30)];
+        let before = plan(&shape(30), &candidates, &policy).unwrap();
+        let held: BTreeMap<ContributorId, Range<u32>> = before.roles().into_iter().map(|r| (r.contributor, r.blocks)).collect();
+        // 2 leaves; 3 and 4 join, and can hold 10 blocks each: placed afresh, 1's span shrinks.
+        candidates.retain(|c| c.contributor != ContributorId(2));
+        candidates.extend([candidate(3, 10.0, 10), candidate(4, 10.0, 10)]);
+        let repair = repair(&shape(30), &before, &candidates, &policy).unwrap();
+        assert!(repair.replanned);
+        let still_here: BTreeMap<ContributorId, Range<u32>> = held.into_iter().filter(|(id, _)| *id != ContributorId(2)).collect();
+        let loads = loads(&still_here, &repair.plan);
+        assert_eq!(loads.unload, vec![(ContributorId(1), 0..15)]);
+        assert_eq!(loads.load, repair.plan.roles());
+        // A late holder relieved by its standby unloads nothing: it stands by for its old span.
+        let candidates = [candidate(1, 10.0, 30), candidate(2, 10.0, 30), candidate(3, 10.0, 30), candidate(4, 8.0, 30)];
+        let before = plan(&shape(30), &candidates, &policy).unwrap();
+        let held: BTreeMap<ContributorId, Range<u32>> = before.roles().into_iter().map(|r| (r.contributor, r.blocks)).collect();
+        let relief = relieve(&shape(30), &before, &candidates, ContributorId(1), &policy, false);
+        assert_eq!(relief.moves, vec![Move { blocks: 0..10, from: Some(ContributorId(1)), to: ContributorId(4), from_standby: true }]);
+        let loads = super::loads(&held, &relief.plan);
+        assert_eq!(loads, Loads::default());
+    }
+
+    #[test]
+    fn a_late_holder_nobody_can_replace_keeps_its_span() {
+        let policy = Policy::default();
+        let candidates = [candidate(1, 10.0, 15), candidate(2, 10.0, 15)];
+        let before = plan(&shape(30), &candidates, &policy).unwrap();
+        let relief = relieve(&shape(30), &before, &candidates, ContributorId(2), &policy, true);
+        assert_eq!(relief, Repair { plan: before.clone(), moves: Vec::new(), replanned: false });
+        // When the other can hold the whole model, it does, but only when a re-plan is allowed
+        // (the holder missed again).
+        let candidates = [candidate(1, 10.0, 30), candidate(2, 10.0, 30)];
+        let before = plan(&shape(30), &candidates, &policy).unwrap();
+        assert!(relieve(&shape(30), &before, &candidates, ContributorId(2), &policy, false).moves.is_empty());
+        let relief = relieve(&shape(30), &before, &candidates, ContributorId(2), &policy, true);
+        assert!(relief.replanned);
+        assert_eq!(spans(&relief.plan), vec![(0..30, 1)]);
+        assert_eq!(relief.plan.stages[0].standby, Some(ContributorId(2)));
+    }
+
+    #[test]
+    fn a_join_while_sessions_run_only_stands_by() {
+        let policy = Policy::default();
+        let mut candidates = vec![candidate(1, 10.0, 30), candidate(2, 10.0, 30)];
+        let before = plan(&shape(30), &candidates, &policy).unwrap();
+        candidates.push(candidate(3, 1000.0, 30));
+        // Far faster, but sessions are running: it stands by, nothing moves.
+        let busy = admit(&shape(30), &before, &candidates, &policy, false).unwrap();
+        assert!(busy.moves.is_empty() && !busy.replanned);
+        assert_eq!(spans(&busy.plan), spans(&before));
+        assert_eq!(super::loads(&before.roles().into_iter().map(|r| (r.contributor, r.blocks)).collect(), &busy.plan).load, vec![role(3, 0..15, true)]);
+        // Idle: the fresh plan is worth it.
+        let idle = admit(&shape(30), &before, &candidates, &policy, true).unwrap();
+        assert!(idle.replanned);
+        assert_eq!(spans(&idle.plan), vec![(0..30, 3)]);
+        // A join that gains little moves nothing, even when idle.
+        let candidates = vec![candidate(1, 10.0, 30), candidate(2, 10.0, 30), candidate(3, 5.0, 30)];
+        let idle = admit(&shape(30), &before, &candidates, &policy, true).unwrap();
+        assert!(idle.moves.is_empty() && !idle.replanned, "{idle:?}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The HTTP API: `POST /v1/embeddings` (a job across contributors), the generation routes
 //! (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`,
-//! `GET /api/requests/{id}`: `generation`), `GET /api/contributors`,
+//! `GET /api/requests/{id}`: `generation`), `GET /api/contributors`, `GET /api/swarm` (what the
+//! `/swarm` page shows: contributors, the span plan, tokens/s, recent requests: `swarm`),
 //! `GET /api/jobs/{id}`, `GET /metrics` (Prometheus text) and `GET`/`HEAD /blobs/{cid}` with
 //! ranges. Every error is OpenAI's error object (`ApiError`), through one `IntoResponse`; every
-//! route has a body limit. The web pages (`/`, `/embed`, `/widget.js`, `/pkg/*` and the files
-//! beside them) come from `www`; a path that names none of them is the API's 404.
+//! route has a body limit. The web pages (`/`, `/swarm`, `/embed`, `/widget.js`, `/pkg/*` and
+//! the files beside them) come from `www`; a path that names none of them is the API's 404.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,7 +30,7 @@ use crate::reconcile::JobKind;
 use crate::scheduler::JobSpec;
 use crate::server::actor::Command;
 use crate::server::generation::{self, MAX_COMPLETION_BODY};
-use crate::server::serving::Serving;
+use crate::server::serving::{self, Serving};
 use crate::server::www::Www;
 use crate::server::{Counters, PublishedModel};
 
@@ -86,11 +87,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(generation::completions).layer(DefaultBodyLimit::max(MAX_COMPLETION_BODY)))
         .route("/api/requests/{id}", get(generation::request))
         .route("/api/contributors", get(contributors))
+        .route("/api/swarm", get(swarm))
         .route("/api/jobs/{id}", get(job))
         .route("/metrics", get(metrics))
         .route("/blobs/{cid}", get(blob))
         .route("/", get(page))
         .route("/embed", get(page))
+        .route("/swarm", get(page))
         .route("/widget.js", get(page))
         .route("/pkg/{*file}", get(page))
         .fallback(page_or_not_found)
@@ -101,7 +104,7 @@ pub fn router(state: AppState) -> Router {
 
 fn not_found() -> Response {
     ApiResponse(ApiError::not_found(
-        "No such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /api/requests/{id}, /api/contributors, /api/jobs/{id}, /metrics, /blobs/{cid}, /ws, and the pages /, /embed and /widget.js",
+        "No such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /api/requests/{id}, /api/contributors, /api/swarm, /api/jobs/{id}, /metrics, /blobs/{cid}, /ws, and the pages /, /swarm, /embed and /widget.js",
     ))
     .into_response()
 }
@@ -244,6 +247,15 @@ fn vectors(units: &[Tensor], count: usize, hidden: usize) -> Result<Vec<Vec<f32>
 
 async fn contributors(State(state): State<AppState>) -> ApiResult {
     let value = ask(&state.actor, Command::Contributors).await?;
+    Ok(json_response(StatusCode::OK, &value))
+}
+
+/// Asks the serving task, which owns the plan and the requests.
+async fn swarm(State(state): State<AppState>) -> ApiResult {
+    let (reply, answer) = oneshot::channel();
+    let gone = || ApiError::unavailable("the coordinator is shutting down");
+    state.serving.commands.send(serving::Command::Swarm(reply)).await.map_err(|_| gone())?;
+    let value = answer.await.map_err(|_| gone())?;
     Ok(json_response(StatusCode::OK, &value))
 }
 

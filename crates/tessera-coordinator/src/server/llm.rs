@@ -84,6 +84,11 @@ pub fn load(source: &LlamaSource) -> Result<ServedLlama, String> {
 }
 
 impl ServedLlama {
+    /// The CID of the shard of `blocks`, if it is in the blob store already.
+    pub fn shard_cid(&self, blocks: &Range<u32>) -> Option<String> {
+        self.shards.lock().ok()?.get(blocks).cloned()
+    }
+
     /// The CID of the shard of `blocks`, written into `blobs` the first time. Blocks (run it
     /// on a blocking thread).
     pub fn shard(&self, blobs: &BlobStore, blocks: Range<u32>) -> Result<String, String> {

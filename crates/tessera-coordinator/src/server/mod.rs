@@ -4,7 +4,7 @@
 //! page and the widget (`www`). `model` publishes the embedding model into the blob store under
 //! its manifest's CID. Generation is a task of its own (`serving`: the span plan and the
 //! pipeline of sessions, over the language model `llm` loads) behind the OpenAI-compatible
-//! routes of `generation`.
+//! routes of `generation`; it also keeps what `/api/swarm` shows (`swarm`).
 //!
 //! Nothing here decides anything: membership, deadlines, reissue and reconciliation are the
 //! scheduler's; this module only translates between sockets, clocks and its inputs and outputs.
@@ -16,6 +16,7 @@ mod llm;
 mod model;
 mod peer;
 mod serving;
+mod swarm;
 mod www;
 
 use std::net::SocketAddr;

@@ -8,12 +8,18 @@
 //! DataChannels (signalling is relayed already) are the next step.
 //!
 //! The plan is made on the first request (so an embedding-only swarm never loads a span) and
-//! kept: each holder gets a `LoadSpan` naming its span's shard, published into the blob store
-//! on first use, and a hop to a holder whose span is not loaded yet waits for its `SpanReady`.
-//! When a holder leaves, misses a step's deadline or reports `SpanFailed`, `placement::repair`
-//! moves its span (to its standby, another contributor, or a fresh plan), `Pipeline::set_plan`
-//! abandons the steps in flight and replays every session into the new holders, and the
-//! streams carry on: with greedy sampling, exactly as if nothing had happened.
+//! kept: each holder, then each standby, gets a `LoadSpan` naming its span's shard
+//! (`placement::loads`), published into the blob store on first use, and a hop to a holder whose
+//! span is not loaded yet waits for its `SpanReady`; a standby whose span is ready takes over at
+//! once. A contributor whose role moves off a span it holds gets `UnloadSpan`.
+//! When a holder leaves or reports `SpanFailed`, `placement::repair` moves its span (to its
+//! standby, another contributor, or a fresh plan); when it misses its deadline (the pipeline's
+//! per-holder allowance, from its measured pace), `placement::relieve` moves its span the same
+//! way but keeps it connected, counts a drop against it and lets it stand by (its late answers
+//! are stale and ignored), or, when nobody else can take the span, waits longer. Either way
+//! `Pipeline::set_plan` abandons the steps in flight and replays every session into the new
+//! holders, and the streams carry on: with greedy sampling, exactly as if nothing had happened.
+//! A contributor that joins stands by (`placement::admit`) and disturbs no session.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
@@ -32,6 +38,7 @@ use crate::placement::{self, Candidate, ModelShape, Plan, Policy};
 use crate::server::llm::ServedLlama;
 use crate::server::log;
 use crate::server::peer::Outbound;
+use crate::server::swarm::{self, Swarm};
 use crate::time::Millis;
 
 /// Commands waiting for the task, at most.
@@ -41,6 +48,8 @@ const CADENCE: Duration = Duration::from_millis(100);
 /// The coordinator numbers the tensor streams it starts from here, apart from the streams a
 /// contributor picks for its blob requests (which the coordinator answers on).
 const OWN_STREAMS: u64 = 1 << 63;
+/// How long a missed deadline counts against a contributor (`Candidate::recent_drops`).
+const DROPS_REMEMBERED_MS: u64 = 10 * 60 * 1000;
 /// Finished requests remembered for `/api/requests/{id}`.
 const REQUESTS_KEPT: usize = 1024;
 
@@ -51,13 +60,16 @@ pub struct ServingConfig {
     pub max_sessions: usize,
     /// KV cache positions per session that placement reserves on every span holder.
     pub planned_positions: usize,
-    /// How long one stage may take for one step before it is treated as lost.
+    /// The most one holder may take for one hop (once the hops queued ahead of it are done)
+    /// before its span moves; also the allowance before its pace is measured.
     pub stage_deadline: Duration,
+    /// The least allowance for a hop, however fast its holder has been.
+    pub stage_floor: Duration,
 }
 
 impl Default for ServingConfig {
     fn default() -> Self {
-        ServingConfig { max_sessions: 8, planned_positions: 2048, stage_deadline: Duration::from_secs(20) }
+        ServingConfig { max_sessions: 8, planned_positions: 2048, stage_deadline: Duration::from_secs(20), stage_floor: Duration::from_secs(1) }
     }
 }
 
@@ -97,6 +109,8 @@ pub enum Command {
     /// The client went away, or a stop sequence ended the text.
     Stop { request: u64 },
     Request(u64, oneshot::Sender<Option<Value>>),
+    /// `/api/swarm`: members, plan, live rate, recent requests.
+    Swarm(oneshot::Sender<Value>),
     /// From the task's own GPU and blob work.
     Embedded { session: u64, step: u64, result: Result<Vec<f32>, String> },
     Logits { session: u64, result: Result<Vec<f32>, String> },
@@ -118,6 +132,8 @@ struct Member {
     outbox: mpsc::Sender<Outbound>,
     /// It failed a span: it holds none for this connection.
     failed: bool,
+    /// When it missed a hop's deadline while holding a span.
+    drops: Vec<Millis>,
 }
 
 /// A hop waiting for its holder's span to load.
@@ -127,7 +143,7 @@ struct Waiting {
     hidden: Vec<f32>,
 }
 
-/// What a plan's holder holds.
+/// What a plan's holder or standby holds (or is loading).
 struct Holding {
     blocks: Range<u32>,
     shard: Option<String>,
@@ -182,6 +198,7 @@ struct Task {
     records: BTreeMap<u64, Record>,
     next_request: u64,
     next_stream: u64,
+    swarm: Swarm,
 }
 
 /// Starts the task; `model` is set by whoever loads the model.
@@ -204,6 +221,7 @@ pub fn start(config: ServingConfig, name: Option<String>, blobs: Arc<crate::blob
         records: BTreeMap::new(),
         next_request: 1,
         next_stream: OWN_STREAMS,
+        swarm: Swarm::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
     };
     tokio::spawn(task.run(inbox));
     serving
@@ -233,6 +251,13 @@ impl Task {
                     None => break,
                 },
                 _ = ticks.tick() => {
+                    // Answers that arrived already count before any deadline is judged (after
+                    // a busy spell both are ready at once).
+                    for _ in 0..QUEUE {
+                        let Ok(command) = inbox.try_recv() else { break };
+                        self.handle(command);
+                        self.pump();
+                    }
                     let now = self.now();
                     if let Some(pipeline) = &mut self.pipeline {
                         pipeline.tick(now);
@@ -246,9 +271,13 @@ impl Task {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Joined { id, capabilities, outbox } => {
-                self.members.insert(id, Member { capabilities, outbox, failed: false });
+                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new() });
+                self.admit(id);
             }
             Command::Left(id) => {
+                if let Some(pipeline) = &mut self.pipeline {
+                    pipeline.forget(id);
+                }
                 if self.members.remove(&id).is_some() {
                     self.lost(id, "left");
                 }
@@ -282,6 +311,16 @@ impl Task {
             Command::Request(id, reply) => {
                 let _ = reply.send(self.request(id));
             }
+            Command::Swarm(reply) => {
+                let view = swarm::View {
+                    name: self.serving.name.as_deref(),
+                    model: self.serving.model.get().map(|m| m.as_ref().map(|m| m.config.blocks as u32).map_err(String::as_str)),
+                    members: self.members.iter().map(|(&id, m)| (id, &m.capabilities, m.failed)).collect(),
+                    plan: self.plan.as_ref(),
+                    ready: self.holdings.iter().filter(|(_, h)| h.ready).map(|(&id, _)| id).collect(),
+                };
+                let _ = reply.send(self.swarm.json(self.now(), &view));
+            }
             Command::Embedded { session, step, result } => {
                 if !self.hops.contains_key(&(session, step)) {
                     return;
@@ -299,8 +338,11 @@ impl Task {
                 self.publishing.remove(&(blocks.start, blocks.end));
                 match result {
                     Ok(cid) => {
-                        let holders: Vec<ContributorId> =
+                        let mut holders: Vec<ContributorId> =
                             self.holdings.iter().filter(|(_, h)| h.blocks == blocks && h.shard.is_none()).map(|(&id, _)| id).collect();
+                        // Holders load before standbys.
+                        let holding = |id: &ContributorId| self.plan.as_ref().is_some_and(|p| p.stages.iter().any(|s| s.contributor == *id));
+                        holders.sort_by_key(|id| (!holding(id), *id));
                         for id in holders {
                             self.load(id, &cid);
                         }
@@ -312,6 +354,7 @@ impl Task {
     }
 
     fn candidates(&self, model: &ServedLlama) -> Vec<Candidate> {
+        let now = self.now();
         self.members
             .iter()
             .filter(|(_, m)| !m.failed)
@@ -319,7 +362,7 @@ impl Task {
                 contributor: id,
                 blocks_per_second: m.capabilities.benchmark_score * 1e9 / model.block_flops.max(1.0),
                 memory_bytes: m.capabilities.memory_budget_bytes,
-                recent_drops: 0,
+                recent_drops: m.drops.iter().filter(|&&at| now.since(at) < DROPS_REMEMBERED_MS).count() as u32,
             })
             .collect()
     }
@@ -350,7 +393,9 @@ impl Task {
             let shape = self.shape(&model);
             log(format_args!("{name} placed ({} bytes a block): {}", shape.bytes_per_block, describe(plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)))));
             let stage_deadline_ms = u64::try_from(self.config.stage_deadline.as_millis()).unwrap_or(u64::MAX);
-            self.pipeline = Some(Pipeline::new(PipelineConfig { stage_deadline_ms, max_sessions: self.config.max_sessions }, plan.clone()));
+            let stage_floor_ms = u64::try_from(self.config.stage_floor.as_millis()).unwrap_or(u64::MAX);
+            let config = PipelineConfig { stage_deadline_ms, stage_floor_ms, max_sessions: self.config.max_sessions };
+            self.pipeline = Some(Pipeline::new(config, plan.clone()));
             self.plan = Some(plan);
             self.ensure_loads(&model);
         }
@@ -359,7 +404,7 @@ impl Task {
         };
         let id = self.next_request;
         let prompt_tokens = request.prompt.len();
-        pipeline.start(now, SessionId(id), request.prompt).map_err(|e| ApiError::unavailable(format!("{e}; try again in a moment")))?;
+        pipeline.start(SessionId(id), request.prompt).map_err(|e| ApiError::unavailable(format!("{e}; try again in a moment")))?;
         self.next_request += 1;
         let spans = describe(plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)));
         let seed = request.sampling.seed.unwrap_or_else(|| id ^ u64::from(self.start.elapsed().subsec_nanos()) << 20);
@@ -384,18 +429,34 @@ impl Task {
         while self.records.len() > REQUESTS_KEPT {
             self.records.pop_first();
         }
+        self.swarm.started(now, id, prompt_tokens, &spans);
         Ok(Started { request: id, spans })
     }
 
-    /// Tells every holder of the plan without its span to load it (publishing the shard first).
+    /// Tells every holder of the plan, then every standby, without its span to load it
+    /// (publishing the shard first), and every contributor whose role moved off a span it holds
+    /// to unload that span.
     fn ensure_loads(&mut self, model: &Arc<ServedLlama>) {
         let Some(plan) = &self.plan else { return };
-        let stages: Vec<(ContributorId, Range<u32>)> = plan.stages.iter().map(|s| (s.contributor, s.blocks.clone())).collect();
-        for (id, blocks) in stages {
-            if self.holdings.get(&id).is_some_and(|h| h.blocks == blocks) {
+        let held: BTreeMap<ContributorId, Range<u32>> = self.holdings.iter().map(|(&id, h)| (id, h.blocks.clone())).collect();
+        let loads = placement::loads(&held, plan);
+        for (id, blocks) in loads.unload {
+            let Some(holding) = self.holdings.remove(&id) else { continue };
+            log(format_args!("contributor {id}: unload blocks {}..{}", blocks.start, blocks.end));
+            if let Some(shard) = holding.shard {
+                self.send(id, Outbound::Control(CoordinatorMessage::UnloadSpan { shard }));
+            }
+        }
+        for placement::Role { contributor: id, blocks, .. } in loads.load {
+            if !self.members.contains_key(&id) {
                 continue;
             }
             self.holdings.insert(id, Holding { blocks: blocks.clone(), shard: None, ready: false, waiting: Vec::new() });
+            let published = model.shard_cid(&blocks);
+            if let Some(cid) = published {
+                self.load(id, &cid);
+                continue;
+            }
             if !self.publishing.insert((blocks.start, blocks.end)) {
                 continue;
             }
@@ -454,6 +515,10 @@ impl Task {
         self.next_stream += 1;
         let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
         let forward = CoordinatorMessage::Forward { shard, session, step, start: start as u32, capacity: capacity as u32, payload };
+        let now = self.now();
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.dispatched(now, SessionId(session), step, to, rows);
+        }
         self.send(to, Outbound::Tensor { stream, bytes });
         self.send(to, Outbound::Control(forward));
     }
@@ -461,15 +526,17 @@ impl Task {
     fn forwarded(&mut self, from: ContributorId, session: u64, step: u64, hidden: Tensor) {
         let now = self.now();
         let dim = self.model().map_or(0, |m| m.config.dim as u64);
+        // Every answer times its holder; one for an abandoned step (a late holder's, after its
+        // span moved) is stale and ends here.
+        let Some(pipeline) = &mut self.pipeline else { return };
+        if pipeline.acknowledge(now, SessionId(session), step, from) != Received::Accepted {
+            return;
+        }
         let Some(hop) = self.hops.get(&(session, step)) else { return };
         if hop.route.get(hop.next) != Some(&from) {
             return;
         }
         let (rows, stage, sample) = (hop.positions.len() as u64, hop.next, hop.sample);
-        let Some(pipeline) = &mut self.pipeline else { return };
-        if pipeline.acknowledge(now, SessionId(session), step, from) != Received::Accepted {
-            return;
-        }
         let values: Option<Vec<f32>> = match hidden.dims() {
             [r, d] if *r == rows && *d == dim => hidden.f32_values().map(Iterator::collect),
             _ => None,
@@ -492,7 +559,7 @@ impl Task {
             return self.send_hop(session, step, values);
         }
         self.hops.remove(&(session, step));
-        let returned = self.pipeline.as_mut().map(|p| p.returned(now, SessionId(session), step));
+        let returned = self.pipeline.as_mut().map(|p| p.returned(SessionId(session), step));
         if returned == Some(Ok(true)) {
             let Some(model) = self.model() else { return };
             let own = self.own.clone();
@@ -512,6 +579,7 @@ impl Task {
             return self.end(session, Some(FinishReason::Stop));
         }
         live.generated += 1;
+        self.swarm.token(now, session);
         let (generated, budget) = (live.generated, live.budget);
         let delivered = live.events.send(Event::Token(token)).is_ok();
         if let Some(record) = self.records.get_mut(&session) {
@@ -525,7 +593,7 @@ impl Task {
             return self.end(session, Some(FinishReason::Length));
         }
         if let Some(pipeline) = &mut self.pipeline {
-            let _ = pipeline.push_token(now, SessionId(session), token);
+            let _ = pipeline.push_token(SessionId(session), token);
         }
     }
 
@@ -543,19 +611,71 @@ impl Task {
                         let _ = own.blocking_send(Command::Embedded { session: session.0, step, result });
                     });
                 }
-                Output::StageLate { session, step, contributor } => {
+                Output::StageLate { session, step, contributor, misses } => {
                     // A holder still loading its span is not late: its hops wait for it.
                     if self.holdings.get(&contributor).is_some_and(|h| !h.ready) {
                         continue;
                     }
-                    log(format_args!("contributor {contributor}: session {} step {step} missed its deadline", session.0));
-                    if let Some(member) = self.members.get_mut(&contributor) {
-                        member.failed = true;
-                    }
-                    self.lost(contributor, "missed a step's deadline");
+                    self.late(contributor, session, step, misses);
                 }
             }
         }
+    }
+
+    /// A holder missed a hop's deadline: a drop counts against it, and its span moves to its
+    /// standby or a free contributor (or, once it missed twice in a row, to a fresh plan without
+    /// it) while it stays connected, free to stand by. When nobody else can take the span, the
+    /// pipeline waits longer.
+    fn late(&mut self, contributor: ContributorId, session: SessionId, step: u64, misses: u32) {
+        let now = self.now();
+        let Some(member) = self.members.get_mut(&contributor) else { return };
+        member.drops.retain(|&at| now.since(at) < DROPS_REMEMBERED_MS);
+        member.drops.push(now);
+        let (Some(plan), Some(model)) = (self.plan.clone(), self.model()) else { return };
+        let relief = placement::relieve(&self.shape(&model), &plan, &self.candidates(&model), contributor, &Policy::default(), misses >= 2);
+        let pace = self.pipeline.as_ref().and_then(|p| p.pace(contributor)).map_or("not measured".into(), |ms| format!("now allowing for {ms:.0} ms a token"));
+        if relief.moves.is_empty() {
+            log(format_args!("contributor {contributor}: session {} step {step} is late ({misses} in a row, {pace}); its span stays: waiting longer", session.0));
+            return;
+        }
+        let why = format!("missed session {} step {step}'s deadline ({misses} in a row, {pace})", session.0);
+        self.apply(&model, relief, contributor, &why);
+    }
+
+    /// A contributor joined: it stands by (and preloads), unless no session is running and a
+    /// fresh plan is worth it.
+    fn admit(&mut self, id: ContributorId) {
+        let (Some(plan), Some(model)) = (self.plan.clone(), self.model()) else { return };
+        let idle = self.live.is_empty();
+        if let Ok(admitted) = placement::admit(&self.shape(&model), &plan, &self.candidates(&model), &Policy::default(), idle) {
+            self.apply(&model, admitted, id, "joined");
+        }
+    }
+
+    /// Switches to `repair.plan`: when a stage changed hands, abandons the hops in flight and
+    /// lets the pipeline replay (a plan that only changes standbys disturbs no session); then
+    /// loads and unloads what the roles need. `id` and `why` say what prompted it, for the log.
+    fn apply(&mut self, model: &Arc<ServedLlama>, repair: placement::Repair, id: ContributorId, why: &str) {
+        let route = |plan: &Plan| plan.stages.iter().map(|s| (s.blocks.clone(), s.contributor)).collect::<Vec<_>>();
+        let moved = self.plan.as_ref().is_none_or(|old| route(old) != route(&repair.plan));
+        if moved {
+            let spans = describe(repair.plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)));
+            log(format_args!("contributor {id} {why}: {} re-placed{}: {spans}", model.name, if repair.replanned { " afresh" } else { "" }));
+            self.hops.clear();
+            for holding in self.holdings.values_mut() {
+                holding.waiting.clear();
+            }
+            for id in self.live.keys() {
+                if let Some(record) = self.records.get_mut(id) {
+                    record.replans += 1;
+                }
+            }
+        }
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.set_plan(repair.plan.clone());
+        }
+        self.plan = Some(repair.plan);
+        self.ensure_loads(model);
     }
 
     /// A contributor that held a span (or stood by) is gone or unfit: repair the plan.
@@ -569,31 +689,16 @@ impl Task {
         let name = model.name.clone();
         let candidates = self.candidates(&model);
         match placement::repair(&self.shape(&model), &plan, &candidates, &Policy::default()) {
-            Ok(repair) => {
-                let spans = describe(repair.plan.stages.iter().map(|s| (s.blocks.start, s.blocks.end, s.contributor.0)));
-                log(format_args!("contributor {id} {why}: {name} re-placed{}: {spans}", if repair.replanned { " afresh" } else { "" }));
-                let now = self.now();
-                self.hops.clear();
-                for holding in self.holdings.values_mut() {
-                    holding.waiting.clear();
-                }
-                if let Some(pipeline) = &mut self.pipeline {
-                    pipeline.set_plan(now, repair.plan.clone());
-                }
-                for id in self.live.keys() {
-                    if let Some(record) = self.records.get_mut(id) {
-                        record.replans += 1;
-                    }
-                }
-                self.plan = Some(repair.plan);
-                self.ensure_loads(&model);
-            }
+            Ok(repair) => self.apply(&model, repair, id, why),
             Err(e) => {
                 log(format_args!("contributor {id} {why}: {name} cannot be placed any more: {e}"));
                 self.fail_all(ApiError::unavailable(format!("A contributor holding part of {name} {why}, and the others cannot hold it: {e}")));
                 self.plan = None;
                 self.pipeline = None;
-                self.holdings.clear();
+                let unloads: Vec<(ContributorId, String)> = self.holdings.drain().filter_map(|(id, h)| h.shard.map(|shard| (id, shard))).collect();
+                for (id, shard) in unloads {
+                    self.send(id, Outbound::Control(CoordinatorMessage::UnloadSpan { shard }));
+                }
             }
         }
     }
@@ -630,6 +735,7 @@ impl Task {
         for id in holders {
             self.send(id, Outbound::Control(CoordinatorMessage::EndSession { session }));
         }
+        let now = self.now();
         let Some(record) = self.records.get_mut(&session) else { return };
         record.elapsed_ms = Some(u64::try_from(record.started.elapsed().as_millis()).unwrap_or(u64::MAX));
         if let Some(finish) = finish {
@@ -639,6 +745,7 @@ impl Task {
         } else if record.state == "running" {
             record.state = "stopped";
         }
+        self.swarm.ended(now, session, record.state, &describe(record.served.iter().copied()));
     }
 
     fn request(&self, id: u64) -> Option<Value> {

@@ -1,6 +1,7 @@
 //! The web pages the coordinator hands to browsers, from its `www` folder: `/` the volunteer
-//! page, `/embed` the page the widget frames, `/widget.js` the loader other sites embed, and the
-//! files those load (`/pkg/*`: the wasm contributor that `cargo run -p xtask -- build-web` builds).
+//! page, `/swarm` the swarm's live view (over `/api/swarm`), `/embed` the page the widget frames,
+//! `/widget.js` the loader other sites embed, and the files those load (`/pkg/*`: the wasm
+//! contributor that `cargo run -p xtask -- build-web` builds).
 //!
 //! Only plain names are served (letters, digits, `.`, `-`, `_`; no leading dot; a known
 //! extension), at most one folder deep, and only if the file, symlinks resolved, lies inside the
@@ -24,6 +25,9 @@ const EMBED_CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval
 /// The volunteer page's: the same, and no site may frame it (a framed page could be
 /// dressed up to trick a click on "Start").
 const VOLUNTEER_CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data:; \
+    connect-src 'self'; base-uri 'none'; form-action 'none'; object-src 'none'; frame-ancestors 'none'";
+/// The swarm page's: its own scripts and `/api/swarm` only, no wasm, and no site may frame it.
+const SWARM_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
     connect-src 'self'; base-uri 'none'; form-action 'none'; object-src 'none'; frame-ancestors 'none'";
 /// How long other sites' visitors may keep `/widget.js` without asking again.
 const WIDGET_MAX_AGE: &str = "public, max-age=300";
@@ -90,12 +94,13 @@ impl Www {
 }
 
 /// The file a URL path names, relative to the folder: `/` is `index.html`, `/embed` is
-/// `embed.html`; anything else is itself, if every segment is a plain name and the last has a
-/// type we serve. `None` for anything else, traversal included.
+/// `embed.html`, `/swarm` is `swarm.html`; anything else is itself, if every segment is a plain
+/// name and the last has a type we serve. `None` for anything else, traversal included.
 fn relative_path(url_path: &str) -> Option<PathBuf> {
     let path = match url_path {
         "/" => "index.html",
         "/embed" => "embed.html",
+        "/swarm" => "swarm.html",
         other => other.strip_prefix('/')?,
     };
     let segments: Vec<&str> = path.split('/').collect();
@@ -144,6 +149,10 @@ fn asset_headers(relative: &Path) -> Vec<(header::HeaderName, &'static str)> {
             headers.push((header::CONTENT_SECURITY_POLICY, VOLUNTEER_CSP));
             headers.push((header::X_FRAME_OPTIONS, "DENY"));
         }
+        "swarm.html" => {
+            headers.push((header::CONTENT_SECURITY_POLICY, SWARM_CSP));
+            headers.push((header::X_FRAME_OPTIONS, "DENY"));
+        }
         _ if name.ends_with(".html") => headers.push((header::X_FRAME_OPTIONS, "DENY")),
         _ => {}
     }
@@ -182,6 +191,9 @@ mod tests {
         let rows = [
             ("/", Some("index.html")),
             ("/embed", Some("embed.html")),
+            ("/swarm", Some("swarm.html")),
+            ("/swarm.js", Some("swarm.js")),
+            ("/swarm/", None),
             ("/widget.js", Some("widget.js")),
             ("/tessera.css", Some("tessera.css")),
             ("/pkg/tessera_web_bg.wasm", Some("pkg/tessera_web_bg.wasm")),
@@ -217,6 +229,7 @@ mod tests {
         for (name, body) in [
             ("index.html", "<!doctype html>volunteer"),
             ("embed.html", "<!doctype html>embed"),
+            ("swarm.html", "<!doctype html>swarm"),
             ("widget.js", "/* widget */"),
             ("tessera.css", "body{}"),
             ("pkg/tessera_web_bg.wasm", "\0asm"),
@@ -251,8 +264,9 @@ mod tests {
         let none = HeaderMap::new();
         /// Path, status, headers it must carry, text its body holds.
         type Row = (&'static str, u16, &'static [(&'static str, &'static str)], &'static str);
-        let rows: [Row; 7] = [
+        let rows: [Row; 8] = [
             ("/", 200, &[("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"), ("x-frame-options", "DENY")], "volunteer"),
+            ("/swarm", 200, &[("content-type", "text/html; charset=utf-8"), ("content-security-policy", SWARM_CSP), ("x-frame-options", "DENY")], "swarm"),
             ("/embed", 200, &[("content-type", "text/html; charset=utf-8"), ("cross-origin-resource-policy", "same-origin")], "embed"),
             ("/widget.js", 200, &[("content-type", "text/javascript; charset=utf-8"), ("cache-control", WIDGET_MAX_AGE), ("cross-origin-resource-policy", "cross-origin")], "widget"),
             ("/pkg/tessera_web_bg.wasm", 200, &[("content-type", "application/wasm"), ("cache-control", "no-cache"), ("x-content-type-options", "nosniff")], "asm"),

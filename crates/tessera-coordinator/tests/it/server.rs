@@ -584,3 +584,30 @@ async fn bad_request_bodies_get_openai_errors_and_the_server_keeps_serving() {
     let (status, _) = http(addr, "GET", "/metrics", "").await;
     assert_eq!(status, 200, "the coordinator still serves");
 }
+
+/// Before any generation request, `/api/swarm` lists the connected contributors with what they
+/// reported, and no model (none is configured here), no plan and no requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_lists_contributors_and_no_plan_before_any_request() {
+    let coordinator = start(1).await;
+    let addr = coordinator.addr;
+    let first = Raw::join(addr).await;
+    let second = Raw::join(addr).await;
+    let (status, body) = http(addr, "GET", "/api/swarm", "").await;
+    assert_eq!(status, 200, "{body}");
+    let swarm: Value = serde_json::from_str(&body).expect("a JSON body");
+    let ids: Vec<u64> = swarm["contributors"].as_array().expect("contributors").iter().map(|c| c["id"].as_u64().expect("an id")).collect();
+    assert_eq!(ids, vec![first.id.0, second.id.0], "{swarm:#}");
+    let expected = caps(1);
+    let contributor = &swarm["contributors"][0];
+    assert_eq!(contributor["adapter"], expected.adapter.as_str());
+    assert_eq!(contributor["backend"], "webgpu");
+    assert_eq!(contributor["kind"], "browser");
+    assert_eq!(contributor["memory_budget_bytes"], expected.memory_budget_bytes);
+    assert_eq!(contributor["holds"], Value::Null);
+    assert_eq!(swarm["model"], Value::Null, "{swarm:#}");
+    assert_eq!(swarm["plan"], Value::Null, "{swarm:#}");
+    assert_eq!(swarm["requests"], json!([]), "{swarm:#}");
+    assert_eq!(swarm["rate"]["tokens_total"], 0, "{swarm:#}");
+    assert_eq!(swarm["rate"]["tokens_per_second"], 0.0, "{swarm:#}");
+}

@@ -132,8 +132,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     }
     let mut swarm = Swarm::start(&exe, THREE_SPANS)?;
     spans.push(single_session(&swarm, 3, &args)?);
-    // The stall first: 8 sessions at once can miss a stage's deadline on a slow adapter, which
-    // drops the plan. The spare holds the middle span afterwards: still three spans.
+    // The stall first, on a quiet swarm; the spare holds the middle span afterwards: still three
+    // spans for the 8 sessions at once.
     let stall_with_spare = stall(&mut swarm, Some(SPARE), &args).map_err(|e| missing.push(format!("stall with a spare: {e:#}"))).ok();
     say("3 spans and the stall with a spare done".into());
     let concurrent = concurrent(&swarm, &args).map_err(|e| missing.push(format!("{} concurrent sessions: {e:#}", args.sessions))).ok();
@@ -245,8 +245,9 @@ fn concurrent(swarm: &Swarm, args: &PipelineArgs) -> anyhow::Result<Concurrent> 
 
 /// Kills the middle span's holder (SIGKILL) a quarter of the way into a stream, with `spare`
 /// started beforehand as a free contributor when given; the stall is the longest gap between
-/// tokens. The plan is already made (placement happens on the first request), so the spare is
-/// not part of it: the repair hands it the lost span, as it would a standby.
+/// tokens. The plan is already made (placement happens on the first request): the spare joins
+/// it as a standby and preloads the span it stands by for (the slowest; the first of equals),
+/// so unless that is the middle span it takes the middle one over after fetching and loading it.
 fn stall(swarm: &mut Swarm, spare: Option<u64>, args: &PipelineArgs) -> anyhow::Result<Stall> {
     let reference = swarm.chat(args.max_tokens, |_| {})?;
     ensure!(reference.spans() == 3, "budgets {:?} gave spans {:?}, not 3", swarm.budgets(), reference.spans);
