@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         "bench" => {
             setup()?;
             build_peers()?;
-            for what in ["kernels", "decode", "embed", "scheduler", "network"] {
+            for what in ["kernels", "decode", "embed", "scheduler", "network", "stage", "pipeline"] {
                 run(cargo().args(["run", "--release", "--package", "tessera", "--", "bench", what]))?;
             }
             bench_web()
