@@ -135,28 +135,24 @@ impl Worker {
         self.spans.borrow_mut().drain().map(|(shard, _)| shard).collect()
     }
 
-    /// Runs span jobs: one load, end or unload, or a batch of forwards through one span (see
-    /// `session::batch_forwards`). The glue runs them one batch at a time, in order.
-    pub async fn span(self: Rc<Self>, mut jobs: Vec<SpanJob>) -> SpanDone {
-        if matches!(jobs.first(), Some(SpanJob::Forward { .. })) {
-            return SpanDone::Forwarded(self.forward(jobs).await);
-        }
-        let Some(job) = jobs.pop() else { return SpanDone::Freed };
-        match job {
-            SpanJob::Load { shard, blocks, max_sessions } => {
-                let result = self.load_span(&shard, blocks.clone(), max_sessions).await;
-                SpanDone::Loaded { shard, blocks, result }
+    /// Runs span jobs as `session::next_span_jobs` groups them: one load, end or unload, or a
+    /// batch of forwards through one span. The glue runs one group at a time, in order.
+    pub async fn span(self: Rc<Self>, jobs: Vec<SpanJob>) -> SpanDone {
+        match jobs.first() {
+            None => SpanDone::Freed,
+            Some(SpanJob::Forward { .. }) => SpanDone::Forwarded(self.forward(&jobs).await),
+            Some(SpanJob::Load { shard, blocks, max_sessions }) => {
+                let result = self.load_span(shard, blocks.clone(), *max_sessions).await;
+                SpanDone::Loaded { shard: shard.clone(), blocks: blocks.clone(), result }
             }
-            // Forwards are taken above.
-            SpanJob::Forward { .. } => SpanDone::Freed,
-            SpanJob::End { session } => {
+            Some(SpanJob::End { session }) => {
                 for stage in self.spans.borrow_mut().values_mut() {
-                    stage.end(session);
+                    stage.end(*session);
                 }
                 SpanDone::Freed
             }
-            SpanJob::Unload { shard } => {
-                if self.spans.borrow_mut().remove(&shard).is_some() {
+            Some(SpanJob::Unload { shard }) => {
+                if self.spans.borrow_mut().remove(shard).is_some() {
                     crate::log(&format!("span {shard} unloaded"));
                 }
                 SpanDone::Freed
@@ -186,7 +182,7 @@ impl Worker {
     /// each session's output is what it would be alone), each step's outcome in order. A batch
     /// fails whole when one step is bad, changing nothing, so then each step runs alone for an
     /// answer of its own.
-    async fn forward(&self, jobs: Vec<SpanJob>) -> Vec<StepDone> {
+    async fn forward(&self, jobs: &[SpanJob]) -> Vec<StepDone> {
         let steps: Vec<Forward<'_>> = jobs
             .iter()
             .filter_map(|job| match job {
@@ -220,15 +216,19 @@ impl Worker {
             .collect();
         let batch: Vec<Step<'_>> =
             steps.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(f, _)| Step { session: f.session, capacity: f.capacity, start: f.start, hidden: f.hidden }).collect();
-        let outputs: Vec<Result<Vec<f32>, EngineError>> = match stage.forward_batch(&gpu, &batch).await {
-            Ok(outputs) => outputs.into_iter().map(Ok).collect(),
-            Err(e) if batch.len() <= 1 => vec![Err(e)],
-            Err(_) => {
-                let mut alone = Vec::new();
-                for s in &batch {
-                    alone.push(stage.forward(&gpu, s.session, s.capacity, s.start, s.hidden).await);
+        let outputs: Vec<Result<Vec<f32>, EngineError>> = if batch.is_empty() {
+            Vec::new()
+        } else {
+            match stage.forward_batch(&gpu, &batch).await {
+                Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+                Err(e) if batch.len() == 1 => vec![Err(e)],
+                Err(_) => {
+                    let mut alone = Vec::new();
+                    for s in &batch {
+                        alone.push(stage.forward(&gpu, s.session, s.capacity, s.start, s.hidden).await);
+                    }
+                    alone
                 }
-                alone
             }
         };
         self.spans.borrow_mut().insert(shard.to_string(), stage);
