@@ -383,6 +383,26 @@ pub fn loads(held: &BTreeMap<ContributorId, Range<u32>>, plan: &Plan) -> Loads {
     Loads { unload, load }
 }
 
+/// The spans each contributor that holds none could take over (its memory holds them), other
+/// than the one it stands by for and loads already: what it should fetch ahead, so that a
+/// takeover ([`repair`] gives a lost span to a free contributor when it has no standby) loads
+/// from disk instead of downloading. In pipeline order.
+pub fn prefetches(shape: &ModelShape, plan: &Plan, candidates: &[Candidate]) -> Vec<(ContributorId, Vec<Range<u32>>)> {
+    candidates
+        .iter()
+        .filter(|c| usable(c) && plan.stages.iter().all(|s| s.contributor != c.contributor))
+        .filter_map(|c| {
+            let spans: Vec<Range<u32>> = plan
+                .stages
+                .iter()
+                .filter(|s| s.standby != Some(c.contributor) && s.blocks.len() as u32 <= memory_capacity(c, shape))
+                .map(|s| s.blocks.clone())
+                .collect();
+            (!spans.is_empty()).then_some((c.contributor, spans))
+        })
+        .collect()
+}
+
 fn replan(shape: &ModelShape, current: &Plan, candidates: &[Candidate], policy: &Policy) -> Result<Repair, PlacementError> {
     let fresh = plan(shape, candidates, policy)?;
     Ok(Repair { moves: moves_between(current, &fresh), plan: fresh, replanned: true })
@@ -637,6 +657,21 @@ mod tests {
         // Once they hold their spans, nothing more to do.
         let held: BTreeMap<ContributorId, Range<u32>> = loads.load.iter().map(|r| (r.contributor, r.blocks.clone())).collect();
         assert_eq!(super::loads(&held, &plan), Loads::default());
+    }
+
+    #[test]
+    fn contributors_holding_no_span_prefetch_the_spans_they_could_take_over() {
+        // 1..3 hold 10 blocks each, 4 stands by for 0..10; 5 holds only 5 blocks' worth; 6 has
+        // no usable speed.
+        let mut candidates = vec![candidate(1, 10.0, 30), candidate(2, 10.0, 30), candidate(3, 10.0, 30), candidate(4, 8.0, 30)];
+        let plan = plan(&shape(30), &candidates, &Policy::default()).unwrap();
+        assert_eq!(plan.stages[0].standby, Some(ContributorId(4)));
+        candidates.extend([candidate(5, 10.0, 5), candidate(6, 0.0, 30)]);
+        let ahead = prefetches(&shape(30), &plan, &candidates);
+        assert_eq!(ahead, vec![(ContributorId(4), vec![10..20, 20..30])]);
+        // With nobody standing by, a free contributor fetches every span it can hold.
+        let alone = Plan { stages: plan.stages.iter().map(|s| Stage { standby: None, ..s.clone() }).collect() };
+        assert_eq!(prefetches(&shape(30), &alone, &candidates), vec![(ContributorId(4), vec![0..10, 10..20, 20..30])]);
     }
 
     #[test]

@@ -3,8 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 /// The control protocol version a `Hello` and a `Welcome` carry. Peers must speak the same one.
-/// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`);
+/// version 3 `UnloadSpan` and `Prefetch`.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The most blobs a contributor takes from one `Prefetch`.
+pub const MAX_PREFETCH: usize = 16;
 
 macro_rules! id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -215,6 +218,11 @@ pub enum CoordinatorMessage {
     /// Span `shard` is no longer placed here (a re-plan moved it): drop its weights and its
     /// sessions' KV caches. Nothing is answered; an unknown shard is not an error.
     UnloadSpan { shard: String },
+    /// Fetch these blobs (span shards this contributor may be asked to take over) into the local
+    /// cache now, checked against their CIDs, so that taking over needs no download. Nothing is
+    /// loaded or answered; a contributor may ignore it (a browser tab does, to spare its
+    /// volunteer's bandwidth), and takes at most `MAX_PREFETCH` of them.
+    Prefetch { blobs: Vec<String> },
     /// Something the contributor sent was rejected; after a fatal one the connection closes.
     Error { code: ErrorCode, message: String },
 }
@@ -252,6 +260,7 @@ impl Message for CoordinatorMessage {
         "forward",
         "end_session",
         "unload_span",
+        "prefetch",
         "error",
     ];
 }

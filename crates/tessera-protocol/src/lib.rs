@@ -12,7 +12,7 @@ pub mod tensor;
 
 pub use control::{
     AdapterLimits, Blocks, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
-    JobId, Message, PROTOCOL_VERSION, PayloadRef, SignalPayload, UnitId, Work,
+    JobId, MAX_PREFETCH, Message, PROTOCOL_VERSION, PayloadRef, SignalPayload, UnitId, Work,
 };
 pub use error::ProtocolError;
 pub use frame::{

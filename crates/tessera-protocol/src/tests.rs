@@ -119,6 +119,7 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
         },
         CoordinatorMessage::EndSession { session: 7 },
         CoordinatorMessage::UnloadSpan { shard: "bafkreia".into() },
+        CoordinatorMessage::Prefetch { blobs: vec!["bafkreia".into(), "bafkreib".into()] },
         CoordinatorMessage::Error {
             code: ErrorCode::UnsupportedVersion,
             message: "x".into(),
@@ -246,14 +247,14 @@ fn bad_control_messages_say_what_is_wrong() {
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": 1, \"capabilities\": {\"shape\": \"of the past\"}}",
-        "protocol version 1 is not supported: this peer speaks version 2",
+        "protocol version 1 is not supported: this peer speaks version 3",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": \"2\"}",
-        "protocol version \"2\" is not supported: this peer speaks version 2",
+        "{\"type\": \"hello\", \"protocol_version\": \"3\"}",
+        "protocol version \"3\" is not supported: this peer speaks version 3",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": 2}",
+        "{\"type\": \"hello\", \"protocol_version\": 3}",
         "invalid \"hello\" message: missing field `capabilities`",
     );
     check(

@@ -401,7 +401,8 @@ impl Session {
                 self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
             }
             // Hops go through the coordinator: a tab opens no channels to other contributors.
-            CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } => {}
+            // Nor does it prefetch shards it may never hold: that is its volunteer's bandwidth.
+            CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Prefetch { .. } => {}
             CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
                 let range = blocks.start as usize..blocks.end as usize;
                 if range.is_empty() || max_sessions == 0 {

@@ -3,12 +3,13 @@
 //! on the engine. Model files are fetched over the DataChannel by CID, checked against it, and
 //! kept in a local blob cache, so the next start loads them at once.
 //!
-//! Four tasks share one DataChannel: the reader (routes what arrives), the heartbeat, the
+//! Five tasks share one DataChannel: the reader (routes what arrives), the heartbeat, the
 //! worker (one unit at a time: fetch what it lacks, compute on a blocking thread, send the result
-//! as tensor frames followed by `UnitResult`) and the span worker (spans of a language model:
+//! as tensor frames followed by `UnitResult`), the span worker (spans of a language model:
 //! fetch a span's shard by CID, load it as a `SpanStage`, run each `Forward` on a blocking
 //! thread, those queued together for one span as one batch, and send the states back as tensor
-//! frames followed by `Forwarded`). Heartbeats never wait for either worker.
+//! frames followed by `Forwarded`) and the prefetcher (shards a `Prefetch` names, fetched into the
+//! cache ahead of a takeover). Heartbeats never wait for the others.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
@@ -27,7 +28,7 @@ use tessera_engine::llama::{Llama, Stages};
 use tessera_engine::stage::{EXACT_BATCH_ROWS, SpanStage, Step};
 use tessera_protocol::{
     AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming,
-    ModelManifest, PROTOCOL_VERSION, PayloadKind, PayloadRef, Reassembler, ReassemblyLimits, UnitId, Work,
+    MAX_PREFETCH, ModelManifest, PROTOCOL_VERSION, PayloadKind, PayloadRef, Reassembler, ReassemblyLimits, UnitId, Work,
 };
 use tessera_rtc::{Message, PeerEvent, PeerSender};
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -163,13 +164,17 @@ impl Session {
 
         let (jobs, job_queue) = mpsc::channel(64);
         let (span_jobs, span_queue) = mpsc::channel(256);
+        // Shards to fetch ahead, in case this contributor is asked to take a span over.
+        let (prefetches, prefetch_queue) = mpsc::channel::<Cid>(MAX_PREFETCH);
         let fetches = Arc::new(Mutex::new(Fetches::default()));
         let streams = Arc::new(AtomicU64::new(1));
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
         let mut worker = Some(Worker { session: self, sender: sender.clone(), fetches: fetches.clone(), streams });
         let mut job_queue = Some(job_queue);
         let mut span_queue = Some(span_queue);
+        let mut prefetch_queue = Some(prefetch_queue);
         let mut span_task = None;
+        let mut prefetch_task = None;
         // Tensor payloads (a `Forward`'s hidden states) that wait for their control message.
         let mut tensors: VecDeque<tessera_protocol::Payload> = VecDeque::new();
         let mut reassembler = Reassembler::new(ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 4, max_buffered_bytes: MAX_BLOB_BYTES });
@@ -220,9 +225,10 @@ impl Session {
                                 }
                             }
                         }));
-                        if let (Some(worker), Some(queue), Some(spans)) = (worker.take(), job_queue.take(), span_queue.take()) {
+                        if let (Some(worker), Some(queue), Some(spans), Some(ahead)) = (worker.take(), job_queue.take(), span_queue.take(), prefetch_queue.take()) {
                             let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new() };
                             span_task = Some(tokio::spawn(span_worker.run(spans)));
+                            prefetch_task = Some(tokio::spawn(worker.clone().prefetch(ahead)));
                             worker_task = Some(tokio::spawn(worker.run(queue)));
                         }
                     }
@@ -282,6 +288,15 @@ impl Session {
                     CoordinatorMessage::UnloadSpan { shard } => {
                         let _ = span_jobs.try_send(SpanJob::Unload { shard });
                     }
+                    CoordinatorMessage::Prefetch { blobs } => {
+                        for blob in blobs.iter().take(MAX_PREFETCH) {
+                            match blob.parse::<Cid>() {
+                                // A full queue only means fetching this one when it is needed.
+                                Ok(cid) => drop(prefetches.try_send(cid)),
+                                Err(e) => eprintln!("tessera contribute: not prefetching {blob}: {e}"),
+                            }
+                        }
+                    }
                 },
                 Err(e) => eprintln!("tessera contribute: ignoring a message the coordinator should not have sent: {e}"),
             }
@@ -292,7 +307,7 @@ impl Session {
         if let Some(task) = worker_task {
             task.abort();
         }
-        if let Some(task) = span_task {
+        for task in [span_task, prefetch_task].into_iter().flatten() {
             task.abort();
         }
         outcome
@@ -390,6 +405,16 @@ impl Worker {
             }
         }
         self.download(&cid).await
+    }
+
+    /// Fetches the shards the coordinator names ahead of need, one at a time; a failure only
+    /// means fetching that one when it is needed.
+    async fn prefetch(self, mut queue: mpsc::Receiver<Cid>) {
+        while let Some(cid) = queue.recv().await {
+            if let Err(e) = self.fetch(&cid).await {
+                eprintln!("tessera contribute: prefetching {cid}: {e:#}");
+            }
+        }
     }
 
     /// Makes sure the cache holds `cid` intact, fetching it if not. A cached blob is re-hashed

@@ -134,6 +134,8 @@ struct Member {
     failed: bool,
     /// When it missed a hop's deadline while holding a span.
     drops: Vec<Millis>,
+    /// The shards it was told to prefetch.
+    prefetched: BTreeSet<String>,
 }
 
 /// A hop waiting for its holder's span to load.
@@ -271,7 +273,7 @@ impl Task {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Joined { id, capabilities, outbox } => {
-                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new() });
+                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new(), prefetched: BTreeSet::new() });
                 self.admit(id);
             }
             Command::Left(id) => {
@@ -346,6 +348,7 @@ impl Task {
                         for id in holders {
                             self.load(id, &cid);
                         }
+                        self.prefetch();
                     }
                     Err(e) => self.fail_all(ApiError::internal(format!("writing the shard of blocks {}..{} failed: {e}", blocks.start, blocks.end))),
                 }
@@ -466,6 +469,21 @@ impl Task {
                 let result = tokio::task::spawn_blocking(move || model.shard(&blobs, range)).await.unwrap_or_else(|e| Err(e.to_string()));
                 let _ = own.send(Command::Published { blocks, result }).await;
             });
+        }
+        self.prefetch();
+    }
+
+    /// Names to each contributor that holds no span the published shards it could take over
+    /// (`placement::prefetches`), each once a connection.
+    fn prefetch(&mut self) {
+        let (Some(plan), Some(model)) = (&self.plan, self.model()) else { return };
+        for (id, spans) in placement::prefetches(&self.shape(&model), plan, &self.candidates(&model)) {
+            let Some(member) = self.members.get_mut(&id) else { continue };
+            let blobs: Vec<String> = spans.iter().filter_map(|blocks| model.shard_cid(blocks)).filter(|cid| member.prefetched.insert(cid.clone())).collect();
+            if !blobs.is_empty() {
+                log(format_args!("contributor {id}: prefetch {} shard(s)", blobs.len()));
+                self.send(id, Outbound::Control(CoordinatorMessage::Prefetch { blobs }));
+            }
         }
     }
 

@@ -236,6 +236,7 @@ fn coordinator_messages_that_need_no_work() {
     let signal = CoordinatorMessage::Signal { from: ContributorId(2), to: ContributorId(1), payload: SignalPayload::Offer { sdp: "v=0".into() } };
     assert_eq!(handle(&mut session, 0.0, &signal), []);
     assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::BlobHave { cids: vec!["bafkx".into()] }), []);
+    assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafkx".into()] }), []);
     let verdict = CoordinatorMessage::Verdict { unit: UnitId(3), accepted: false };
     assert_eq!(handle(&mut session, 0.0, &verdict), [Output::Event(Event::Verdict { unit: UnitId(3), accepted: false })]);
     let error = CoordinatorMessage::Error { code: ErrorCode::UnknownUnit, message: "unit 5".into() };
