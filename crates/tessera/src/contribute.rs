@@ -49,6 +49,17 @@ pub struct ContributeArgs {
     /// most 2 GiB). It decides how many blocks of a language model this contributor holds.
     #[arg(long)]
     memory_budget_mib: Option<u64>,
+    /// Testing only: report this matmul score (GFLOP/s) instead of measuring one, so that a
+    /// benchmark's placement does not depend on a noisy measurement.
+    #[arg(long, hide = true, value_parser = positive_score)]
+    score: Option<f64>,
+}
+
+fn positive_score(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(score) if score.is_finite() && score > 0.0 => Ok(score),
+        _ => Err(format!("a score is a positive number of GFLOP/s, not {text:?}")),
+    }
 }
 
 /// The largest blob (a model file) fetched in one piece; a bound on what a coordinator can make
@@ -71,7 +82,7 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
     let gpu = Arc::new(Gpu::request().await.context("this machine has no GPU adapter wgpu can use")?);
     let cache_dir = args.cache.clone().unwrap_or_else(|| tessera_engine::cache::model_cache_dir().join("blobs"));
     let blobs = Arc::new(BlobStore::open(&cache_dir).with_context(|| format!("opening the blob cache {}", cache_dir.display()))?);
-    let capabilities = capabilities(&gpu, args.memory_budget_mib).await?;
+    let capabilities = capabilities(&gpu, args.memory_budget_mib, args.score).await?;
     eprintln!("tessera contribute: {} ({}), score {:.1} GFLOP/s", capabilities.adapter, capabilities.backend, capabilities.benchmark_score);
     let models = Arc::new(Mutex::new(HashMap::new()));
     let mut failures = 0;
@@ -630,7 +641,7 @@ async fn send(sender: &PeerSender, message: &ContributorMessage) -> anyhow::Resu
 }
 
 /// What this contributor tells the coordinator about itself, with a measured score.
-async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>) -> anyhow::Result<Capabilities> {
+async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>, score: Option<f64>) -> anyhow::Result<Capabilities> {
     let limits = gpu.limits();
     let adapter = gpu.adapter();
     Ok(Capabilities {
@@ -645,9 +656,12 @@ async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>) -> anyhow::Resu
         // What one model of the sizes served needs with room to spare; the scheduler only
         // compares it with what a unit's model takes.
         memory_budget_bytes: memory_budget_mib.map_or(limits.max_buffer_size.min(2 << 30), |mib| mib << 20),
-        benchmark_score: {
-            let started = Instant::now();
-            tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3).await?
+        benchmark_score: match score {
+            Some(score) => score,
+            None => {
+                let started = Instant::now();
+                tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3).await?
+            }
         },
         max_concurrent_units: 1,
     })
@@ -754,6 +768,14 @@ mod tests {
         let SpanJob::Forward { shard, step } = forward("a", 1, 9) else { unreachable!() };
         let (steps, next) = batch_forwards(&shard, step, &mut queue);
         assert_eq!((steps.len(), next.is_none(), queue.len()), (1, true, 1));
+    }
+
+    #[test]
+    fn a_pinned_score_is_a_positive_number() {
+        assert_eq!(positive_score("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "NaN", "inf", "fast"] {
+            assert!(positive_score(bad).unwrap_err().contains("positive number"), "{bad}");
+        }
     }
 
     #[test]

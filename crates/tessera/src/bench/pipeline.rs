@@ -421,7 +421,8 @@ impl Swarm {
     fn add(&mut self, mib: u64) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.0.join(format!("contribute-{mib}.log")))?;
         let child = Command::new(&self.exe)
-            .args(["contribute", "--coordinator", &format!("http://{}", self.addr), "--memory-budget-mib", &mib.to_string(), "--cache"])
+            // One pinned score for all: placement then follows the memory budgets alone.
+            .args(["contribute", "--coordinator", &format!("http://{}", self.addr), "--score", "1", "--memory-budget-mib", &mib.to_string(), "--cache"])
             .arg(self.dir.0.join("cache"))
             .stdout(Stdio::null())
             .stderr(log)
