@@ -88,14 +88,15 @@ describe('a model split across a browser and native contributors', { timeout: 45
   };
 
   /**
-   * A streamed chat completion; `during(spans)` runs once after the second piece of text, with
-   * the span holders the stream started on.
+   * A streamed chat completion; `during({ spans, request })` runs once after the first piece of
+   * text, with the span holders the stream started on and its request id.
    */
   async function streamed(during = async () => {}) {
     const { data: stream, response } = await client.chat.completions
       .create({ model: MODEL, messages: [{ role: 'user', content: PROMPT }], temperature: 0, max_tokens: MAX_TOKENS, stream: true, stream_options: { include_usage: true } })
       .withResponse();
     const spans = parseSpans(response.headers.get('x-tessera-spans'));
+    const request = response.headers.get('x-tessera-request');
     let text = '', pieces = 0, usage = null, finish = null;
     for await (const chunk of stream) {
       usage = chunk.usage ?? usage;
@@ -103,12 +104,12 @@ describe('a model split across a browser and native contributors', { timeout: 45
         const piece = choice.delta?.content ?? '';
         text += piece;
         finish = choice.finish_reason ?? finish;
-        if (piece && ++pieces === 2) {
-          await during(spans);
+        if (piece && ++pieces === 1) {
+          await during({ spans, request });
         }
       }
     }
-    return { text, usage, finish, request: response.headers.get('x-tessera-request'), spans };
+    return { text, usage, finish, request, spans };
   }
 
   before(async () => {
@@ -190,17 +191,20 @@ describe('a model split across a browser and native contributors', { timeout: 45
 
   test('a fourth contributor joining mid-stream changes nothing in the text', { timeout: ANSWER_TIMEOUT }, async () => {
     assert.ok(expected, 'the first answer came');
-    const stream = await streamed(async () => {
+    const stream = await streamed(async ({ request }) => {
       startNative();
+      await waitFor('the fourth contributor', async () => (await contributors()).length === 4, { timeoutMs: JOIN_TIMEOUT, explain });
+      // It joined while this request was still generating.
+      const record = await (await fetch(`${coordinator.url}/api/requests/${request}`)).json();
+      assert.notEqual(record.state, 'done', `the fourth joined only after the stream ended: ${JSON.stringify(record)}`);
     });
     assert.equal(stream.text, expected, explain());
-    await waitFor('the fourth contributor', async () => (await contributors()).length === 4, { timeoutMs: JOIN_TIMEOUT, explain });
   });
 
   test('a native span holder killed mid-stream: the stream completes with the same text', { timeout: ANSWER_TIMEOUT }, async () => {
     assert.equal((await contributors()).length, 4, 'a spare contributor is connected');
     let victim = null;
-    const stream = await streamed(async (spans) => {
+    const stream = await streamed(async ({ spans }) => {
       const native = natives.find((n) => spans.some((s) => s.holder === nativeId(n) && s.holder !== tab));
       assert.ok(native, `a native contributor holds one of ${JSON.stringify(spans)}`);
       victim = nativeId(native);
