@@ -79,6 +79,9 @@ function renderRate(swarm) {
   $('tokens-total').textContent = integer.format(rate.tokens_total);
   $('requests-total').textContent = integer.format(rate.requests_total);
   $('contributors-count').textContent = integer.format(swarm.contributors.length);
+  // Hops between stages: straight from one contributor to the next, or relayed here.
+  const { direct, relayed } = swarm.hops;
+  $('hops').textContent = direct + relayed === 0 ? '–' : `${integer.format(direct)} of ${integer.format(direct + relayed)}`;
 }
 
 function renderPlan(swarm) {

@@ -46,6 +46,7 @@ function showStats() {
   $('throughput').textContent = stats.busyMs > 0 && state.inputs > 0 ? (state.inputs / (stats.busyMs / 60000)).toFixed(1) : '–';
   $('spans').textContent = stats.spans.map((s) => `${s.start}–${s.end}`).join(', ') || '–';
   $('steps').textContent = String(stats.stepsForwarded);
+  $('links').textContent = String(stats.links);
 }
 
 function onEvent(event) {

@@ -184,8 +184,16 @@ describe('a model split across a browser and native contributors', { timeout: 45
     const held = spans.find((s) => s.holder === tab);
     assert.deepEqual(stats.spans.map((s) => [s.start, s.end]), [[held.start, held.end]], JSON.stringify(stats));
     assert.ok(stats.stepsForwarded >= 2 * MAX_TOKENS, JSON.stringify(stats));
+    // The hidden states went from stage to stage over direct channels, the tab's included: it
+    // holds one with each neighbouring stage's holder, and most hops went straight on.
+    const at = spans.findIndex((s) => s.holder === tab);
+    const neighbours = Number(at > 0) + Number(at < spans.length - 1);
+    assert.equal(stats.links, neighbours, JSON.stringify(stats));
+    const { hops } = await fetch(`${coordinator.url}/api/swarm`).then((r) => r.json());
+    assert.ok(hops.direct > hops.relayed, `hops: ${JSON.stringify(hops)}`);
     console.log(`whole ${wholeMs} ms (with the span loads), streamed ${streamMs} ms for ${MAX_TOKENS} tokens; the tab's blocks ${held.start}-${held.end}: `
-      + `${stats.stepsForwarded} steps, ${stats.rowsForwarded} positions, ${Math.round(stats.busyMs)} ms of GPU time`);
+      + `${stats.stepsForwarded} steps, ${stats.rowsForwarded} positions, ${Math.round(stats.busyMs)} ms of GPU time; `
+      + `${stats.links} direct link(s), ${stats.stepsPassedDirect} outputs passed on directly; hops ${JSON.stringify(hops)}`);
     await page.screenshot({ path: join(shots, 'volunteer-holding-a-span.png'), fullPage: true });
   });
 

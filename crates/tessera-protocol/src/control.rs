@@ -4,8 +4,11 @@ use serde::{Deserialize, Serialize};
 
 /// The control protocol version a `Hello` and a `Welcome` carry. Peers must speak the same one.
 /// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`);
-/// version 3 `UnloadSpan` and `Prefetch`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// version 3 `UnloadSpan` and `Prefetch`; version 4 direct contributor-to-contributor hops
+/// (`Link`, `Unlink`, `Forward::then`, `Passed`, `PeerMessage`).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The most direct channels a contributor keeps open at once; `Link`s beyond are refused.
+pub const MAX_LINKS: usize = 16;
 /// The most blobs a contributor takes from one `Prefetch`.
 pub const MAX_PREFETCH: usize = 16;
 
@@ -90,6 +93,34 @@ pub struct Blocks {
     pub end: u32,
 }
 
+/// One session's step through a span: the span's shard, the step's hidden states (an F32 tensor
+/// `[rows, dim]` in the `Tensor` frames of `payload`, sent just before the message that carries
+/// this) for positions `start..start + rows`, and the stages after this one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    pub shard: String,
+    pub session: u64,
+    /// The coordinator's number for the step; every stage's answer repeats it.
+    pub step: u64,
+    pub start: u32,
+    /// KV cache positions a session new here gets.
+    pub capacity: u32,
+    pub payload: PayloadRef,
+    /// Where the output goes next, directly: the first of these gets it as a `PeerMessage::
+    /// Forward` carrying the rest, over the channel a `Link` opened, and the coordinator hears
+    /// `Passed`. Empty (or no open channel to the first): the output goes back to the
+    /// coordinator in `Forwarded`, which relays it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<NextHop>,
+}
+
+/// A stage after this one on a step's route: who holds it, and the span's shard there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHop {
+    pub contributor: ContributorId,
+    pub shard: String,
+}
+
 /// A session-description or ICE message relayed between two contributors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -162,6 +193,10 @@ pub enum ContributorMessage {
     /// The hidden states that `Forward { session, step }` produced: an F32 tensor `[rows, dim]`
     /// in the `Tensor` frames of `payload`, sent before this message.
     Forwarded { session: u64, step: u64, payload: PayloadRef },
+    /// The output of `Forward { session, step }` went straight to contributor `to`, the first
+    /// of its `then`, over their direct channel (no states follow: the coordinator only times
+    /// the hop and starts the next one's clock).
+    Passed { session: u64, step: u64, to: ContributorId },
     /// Something the contributor received was rejected.
     Error { code: ErrorCode, message: String },
 }
@@ -208,11 +243,10 @@ pub enum CoordinatorMessage {
     /// and check it against its CID), keep KV caches for up to `max_sessions` sessions, and
     /// answer `SpanReady` (or an `Error` with `SpanFailed`).
     LoadSpan { model: String, shard: String, blocks: Blocks, max_sessions: u32 },
-    /// Run span `shard` over the hidden states of positions `start..` of `session` (an F32
-    /// tensor `[rows, dim]` in the `Tensor` frames of `payload`, sent before this message) and
-    /// answer `Forwarded`. A session new here gets a KV cache of `capacity` positions; positions
-    /// it holds from `start` on are computed again (a replay).
-    Forward { shard: String, session: u64, step: u64, start: u32, capacity: u32, payload: PayloadRef },
+    /// Run span `forward.shard` over the step's hidden states and pass the output on (`Forward::
+    /// then`) or answer `Forwarded`. A session new here gets a KV cache of `capacity` positions;
+    /// positions it holds from `start` on are computed again (a replay).
+    Forward(Forward),
     /// `session` is over: free its KV caches.
     EndSession { session: u64 },
     /// Span `shard` is no longer placed here (a re-plan moved it): drop its weights and its
@@ -223,8 +257,26 @@ pub enum CoordinatorMessage {
     /// loaded or answered; a contributor may ignore it (a browser tab does, to spare its
     /// volunteer's bandwidth), and takes at most `MAX_PREFETCH` of them.
     Prefetch { blobs: Vec<String> },
+    /// Open a direct DataChannel with contributor `peer`, which holds the span before or after
+    /// one held here. With `offer`, this side sends the SDP offer (a `Signal` to `peer`) and is
+    /// upstream: `Forward`s whose `then` names `peer` go to it. Without, this side answers an
+    /// offer from `peer` (and from no contributor it was not told of) and runs the `Forward`s
+    /// `peer` sends as it runs the coordinator's. Either side may fail to connect; hops then go
+    /// through the coordinator.
+    Link { peer: ContributorId, offer: bool },
+    /// Close the direct channel with `peer`, and take no more `Forward`s from it.
+    Unlink { peer: ContributorId },
     /// Something the contributor sent was rejected; after a fatal one the connection closes.
     Error { code: ErrorCode, message: String },
+}
+
+/// Messages one contributor sends another over the direct channel a `Link` opened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PeerMessage {
+    /// The output of the upstream stage, for the span this contributor holds: run as the
+    /// coordinator's `Forward` is run.
+    Forward(Forward),
 }
 
 /// A control message type: the `"type"` tags it knows, for precise errors.
@@ -243,6 +295,7 @@ impl Message for ContributorMessage {
         "signal",
         "span_ready",
         "forwarded",
+        "passed",
         "error",
     ];
 }
@@ -261,6 +314,12 @@ impl Message for CoordinatorMessage {
         "end_session",
         "unload_span",
         "prefetch",
+        "link",
+        "unlink",
         "error",
     ];
+}
+
+impl Message for PeerMessage {
+    const TYPES: &'static [&'static str] = &["forward"];
 }

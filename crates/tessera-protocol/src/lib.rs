@@ -12,7 +12,8 @@ pub mod tensor;
 
 pub use control::{
     AdapterLimits, Blocks, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
-    JobId, MAX_PREFETCH, Message, PROTOCOL_VERSION, PayloadRef, SignalPayload, UnitId, Work,
+    Forward, JobId, MAX_LINKS, MAX_PREFETCH, Message, NextHop, PROTOCOL_VERSION, PayloadRef, PeerMessage,
+    SignalPayload, UnitId, Work,
 };
 pub use error::ProtocolError;
 pub use frame::{

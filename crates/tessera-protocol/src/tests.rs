@@ -19,6 +19,18 @@ fn caps() -> Capabilities {
     }
 }
 
+fn forward(then: Vec<NextHop>) -> Forward {
+    Forward {
+        shard: "bafkreishard".into(),
+        session: 7,
+        step: 12,
+        start: 37,
+        capacity: 64,
+        payload: PayloadRef { stream: 2, bytes: 2320 },
+        then,
+    }
+}
+
 fn contributor_messages() -> Vec<ContributorMessage> {
     vec![
         ContributorMessage::Hello {
@@ -63,6 +75,11 @@ fn contributor_messages() -> Vec<ContributorMessage> {
                 bytes: 2320,
             },
         },
+        ContributorMessage::Passed {
+            session: 7,
+            step: 12,
+            to: ContributorId(3),
+        },
         ContributorMessage::Error {
             code: ErrorCode::SpanFailed,
             message: "bad".into(),
@@ -106,20 +123,12 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             blocks: Blocks { start: 10, end: 20 },
             max_sessions: 8,
         },
-        CoordinatorMessage::Forward {
-            shard: "bafkreishard".into(),
-            session: 7,
-            step: 12,
-            start: 37,
-            capacity: 64,
-            payload: PayloadRef {
-                stream: 2,
-                bytes: 2320,
-            },
-        },
+        CoordinatorMessage::Forward(forward(vec![NextHop { contributor: ContributorId(3), shard: "bafkreinext".into() }])),
         CoordinatorMessage::EndSession { session: 7 },
         CoordinatorMessage::UnloadSpan { shard: "bafkreia".into() },
         CoordinatorMessage::Prefetch { blobs: vec!["bafkreia".into(), "bafkreib".into()] },
+        CoordinatorMessage::Link { peer: ContributorId(3), offer: true },
+        CoordinatorMessage::Unlink { peer: ContributorId(3) },
         CoordinatorMessage::Error {
             code: ErrorCode::UnsupportedVersion,
             message: "x".into(),
@@ -179,18 +188,22 @@ fn wire_shape_is_stable() {
         text,
         r#"{"type":"unit_result","unit":9,"payload":{"stream":3,"bytes":1536}}"#
     );
-    let text = encode_control(&CoordinatorMessage::Forward {
-        shard: "bafkreishard".into(),
-        session: 7,
-        step: 12,
-        start: 37,
-        capacity: 64,
-        payload: PayloadRef { stream: 2, bytes: 2320 },
-    });
+    // A `Forward` with no further hops reads as version 3's did.
+    let text = encode_control(&CoordinatorMessage::Forward(forward(vec![])));
     assert_eq!(
         text,
         r#"{"type":"forward","shard":"bafkreishard","session":7,"step":12,"start":37,"capacity":64,"payload":{"stream":2,"bytes":2320}}"#
     );
+    let then = vec![NextHop { contributor: ContributorId(3), shard: "bafkreinext".into() }];
+    let text = encode_control(&PeerMessage::Forward(forward(then.clone())));
+    assert_eq!(
+        text,
+        r#"{"type":"forward","shard":"bafkreishard","session":7,"step":12,"start":37,"capacity":64,"payload":{"stream":2,"bytes":2320},"then":[{"contributor":3,"shard":"bafkreinext"}]}"#
+    );
+    assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), 1024).unwrap(), PeerMessage::Forward(forward(then)));
+    // A peer speaks only `forward`: a coordinator's message from a peer is refused by name.
+    let err = decode_control::<PeerMessage>(br#"{"type":"load_span"}"#, 1024).unwrap_err();
+    assert!(err.to_string().contains("load_span"), "{err}");
     let text = encode_control(&CoordinatorMessage::LoadSpan {
         model: "smollm2".into(),
         shard: "bafkreishard".into(),
@@ -239,22 +252,22 @@ fn bad_control_messages_say_what_is_wrong() {
     );
     check(
         "{\"type\": \"welcome\"}",
-        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"error\"]",
+        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"error\"]",
     );
     check(
         "{\"type\": \"forward\"}",
-        "unknown message type \"forward\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"error\"]",
+        "unknown message type \"forward\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"error\"]",
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": 1, \"capabilities\": {\"shape\": \"of the past\"}}",
-        "protocol version 1 is not supported: this peer speaks version 3",
+        "protocol version 1 is not supported: this peer speaks version 4",
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": \"3\"}",
-        "protocol version \"3\" is not supported: this peer speaks version 3",
+        "protocol version \"3\" is not supported: this peer speaks version 4",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": 3}",
+        "{\"type\": \"hello\", \"protocol_version\": 4}",
         "invalid \"hello\" message: missing field `capabilities`",
     );
     check(

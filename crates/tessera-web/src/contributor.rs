@@ -2,14 +2,17 @@
 //! coordinator (`rtc`), feeds what arrives to the session machine (`session`), runs the units it
 //! hands out (`worker`) and reports to the page through `onEvent`. Failure is a state: a lost
 //! connection or refused signalling shows as status `error` and reconnects with back-off, a lost
-//! GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop is.
+//! GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop is. The direct
+//! channels to other contributors that the session asks for are made, fed and closed here too;
+//! they end with the connection.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use futures::channel::mpsc;
 use futures::future::{Fuse, FusedFuture, LocalBoxFuture};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt, pin_mut, select};
 use gloo_timers::future::TimeoutFuture;
 use serde::Serialize;
@@ -18,8 +21,8 @@ use tessera_protocol::{Capabilities, Incoming};
 use wasm_bindgen::prelude::*;
 
 use crate::lifecycle::{Backoff, Options, Stats, check_budget};
-use crate::rtc::{Channel, Received};
-use crate::session::{Event, Output, Session, SpanJob, Status, next_span_jobs};
+use crate::rtc::{self, Channel, Received};
+use crate::session::{Event, Outgoing, Output, Session, SpanJob, Status, next_span_jobs};
 use crate::worker::{self, Finished, SpanDone, Worker};
 use crate::{js_error, log, now_ms, to_json};
 
@@ -143,7 +146,8 @@ impl Contributor {
     }
 
     /// The counters as JSON: `{status, detail, contributor, unitsDone, unitsAccepted,
-    /// unitsRejected, bytesDownloaded, cacheHits, busyMs, startedAtMs, firstAcceptedAtMs}`.
+    /// unitsRejected, bytesDownloaded, cacheHits, busyMs, spans, stepsForwarded, rowsForwarded,
+    /// links, stepsPassedDirect, startedAtMs, firstAcceptedAtMs}`.
     pub fn stats(&self) -> Result<String, JsError> {
         to_json(&*self.shared.stats.borrow())
     }
@@ -183,7 +187,12 @@ async fn contribute(shared: Rc<Shared>, worker: Rc<Worker>, mut woken: mpsc::Rec
         shared.reconnect_now.set(false);
         shared.status(Status::Connecting, None);
         let started = now_ms();
-        let reason = match connection(&shared, &worker, &mut capabilities, &mut woken).await {
+        let ended = connection(&shared, &worker, &mut capabilities, &mut woken).await;
+        // The direct channels went with the connection.
+        if shared.stats.borrow().links > 0 {
+            shared.emit(Event::Links { open: 0 });
+        }
+        let reason = match ended {
             Ended::ByRequest => {
                 backoff.reset();
                 continue;
@@ -247,6 +256,10 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
     // Span jobs run one at a time, in the order the session gave them.
     let mut span_jobs: VecDeque<SpanJob> = VecDeque::new();
     let mut span: Fuse<LocalBoxFuture<'static, SpanDone>> = Fuse::terminated();
+    // Direct channels to other contributors by the session's link numbers, and the ones being
+    // made (or given the peer's answer).
+    let mut links: HashMap<u64, Channel> = HashMap::new();
+    let mut setups: FuturesUnordered<LocalBoxFuture<'static, Setup>> = FuturesUnordered::new();
     let mut leaving = false;
     loop {
         if shared.wanted.get() != Wanted::Run && !leaving {
@@ -262,6 +275,22 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                 }
                 Output::Run(assignment) => unit = worker.clone().run(assignment).boxed_local().fuse(),
                 Output::Span(job) => span_jobs.push_back(job),
+                Output::Offer { link, peer } => {
+                    setups.push(async move { Setup::Described { link, result: Channel::offer(&format!("contributor {peer}")).await } }.boxed_local());
+                }
+                Output::Answer { link, peer, sdp } => {
+                    let answer = async move { Setup::Described { link, result: Channel::answer(&format!("contributor {peer}"), &sdp).await } };
+                    setups.push(answer.boxed_local());
+                }
+                Output::Accept { link, sdp } => match links.get(&link) {
+                    Some(channel) => setups.push(channel.accept(&sdp).map(move |result| Setup::Accepted { link, result }).boxed_local()),
+                    None => session.link_closed(link, "its connection is gone".into()),
+                },
+                Output::Close { link } => drop(links.remove(&link)),
+                Output::Pass { link, session: id, step, messages } => {
+                    let result = pass(links.get_mut(&link), messages).await;
+                    session.passed(link, id, step, result);
+                }
                 Output::Event(event) => shared.emit(event),
                 Output::Log(line) => log(&line),
                 Output::Restart(reason) => return Ended::Failed(reason),
@@ -278,22 +307,50 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
             Some(at) => TimeoutFuture::new((at - now_ms()).clamp(0.0, 1e9) as u32).fuse(),
             None => Fuse::terminated(),
         };
-        select! {
-            received = channel.recv().fuse() => match received {
+        let woke = select! {
+            received = channel.recv().fuse() => Woke::Coordinator(received),
+            (link, received) = rtc::recv_any(&mut links).fuse() => Woke::Link(link, received),
+            setup = setups.select_next_some() => Woke::Setup(setup),
+            finished = unit => Woke::Unit(finished),
+            done = span => Woke::Span(done),
+            _ = timer => Woke::Timer,
+            _ = woken.next() => Woke::Budget,
+        };
+        match woke {
+            Woke::Coordinator(received) => match received {
                 Received::Text(text) => session.handle(now_ms(), Incoming::Text(&text)),
                 Received::Binary(bytes) => session.handle(now_ms(), Incoming::Binary(&bytes)),
                 Received::Open => {}
                 Received::Closed(reason) => return Ended::Failed(reason),
             },
-            finished = unit => {
+            Woke::Link(link, received) => match received {
+                Received::Open => {
+                    if let Some(max_message) = links.get_mut(&link).map(Channel::opened) {
+                        session.link_open(link, max_message);
+                    }
+                }
+                Received::Text(text) => session.link_message(link, Incoming::Text(&text)),
+                Received::Binary(bytes) => session.link_message(link, Incoming::Binary(&bytes)),
+                Received::Closed(reason) => session.link_closed(link, reason),
+            },
+            Woke::Setup(Setup::Described { link, result }) => {
+                let result = result.map(|(channel, sdp)| {
+                    links.insert(link, channel);
+                    sdp
+                });
+                session.described(link, result);
+            }
+            Woke::Setup(Setup::Accepted { link, result: Err(reason) }) => session.link_closed(link, reason),
+            Woke::Setup(Setup::Accepted { result: Ok(()), .. }) => {}
+            Woke::Unit(finished) => {
                 if finished.gpu_lost
                     && let Err(e) = worker.gpu().await
                 {
                     return Ended::Failed(format!("the GPU was lost and could not be reopened: {e}"));
                 }
                 session.finished(now_ms(), finished.unit, finished.busy_ms, finished.result);
-            },
-            done = span => match done {
+            }
+            Woke::Span(done) => match done {
                 SpanDone::Loaded { shard, blocks, result } => session.span_loaded(shard, blocks, result),
                 SpanDone::Forwarded(steps) => {
                     for done in steps {
@@ -302,8 +359,36 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                 }
                 SpanDone::Freed => {}
             },
-            _ = timer => session.handle_timeout(now_ms()),
-            _ = woken.next() => session.set_budget(now_ms(), shared.budget.get()),
+            Woke::Timer => session.handle_timeout(now_ms()),
+            Woke::Budget => session.set_budget(now_ms(), shared.budget.get()),
         }
     }
+}
+
+/// What woke a connection's loop.
+enum Woke {
+    Coordinator(Received),
+    Link(u64, Received),
+    Setup(Setup),
+    Unit(Finished),
+    Span(SpanDone),
+    Timer,
+    /// `woken`: the budget changed, or `pause`/`stop`.
+    Budget,
+}
+
+/// A direct channel's connection made, with this side's offer or answer, or the peer's answer
+/// applied to it.
+enum Setup {
+    Described { link: u64, result: Result<(Channel, String), String> },
+    Accepted { link: u64, result: Result<(), String> },
+}
+
+/// Sends a step's output over a direct channel, in order.
+async fn pass(channel: Option<&mut Channel>, messages: Vec<Outgoing>) -> Result<(), String> {
+    let channel = channel.ok_or("the channel is gone")?;
+    for message in messages {
+        channel.send(message).await?;
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! The browser contributor, compiled to WebAssembly: Tessera's engine on the page's WebGPU adapter.
 //!
 //! - [`Contributor`]: a volunteer's page joins a coordinator over a WebRTC DataChannel, speaking
-//!   the native contributor's protocol, and computes the units it is given. `session.rs` and
+//!   the native contributor's protocol, and computes the units it is given (and the steps of the
+//!   spans it holds, passed to and from its neighbours on direct channels). `session.rs` and
 //!   `lifecycle.rs` hold the protocol and the bookkeeping without I/O (tested natively);
 //!   `contributor.rs`, `rtc.rs`, `worker.rs` and `blobs.rs` are the browser glue.
 //! - [`self_test`]: the kernel self-test a volunteer's page runs to show that this browser

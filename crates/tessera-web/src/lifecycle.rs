@@ -122,6 +122,10 @@ pub struct Stats {
     /// Conversation steps run through those spans, and the positions they carried.
     pub steps_forwarded: u64,
     pub rows_forwarded: u64,
+    /// Direct channels to other contributors open now.
+    pub links: usize,
+    /// Outputs of those steps sent straight to the next contributor, not through the coordinator.
+    pub steps_passed_direct: u64,
     pub started_at_ms: Millis,
     pub first_accepted_at_ms: Option<Millis>,
     /// Whether the page has been told a status yet (the first one always goes out).
@@ -144,6 +148,8 @@ impl Stats {
             spans: Vec::new(),
             steps_forwarded: 0,
             rows_forwarded: 0,
+            links: 0,
+            steps_passed_direct: 0,
             started_at_ms: now,
             first_accepted_at_ms: None,
             status_told: false,
@@ -183,6 +189,8 @@ impl Stats {
                 self.rows_forwarded += *rows as u64;
                 self.busy_ms += ms;
             }
+            Event::Links { open } => self.links = *open,
+            Event::Passed { .. } => self.steps_passed_direct += 1,
         }
         true
     }
@@ -260,6 +268,9 @@ mod tests {
             (Event::Forwarded { rows: 7, ms: 5.0 }, true),
             (Event::Forwarded { rows: 1, ms: 2.5 }, true),
             (Event::SpanDropped { shard: "s1".into() }, true),
+            (Event::Links { open: 2 }, true),
+            (Event::Passed { to: ContributorId(8) }, true),
+            (Event::Links { open: 1 }, true),
         ];
         for (i, (event, forwarded)) in rows.iter().enumerate() {
             assert_eq!(stats.apply(2000.0 + i as f64, event), *forwarded, "row {i}: {event:?}");
@@ -273,7 +284,7 @@ mod tests {
                 "status": "idle", "detail": null, "contributor": 7, "unitsDone": 2, "unitsAccepted": 2,
                 "unitsRejected": 1, "bytesDownloaded": 100, "cacheHits": 1, "busyMs": 50.0,
                 "spans": [{"shard": "s2", "start": 10, "end": 20}], "stepsForwarded": 2, "rowsForwarded": 8,
-                "startedAtMs": 1000.0, "firstAcceptedAtMs": 5000.0
+                "links": 1, "stepsPassedDirect": 1, "startedAtMs": 1000.0, "firstAcceptedAtMs": 5000.0
             })
         );
     }

@@ -1,9 +1,13 @@
-//! The browser's transport to the coordinator: WebSocket signalling (one offer out, one answer
-//! back) and an `RTCPeerConnection` with one ordered, reliable DataChannel. What arrives comes out
-//! of a bounded queue; `send` keeps to the channel's `maxMessageSize` and waits on
-//! `bufferedamountlow` while too much is buffered. No protocol logic: that is `session.rs`.
+//! The browser's WebRTC transport: an `RTCPeerConnection` with one ordered, reliable DataChannel,
+//! to the coordinator (WebSocket signalling: one offer out, one answer back) or to another
+//! contributor (a direct link: this side's offer or answer, whose SDP `session.rs` relays through
+//! the coordinator). What arrives comes out of a bounded queue; `send` keeps to the channel's
+//! `maxMessageSize` and waits on `bufferedamountlow` while too much is buffered (for a while: a
+//! channel that takes nothing fails). No protocol logic: that is `session.rs`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
 use std::rc::Rc;
 
 use futures::channel::mpsc;
@@ -14,19 +18,20 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    MessageEvent, RtcConfiguration, RtcDataChannel, RtcDataChannelInit, RtcDataChannelState, RtcDataChannelType,
+    MessageEvent, RtcConfiguration, RtcDataChannel, RtcDataChannelEvent, RtcDataChannelInit, RtcDataChannelState, RtcDataChannelType,
     RtcIceGatheringState, RtcPeerConnection, RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, WebSocket,
 };
 
 use crate::js_detail;
-use crate::session::{CHANNEL_LABEL, Outgoing, answer, offer};
+use crate::session::{self, CHANNEL_LABEL, Outgoing};
 
-/// Messages off the channel waiting for the session; a coordinator that floods past this is
-/// cut off.
+/// Messages off the channel waiting for the session; a peer that floods past this is cut off.
 const INCOMING: usize = 256;
 /// `send` waits while more than this is buffered, until `bufferedamountlow` (at `LOW_WATER`).
 const HIGH_WATER: u32 = 1 << 20;
 const LOW_WATER: u32 = 256 << 10;
+/// How long `send` waits for the buffer to drain below `HIGH_WATER` before it gives up.
+const STALL_TIMEOUT_MS: f64 = 30_000.0;
 /// What a channel that reports no `sctp.maxMessageSize` is assumed to take (RFC 8841's default).
 const DEFAULT_MAX_MESSAGE: usize = 64 << 10;
 const GATHER_TIMEOUT_MS: f64 = 5_000.0;
@@ -47,10 +52,35 @@ pub enum Received {
 
 type Handler = Closure<dyn FnMut(JsValue)>;
 
-/// One connection to the coordinator. Dropping it closes the channel and the connection.
+/// The functions a DataChannel's events go to.
+struct ChannelHandlers {
+    open: js_sys::Function,
+    message: js_sys::Function,
+    close: js_sys::Function,
+    error: js_sys::Function,
+    low: js_sys::Function,
+}
+
+/// Sets the handlers of `dc` (none: removes them), and its binary type and low-water mark.
+fn attach(dc: &RtcDataChannel, handlers: Option<&ChannelHandlers>) {
+    dc.set_binary_type(RtcDataChannelType::Arraybuffer);
+    dc.set_buffered_amount_low_threshold(LOW_WATER);
+    dc.set_onopen(handlers.map(|h| &h.open));
+    dc.set_onmessage(handlers.map(|h| &h.message));
+    dc.set_onclose(handlers.map(|h| &h.close));
+    dc.set_onerror(handlers.map(|h| &h.error));
+    dc.set_onbufferedamountlow(handlers.map(|h| &h.low));
+}
+
+/// One connection and its DataChannel: to the coordinator, or a direct one to another
+/// contributor. Dropping it closes the channel and the connection.
 pub struct Channel {
     pc: RtcPeerConnection,
-    dc: RtcDataChannel,
+    /// The DataChannel: made with the connection by the offering side, announced by the peer
+    /// (`ondatachannel`) to the answering one.
+    dc: Rc<RefCell<Option<RtcDataChannel>>>,
+    /// Who is at the other end, for messages: "the coordinator", "contributor 7".
+    peer: Rc<str>,
     incoming: mpsc::Receiver<Received>,
     low: mpsc::Receiver<()>,
     overflowed: Rc<Cell<bool>>,
@@ -60,23 +90,11 @@ pub struct Channel {
 
 impl Channel {
     /// Offers a DataChannel through the signalling WebSocket at `signalling_url` and waits
-    /// until it opens. The coordinator is ICE-lite and takes no trickled candidates, so the
-    /// offer goes out once gathering is complete.
+    /// until it opens.
     pub async fn connect(signalling_url: &str) -> Result<Channel, String> {
-        let mut channel = Channel::new()?;
-        let description = JsFuture::from(channel.pc.create_offer()).await.map_err(|e| format!("creating the offer: {}", js_detail(&e)))?;
-        let sdp = Reflect::get(&description, &"sdp".into()).ok().and_then(|sdp| sdp.as_string()).ok_or("the offer has no SDP")?;
-        let local = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
-        local.set_sdp(&sdp);
-        JsFuture::from(channel.pc.set_local_description(&local)).await.map_err(|e| format!("setting the offer: {}", js_detail(&e)))?;
-        channel.gathered().await;
-        let sdp = channel.pc.local_description().map(|d| d.sdp()).ok_or("the connection has no local description")?;
-        let answer = signal(signalling_url, &sdp).await?;
-        let remote = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
-        remote.set_sdp(&answer);
-        JsFuture::from(channel.pc.set_remote_description(&remote))
-            .await
-            .map_err(|e| format!("the coordinator's answer was refused: {}", js_detail(&e)))?;
+        let (mut channel, offer) = Channel::offer("the coordinator").await?;
+        let answer = signal(signalling_url, &offer).await?;
+        channel.accept(&answer).await?;
         let mut timeout = TimeoutFuture::new(OPEN_TIMEOUT_MS).fuse();
         loop {
             select! {
@@ -89,20 +107,49 @@ impl Channel {
                 _ = timeout => return Err(format!("the DataChannel did not open within {} s", OPEN_TIMEOUT_MS / 1000)),
             }
         }
-        channel.max_message = max_message_size(&channel.pc);
+        channel.opened();
         Ok(channel)
     }
 
-    /// The connection and its channel, with every handler in place.
-    fn new() -> Result<Channel, String> {
-        // No ICE servers: the coordinator's own address is its only candidate.
+    /// A connection offering a DataChannel to `peer`, and its offer's SDP.
+    pub async fn offer(peer: &str) -> Result<(Channel, String), String> {
+        let channel = Channel::new(peer, true)?;
+        let sdp = channel.describe(None).await?;
+        Ok((channel, sdp))
+    }
+
+    /// A connection answering `peer`'s offer `sdp`, and its answer's SDP; the DataChannel comes
+    /// when the peer announces it.
+    pub async fn answer(peer: &str, sdp: &str) -> Result<(Channel, String), String> {
+        let channel = Channel::new(peer, false)?;
+        let sdp = channel.describe(Some(sdp)).await?;
+        Ok((channel, sdp))
+    }
+
+    /// Applies the peer's answer `sdp` to this side's offer. The future holds the connection,
+    /// not the channel.
+    pub fn accept(&self, sdp: &str) -> impl Future<Output = Result<(), String>> + 'static {
+        let (pc, peer) = (self.pc.clone(), self.peer.clone());
+        let remote = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
+        remote.set_sdp(sdp);
+        async move {
+            JsFuture::from(pc.set_remote_description(&remote)).await.map_err(|e| format!("{peer}'s answer was refused: {}", js_detail(&e)))?;
+            Ok(())
+        }
+    }
+
+    /// The channel opened: reads the largest message it takes (`max_message`), and returns it.
+    pub fn opened(&mut self) -> usize {
+        self.max_message = max_message_size(&self.pc);
+        self.max_message
+    }
+
+    /// The connection, with every handler in place, and its DataChannel if this side `offers`.
+    fn new(peer: &str, offers: bool) -> Result<Channel, String> {
+        let peer: Rc<str> = peer.into();
+        // No ICE servers: each side's own addresses are its only candidates.
         let pc = RtcPeerConnection::new_with_configuration(&RtcConfiguration::new())
             .map_err(|e| format!("creating an RTCPeerConnection: {}", js_detail(&e)))?;
-        let init = RtcDataChannelInit::new();
-        init.set_ordered(true);
-        let dc = pc.create_data_channel_with_data_channel_dict(CHANNEL_LABEL, &init);
-        dc.set_binary_type(RtcDataChannelType::Arraybuffer);
-        dc.set_buffered_amount_low_threshold(LOW_WATER);
 
         let (sender, incoming) = mpsc::channel(INCOMING);
         let (mut low_sender, low) = mpsc::channel(1);
@@ -120,7 +167,7 @@ impl Channel {
             move |_: JsValue| push(&mut sender, Received::Open)
         });
         let on_message = Handler::new({
-            let (mut sender, push) = (sender.clone(), push.clone());
+            let (mut sender, push, peer) = (sender.clone(), push.clone(), peer.clone());
             move |event: JsValue| {
                 let data = event.unchecked_into::<MessageEvent>().data();
                 let received = if let Some(text) = data.as_string() {
@@ -128,15 +175,15 @@ impl Channel {
                 } else if let Some(buffer) = data.dyn_ref::<ArrayBuffer>() {
                     Received::Binary(Uint8Array::new(buffer).to_vec())
                 } else {
-                    Received::Closed("the coordinator sent a message that is neither text nor binary".into())
+                    Received::Closed(format!("{peer} sent a message that is neither text nor binary"))
                 };
                 push(&mut sender, received);
             }
         });
         let on_close = Handler::new({
-            let (mut sender, push, mut low_sender) = (sender.clone(), push.clone(), low_sender.clone());
+            let (mut sender, push, mut low_sender, peer) = (sender.clone(), push.clone(), low_sender.clone(), peer.clone());
             move |_: JsValue| {
-                push(&mut sender, Received::Closed("the coordinator closed the DataChannel".into()));
+                push(&mut sender, Received::Closed(format!("{peer} closed the DataChannel")));
                 let _ = low_sender.try_send(());
             }
         });
@@ -151,32 +198,77 @@ impl Channel {
             let _ = low_sender.try_send(());
         });
         let on_state = Handler::new({
-            let (mut sender, pc) = (sender, pc.clone());
+            let (mut sender, pc, push, peer) = (sender.clone(), pc.clone(), push.clone(), peer.clone());
             move |_: JsValue| {
                 let state = match pc.connection_state() {
                     RtcPeerConnectionState::Failed => "failed",
                     RtcPeerConnectionState::Closed => "closed",
                     _ => return,
                 };
-                push(&mut sender, Received::Closed(format!("the connection to the coordinator {state}")));
+                push(&mut sender, Received::Closed(format!("the connection to {peer} {state}")));
             }
         });
-        let function = |handler: &Handler| Some(handler.as_ref().unchecked_ref::<js_sys::Function>().clone());
-        dc.set_onopen(function(&on_open).as_ref());
-        dc.set_onmessage(function(&on_message).as_ref());
-        dc.set_onclose(function(&on_close).as_ref());
-        dc.set_onerror(function(&on_error).as_ref());
-        dc.set_onbufferedamountlow(function(&on_low).as_ref());
-        pc.set_onconnectionstatechange(function(&on_state).as_ref());
-        Ok(Channel {
-            pc,
-            dc,
-            incoming,
-            low,
-            overflowed,
-            max_message: DEFAULT_MAX_MESSAGE,
-            _handlers: vec![on_open, on_message, on_close, on_error, on_low, on_state],
-        })
+        let function = |handler: &Handler| handler.as_ref().unchecked_ref::<js_sys::Function>().clone();
+        let handlers = ChannelHandlers {
+            open: function(&on_open),
+            message: function(&on_message),
+            close: function(&on_close),
+            error: function(&on_error),
+            low: function(&on_low),
+        };
+        pc.set_onconnectionstatechange(Some(&function(&on_state)));
+        let dc = Rc::new(RefCell::new(None));
+        let mut all = vec![on_open, on_message, on_close, on_error, on_low, on_state];
+        if offers {
+            let init = RtcDataChannelInit::new();
+            init.set_ordered(true);
+            let channel = pc.create_data_channel_with_data_channel_dict(CHANNEL_LABEL, &init);
+            attach(&channel, Some(&handlers));
+            *dc.borrow_mut() = Some(channel);
+        } else {
+            // The one channel the offer announces; any other is closed.
+            let on_channel = Handler::new({
+                let (dc, mut sender) = (dc.clone(), sender);
+                move |event: JsValue| {
+                    let channel = event.unchecked_into::<RtcDataChannelEvent>().channel();
+                    if dc.borrow().is_some() || channel.label() != CHANNEL_LABEL {
+                        channel.close();
+                        return;
+                    }
+                    attach(&channel, Some(&handlers));
+                    if channel.ready_state() == RtcDataChannelState::Open {
+                        push(&mut sender, Received::Open);
+                    }
+                    *dc.borrow_mut() = Some(channel);
+                }
+            });
+            pc.set_ondatachannel(Some(&function(&on_channel)));
+            all.push(on_channel);
+        }
+        Ok(Channel { pc, dc, peer, incoming, low, overflowed, max_message: DEFAULT_MAX_MESSAGE, _handlers: all })
+    }
+
+    /// This side's offer, or its answer to the peer's offer `remote`, set as the local
+    /// description; its SDP once ICE gathering is complete. Neither the coordinator (ICE-lite)
+    /// nor a contributor's `Signal` takes trickled candidates.
+    async fn describe(&self, remote: Option<&str>) -> Result<String, String> {
+        let peer = &self.peer;
+        if let Some(offer) = remote {
+            let description = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
+            description.set_sdp(offer);
+            JsFuture::from(self.pc.set_remote_description(&description)).await.map_err(|e| format!("{peer}'s offer was refused: {}", js_detail(&e)))?;
+        }
+        let (kind, what, made) = match remote {
+            None => (RtcSdpType::Offer, "offer", self.pc.create_offer()),
+            Some(_) => (RtcSdpType::Answer, "answer", self.pc.create_answer()),
+        };
+        let description = JsFuture::from(made).await.map_err(|e| format!("creating the {what}: {}", js_detail(&e)))?;
+        let sdp = Reflect::get(&description, &"sdp".into()).ok().and_then(|sdp| sdp.as_string()).ok_or_else(|| format!("the {what} has no SDP"))?;
+        let local = RtcSessionDescriptionInit::new(kind);
+        local.set_sdp(&sdp);
+        JsFuture::from(self.pc.set_local_description(&local)).await.map_err(|e| format!("setting the {what}: {}", js_detail(&e)))?;
+        self.gathered().await;
+        self.pc.local_description().map(|d| d.sdp()).ok_or_else(|| "the connection has no local description".into())
     }
 
     /// Waits until ICE gathering is complete, or gives up after a while and offers what it has.
@@ -192,11 +284,11 @@ impl Channel {
         self.max_message
     }
 
-    /// The next message; `Closed` once the channel is gone or the coordinator sent more than
-    /// the queue holds.
+    /// The next message; `Closed` once the channel is gone or the peer sent more than the
+    /// queue holds.
     pub async fn recv(&mut self) -> Received {
         if self.overflowed.get() {
-            return Received::Closed(format!("the coordinator sent more than {INCOMING} messages faster than they could be handled"));
+            return Received::Closed(format!("{} sent more than {INCOMING} messages faster than they could be handled", self.peer));
         }
         self.incoming.next().await.unwrap_or_else(|| Received::Closed("the DataChannel's handlers are gone".into()))
     }
@@ -206,9 +298,14 @@ impl Channel {
         if message.len() > self.max_message {
             return Err(format!("a message of {} bytes exceeds the DataChannel's maxMessageSize of {}", message.len(), self.max_message));
         }
-        while self.dc.buffered_amount() > HIGH_WATER {
-            if self.dc.ready_state() != RtcDataChannelState::Open {
+        let dc = self.dc.borrow().clone().ok_or_else(|| format!("{} has not announced a DataChannel", self.peer))?;
+        let started = js_sys::Date::now();
+        while dc.buffered_amount() > HIGH_WATER {
+            if dc.ready_state() != RtcDataChannelState::Open {
                 return Err("the DataChannel closed".into());
+            }
+            if js_sys::Date::now() - started > STALL_TIMEOUT_MS {
+                return Err(format!("{} took nothing for {} s", self.peer, STALL_TIMEOUT_MS / 1000.0));
             }
             // `bufferedamountlow` (or a close) wakes us; the timer covers an event that fired
             // before we listened.
@@ -218,16 +315,17 @@ impl Channel {
             }
         }
         let sent = match &message {
-            Outgoing::Text(text) => self.dc.send_with_str(text),
-            Outgoing::Binary(bytes) => self.dc.send_with_u8_array(bytes),
+            Outgoing::Text(text) => dc.send_with_str(text),
+            Outgoing::Binary(bytes) => dc.send_with_u8_array(bytes),
         };
         sent.map_err(|e| format!("sending on the DataChannel: {}", js_detail(&e)))
     }
 
     /// Closes the channel once what it holds is sent (or after a grace period).
     pub async fn close_after_sending(self) {
+        let Some(dc) = self.dc.borrow().clone() else { return };
         let started = js_sys::Date::now();
-        while self.dc.buffered_amount() > 0 && self.dc.ready_state() == RtcDataChannelState::Open && js_sys::Date::now() - started < DRAIN_TIMEOUT_MS {
+        while dc.buffered_amount() > 0 && dc.ready_state() == RtcDataChannelState::Open && js_sys::Date::now() - started < DRAIN_TIMEOUT_MS {
             TimeoutFuture::new(20).await;
         }
     }
@@ -236,15 +334,23 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         // Handlers go first: a closure must never run after it is freed.
-        self.dc.set_onopen(None);
-        self.dc.set_onmessage(None);
-        self.dc.set_onclose(None);
-        self.dc.set_onerror(None);
-        self.dc.set_onbufferedamountlow(None);
+        self.pc.set_ondatachannel(None);
         self.pc.set_onconnectionstatechange(None);
-        self.dc.close();
+        if let Some(dc) = self.dc.borrow_mut().take() {
+            attach(&dc, None);
+            dc.close();
+        }
         self.pc.close();
     }
+}
+
+/// The next message off any of `channels`, with its key; never, while there are none.
+pub async fn recv_any<K: Copy>(channels: &mut HashMap<K, Channel>) -> (K, Received) {
+    if channels.is_empty() {
+        return futures::future::pending().await;
+    }
+    let receiving = channels.iter_mut().map(|(&key, channel)| Box::pin(async move { (key, channel.recv().await) }));
+    futures::future::select_all(receiving).await.0
 }
 
 /// `pc.sctp.maxMessageSize` (web-sys has no binding for `RTCSctpTransport`).
@@ -266,7 +372,7 @@ async fn signal(url: &str, sdp: &str) -> Result<String, String> {
     let socket = WebSocket::new(url).map_err(|e| format!("opening the signalling WebSocket {url}: {}", js_detail(&e)))?;
     let (sender, mut replies) = mpsc::channel::<Result<String, String>>(2);
     let on_open = Closure::<dyn FnMut(JsValue)>::new({
-        let (socket, offer, mut sender) = (socket.clone(), offer(sdp), sender.clone());
+        let (socket, offer, mut sender) = (socket.clone(), session::offer(sdp), sender.clone());
         move |_| {
             if let Err(e) = socket.send_with_str(&offer) {
                 let _ = sender.try_send(Err(format!("sending the offer: {}", js_detail(&e))));
@@ -305,7 +411,7 @@ async fn signal(url: &str, sdp: &str) -> Result<String, String> {
         reply = replies.next() => reply.unwrap_or_else(|| Err("the signalling WebSocket's handlers are gone".into())),
         _ = TimeoutFuture::new(SIGNAL_TIMEOUT_MS).fuse() => Err(format!("no signalling answer within {} s", SIGNAL_TIMEOUT_MS / 1000)),
     };
-    answer(&reply?)
+    session::answer(&reply?)
 }
 
 /// The signalling socket: its handlers are removed and it is closed when this is dropped.

@@ -14,6 +14,16 @@
 //! become [`SpanJob`]s, which the glue runs in order and reports with [`Session::span_loaded`]
 //! and [`Session::forwarded`]. A span step is part of someone's conversation, so it runs at once,
 //! without the rest that units take; its GPU time still counts against the next unit's rest.
+//!
+//! Steps also travel between contributors directly. The coordinator's `Link` names a peer: with
+//! `offer`, this side offers a DataChannel to it (`Output::Offer`, the SDP out as a `Signal`, the
+//! relayed answer in as `Output::Accept`) and sends it the outputs of `Forward`s whose `then`
+//! starts with it (`Output::Pass`, then `Passed` to the coordinator); without, this side answers
+//! an offer from that peer, and from no contributor it was not told of (`Output::Answer`), and
+//! runs the `PeerMessage::Forward`s that arrive on it as the coordinator's. A link is numbered
+//! here; it belongs to this connection, must open within `LINK_TIMEOUT_MS`, and at most
+//! `MAX_LINKS` exist. Whatever goes wrong with one (a bad frame, a failed send, a timeout) closes
+//! that link only, and its steps go through the coordinator again (`Forwarded`).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -21,9 +31,9 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use tessera_engine::stage::EXACT_BATCH_ROWS;
 use tessera_protocol::{
-    Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, JobId,
-    PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, ProtocolError, Reassembler, ReassemblyLimits, Tensor, UnitId, Work, decode,
-    encode_control,
+    Capabilities, Chunk, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Forward, Incoming, JobId,
+    MAX_LINKS, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage, ProtocolError, Reassembler, ReassemblyLimits,
+    SignalPayload, Tensor, UnitId, Work, decode, encode_control,
 };
 
 /// Milliseconds on the page's clock (`Date.now()`).
@@ -42,6 +52,9 @@ pub const MAX_HIDDEN_BYTES: u64 = 32 << 20;
 const MAX_WAITING_TENSORS: usize = 8;
 /// Span jobs handed to the glue and not reported yet, at most (loads and forwards).
 const MAX_SPAN_JOBS: usize = 64;
+/// How long a direct channel may take to open: from the `Link` on the offering side, from the
+/// offer on the answering one. Then it is closed, and its hops go through the coordinator.
+pub const LINK_TIMEOUT_MS: Millis = 10_000.0;
 
 /// What the page hears (`onEvent`), as plain objects with a `type`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -62,6 +75,10 @@ pub enum Event {
     Forwarded { rows: usize, ms: f64 },
     /// A span was dropped: the coordinator moved it, or its load failed.
     SpanDropped { shard: String },
+    /// Direct channels to other contributors open now.
+    Links { open: usize },
+    /// A step's output went straight to contributor `to`, over a direct channel.
+    Passed { to: ContributorId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -144,6 +161,20 @@ pub enum Output {
     Run(Assignment),
     /// Queue this span job behind the ones before it.
     Span(SpanJob),
+    /// Make the connection of direct channel `link` to contributor `peer`, offering one ordered,
+    /// reliable DataChannel labelled `CHANNEL_LABEL`; report its offer's SDP, once ICE gathering
+    /// is complete, with [`Session::described`].
+    Offer { link: u64, peer: ContributorId },
+    /// Make the connection of `link` answering `peer`'s offer `sdp`, and take the DataChannel
+    /// it announces; report the answer's SDP, gathering complete, with [`Session::described`].
+    Answer { link: u64, peer: ContributorId, sdp: String },
+    /// Apply `sdp`, the peer's answer to this side's offer, to the connection of `link`.
+    Accept { link: u64, sdp: String },
+    /// Close the connection of `link`, if there is one, and forget it.
+    Close { link: u64 },
+    /// Send `messages` over `link`, in order (a step's output: its frames, then the
+    /// `PeerMessage::Forward`), and report with [`Session::passed`].
+    Pass { link: u64, session: u64, step: u64, messages: Vec<Outgoing> },
     Event(Event),
     /// Something worth a line in the console.
     Log(String),
@@ -160,6 +191,111 @@ struct Running {
     cancelled: bool,
 }
 
+/// Tensors that arrive as frames, each kept until the `Forward` that names it: the coordinator's,
+/// and each upstream contributor's on its own link, within the same bounds.
+#[derive(Debug)]
+struct Inbox {
+    reassembler: Reassembler,
+    /// Tensors received whose `Forward` has not arrived yet.
+    tensors: VecDeque<Payload>,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        let limits = ReassemblyLimits { max_message_bytes: MAX_HIDDEN_BYTES, max_partial_messages: 4, max_buffered_bytes: 2 * MAX_HIDDEN_BYTES };
+        Inbox { reassembler: Reassembler::new(limits), tensors: VecDeque::new() }
+    }
+
+    /// One frame of a tensor; an error (what the sender sent) when it is bad, or completes a
+    /// tensor while too many wait for their forwards already.
+    fn push(&mut self, chunk: Chunk<'_>) -> Result<(), String> {
+        match self.reassembler.push(chunk) {
+            Ok(Some(payload)) if self.tensors.len() >= MAX_WAITING_TENSORS => {
+                Err(format!("tensor {} with {MAX_WAITING_TENSORS} others waiting for their forward", payload.stream))
+            }
+            Ok(Some(payload)) => {
+                self.tensors.push_back(payload);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("a bad tensor frame: {e}")),
+        }
+    }
+
+    /// The tensor a `Forward` names, taken from those received: F32 `[rows, dim]` with
+    /// `payload.bytes` bytes.
+    fn hidden_states(&mut self, payload: &PayloadRef) -> Result<(usize, Vec<f32>), String> {
+        let at = self.tensors.iter().position(|t| t.stream == payload.stream).ok_or_else(|| format!("no tensor arrived on stream {}", payload.stream))?;
+        let received = self.tensors.remove(at).ok_or("the tensor went missing")?;
+        if received.bytes.len() as u64 != payload.bytes {
+            return Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, received.bytes.len(), payload.bytes));
+        }
+        let tensor = Tensor::decode(&received.bytes, MAX_HIDDEN_BYTES as usize).map_err(|e| e.to_string())?;
+        let rows = match tensor.dims() {
+            &[rows, dim] if rows > 0 && dim > 0 => rows as usize,
+            dims => return Err(format!("hidden states of dims {dims:?}, not [rows, dim]")),
+        };
+        let values = tensor.f32_values().ok_or_else(|| format!("hidden states of {:?}, not F32", tensor.dtype()))?.collect();
+        Ok((rows, values))
+    }
+}
+
+/// A direct channel with another contributor.
+#[derive(Debug)]
+struct Link {
+    /// This session's number for it, in outputs and reports; a new connection gets a new one.
+    number: u64,
+    peer: ContributorId,
+    /// This side offered: it is upstream, and outputs go to `peer` over it. Otherwise `peer`
+    /// is upstream and sends forwards on it.
+    offered: bool,
+    state: LinkState,
+    /// When it must be open by; none while no connection is being made, or once open.
+    deadline: Option<Millis>,
+    /// The tensors `peer` sends (on a link this side answered).
+    inbox: Inbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Told of an upstream peer; its offer has not come yet, and no connection exists.
+    Expecting,
+    /// The glue is making this side's offer or answer.
+    Describing,
+    /// This side's offer went out; the answer has not come back yet.
+    Offered,
+    /// The descriptions are exchanged; the channel has not opened yet.
+    Connecting,
+    /// Open, for messages of up to `max_message` bytes.
+    Open { max_message: usize },
+}
+
+/// Where the output of a forward handed out goes after this stage, with what the next stage
+/// needs of its `Forward`.
+#[derive(Debug)]
+struct Route {
+    session: u64,
+    step: u64,
+    start: u32,
+    capacity: u32,
+    then: Vec<NextHop>,
+    /// The upstream contributor that sent the step over a direct channel (`None`: the
+    /// coordinator).
+    from: Option<ContributorId>,
+}
+
+/// A step's output handed to the glue to pass on over `link`, kept until it says it went (or
+/// not, and then it goes to the coordinator).
+#[derive(Debug)]
+struct Passing {
+    link: u64,
+    to: ContributorId,
+    session: u64,
+    step: u64,
+    /// The encoded output tensor.
+    tensor: Vec<u8>,
+}
+
 /// One connection, from the open DataChannel on.
 #[derive(Debug)]
 pub struct Session {
@@ -174,12 +310,17 @@ pub struct Session {
     /// When the last unit finished and how long it kept the GPU busy.
     last_unit: Option<(Millis, f64)>,
     next_stream: u64,
-    /// Frames of the tensors the coordinator sends with `Forward`s.
-    reassembler: Reassembler,
-    /// Tensors received whose `Forward` has not arrived yet.
-    tensors: VecDeque<Payload>,
+    /// The tensors the coordinator sends with `Forward`s.
+    inbox: Inbox,
     /// Span loads and forwards handed out and not reported yet.
     span_jobs: usize,
+    /// Direct channels with other contributors, at most `MAX_LINKS`.
+    links: Vec<Link>,
+    next_link: u64,
+    /// The forwards handed out whose output may go straight to a later stage.
+    routes: VecDeque<Route>,
+    /// Outputs handed to the glue to pass on, not reported yet.
+    passing: VecDeque<Passing>,
     outputs: VecDeque<Output>,
     ended: bool,
 }
@@ -197,13 +338,12 @@ impl Session {
             running: None,
             last_unit: None,
             next_stream: 1,
-            reassembler: Reassembler::new(ReassemblyLimits {
-                max_message_bytes: MAX_HIDDEN_BYTES,
-                max_partial_messages: 4,
-                max_buffered_bytes: 2 * MAX_HIDDEN_BYTES,
-            }),
-            tensors: VecDeque::new(),
+            inbox: Inbox::new(),
             span_jobs: 0,
+            links: Vec::new(),
+            next_link: 1,
+            routes: VecDeque::new(),
+            passing: VecDeque::new(),
             outputs: VecDeque::new(),
             ended: false,
         };
@@ -221,10 +361,8 @@ impl Session {
             return None;
         }
         let next_unit = (self.contributor.is_some() && self.running.is_none() && !self.queue.is_empty()).then(|| self.rest_until());
-        match (self.next_heartbeat, next_unit) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let links = self.links.iter().filter_map(|l| l.deadline);
+        [self.next_heartbeat, next_unit].into_iter().flatten().chain(links).min_by(f64::total_cmp)
     }
 
     /// The compute budget: the share of time the GPU may be busy, in (0, 1].
@@ -249,14 +387,11 @@ impl Session {
         match decode::<CoordinatorMessage>(incoming) {
             Ok(Decoded::Control(message)) => self.control(now, message),
             // Only a `Forward`'s hidden states come as frames (blobs come over HTTP).
-            Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => match self.reassembler.push(chunk) {
-                Ok(Some(payload)) if self.tensors.len() >= MAX_WAITING_TENSORS => {
-                    self.restart(format!("the coordinator sent tensor {} with {MAX_WAITING_TENSORS} others waiting for their forward", payload.stream));
+            Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => {
+                if let Err(e) = self.inbox.push(chunk) {
+                    self.restart(format!("the coordinator sent {e}"));
                 }
-                Ok(Some(payload)) => self.tensors.push_back(payload),
-                Ok(None) => {}
-                Err(e) => self.restart(format!("the coordinator sent a bad tensor frame: {e}")),
-            },
+            }
             Ok(Decoded::Chunk(chunk)) => {
                 let h = chunk.header;
                 self.log(format!("ignoring an unrequested {:?} frame (stream {}, chunk {} of {})", h.kind, h.stream, h.index, h.count));
@@ -265,7 +400,8 @@ impl Session {
         }
     }
 
-    /// Sends the heartbeats that are due and starts a unit whose rest is over.
+    /// Sends the heartbeats that are due, closes the links that did not open in time and starts
+    /// a unit whose rest is over.
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.ended {
             return;
@@ -276,6 +412,10 @@ impl Session {
             self.send(&ContributorMessage::Heartbeat);
             // One beat however late we are; the next one an interval from now.
             self.next_heartbeat = Some(now + self.heartbeat_ms as f64);
+        }
+        let late: Vec<u64> = self.links.iter().filter(|l| l.deadline.is_some_and(|d| now >= d)).map(|l| l.number).collect();
+        for number in late {
+            self.close_link(number, format!("did not open within {} s", LINK_TIMEOUT_MS / 1000.0));
         }
         self.start_next(now);
     }
@@ -333,33 +473,295 @@ impl Session {
     }
 
     /// The `SpanJob::Forward` of `session`'s `step` is done: its output rows of width `dim`
-    /// (row-major), or why it failed; `busy_ms` is how long it kept the GPU busy.
+    /// (row-major), or why it failed; `busy_ms` is how long it kept the GPU busy. The output
+    /// goes to the next stage directly when its `then` names one linked and open here, and to
+    /// the coordinator otherwise.
     pub fn forwarded(&mut self, now: Millis, session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String>) {
         self.span_jobs = self.span_jobs.saturating_sub(1);
         self.add_busy(now, busy_ms);
+        let route = self.routes.iter().position(|r| (r.session, r.step) == (session, step)).and_then(|at| self.routes.remove(at));
+        let from = route.as_ref().and_then(|r| r.from);
         if self.ended {
             return;
         }
-        let sent = result.and_then(|(values, dim)| {
+        let output = result.and_then(|(values, dim)| {
             if dim == 0 || values.is_empty() || !values.len().is_multiple_of(dim) {
                 return Err(format!("the span gave {} values, not rows of {dim}", values.len()));
             }
             let rows = values.len() / dim;
             let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values).map_err(|e| e.to_string())?;
-            let (payload, frames) = self.tensor_frames(&tensor.encode())?;
-            Ok((rows, payload, frames))
+            Ok((rows, tensor.encode()))
         });
-        match sent {
-            Ok((rows, payload, frames)) => {
-                self.outputs.extend(frames.into_iter().map(Output::Send));
-                self.send(&ContributorMessage::Forwarded { session, step, payload });
-                self.event(Event::Forwarded { rows, ms: busy_ms });
+        let answered = output.and_then(|(rows, tensor)| match self.pass(route, tensor) {
+            Ok(()) => Ok(rows),
+            Err(tensor) => self.answer_forwarded(session, step, &tensor).map(|()| rows),
+        });
+        match answered {
+            Ok(rows) => self.event(Event::Forwarded { rows, ms: busy_ms }),
+            Err(reason) => self.step_failed(session, step, &reason, from),
+        }
+    }
+
+    /// The glue sent (or failed to send) what `Output::Pass` gave it for `session`'s `step`:
+    /// the coordinator hears `Passed`, or, when it failed, the link closes and the output goes
+    /// to the coordinator after all.
+    pub fn passed(&mut self, link: u64, session: u64, step: u64, result: Result<(), String>) {
+        let Some(passing) = self.passing.iter().position(|p| (p.link, p.session, p.step) == (link, session, step)).and_then(|at| self.passing.remove(at))
+        else {
+            return;
+        };
+        if self.ended {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.send(&ContributorMessage::Passed { session, step, to: passing.to });
+                self.event(Event::Passed { to: passing.to });
             }
             Err(reason) => {
-                self.log(format!("session {session} step {step} failed: {reason}"));
-                self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("session {session} step {step}: {reason}") });
+                self.close_link(link, format!("passing session {session} step {step} on failed: {reason}"));
+                if let Err(reason) = self.answer_forwarded(session, step, &passing.tensor) {
+                    self.step_failed(session, step, &reason, None);
+                }
             }
         }
+    }
+
+    /// The connection of `link` is made: this side's offer or answer, gathering complete, or
+    /// why there is none. The SDP goes to the peer as a `Signal` through the coordinator.
+    pub fn described(&mut self, link: u64, result: Result<String, String>) {
+        if self.ended {
+            return;
+        }
+        let (Some(own), Some(at)) = (self.contributor, self.links.iter().position(|l| l.number == link && l.state == LinkState::Describing)) else {
+            // Closed while its connection was being made: that connection goes too.
+            self.outputs.push_back(Output::Close { link });
+            return;
+        };
+        let sdp = match result {
+            Ok(sdp) => sdp,
+            Err(reason) => return self.close_link(link, format!("could not be set up: {reason}")),
+        };
+        let entry = &mut self.links[at];
+        let (peer, payload) = if entry.offered {
+            entry.state = LinkState::Offered;
+            (entry.peer, SignalPayload::Offer { sdp })
+        } else {
+            entry.state = LinkState::Connecting;
+            (entry.peer, SignalPayload::Answer { sdp })
+        };
+        self.send(&ContributorMessage::Signal { from: own, to: peer, payload });
+    }
+
+    /// The DataChannel of `link` opened; it takes messages of up to `max_message` bytes.
+    pub fn link_open(&mut self, link: u64, max_message: usize) {
+        if self.ended {
+            return;
+        }
+        let Some(entry) = self.links.iter_mut().find(|l| l.number == link && l.state != LinkState::Expecting) else {
+            self.outputs.push_back(Output::Close { link });
+            return;
+        };
+        if matches!(entry.state, LinkState::Open { .. }) {
+            return;
+        }
+        entry.state = LinkState::Open { max_message };
+        entry.deadline = None;
+        let line = format!("direct channel {} open", link_name(entry));
+        self.log(line);
+        self.event(Event::Links { open: self.open_links() });
+    }
+
+    /// The connection or the DataChannel of `link` closed or failed, and why.
+    pub fn link_closed(&mut self, link: u64, reason: String) {
+        if self.ended {
+            return;
+        }
+        if self.links.iter().any(|l| l.number == link) {
+            self.close_link(link, reason);
+        } else {
+            self.outputs.push_back(Output::Close { link });
+        }
+    }
+
+    /// One message off the DataChannel of `link`: a frame of a tensor, or a
+    /// `PeerMessage::Forward`, from an upstream peer. Anything else, or anything bad, closes
+    /// that link (and only that link).
+    pub fn link_message(&mut self, link: u64, incoming: Incoming<'_>) {
+        if self.ended {
+            return;
+        }
+        let Some(at) = self.links.iter().position(|l| l.number == link) else {
+            self.outputs.push_back(Output::Close { link });
+            return;
+        };
+        if self.links[at].offered {
+            return self.bad_peer(at, "sent a message on the channel this side offered (only the upstream side sends)".into());
+        }
+        match decode::<PeerMessage>(incoming) {
+            Ok(Decoded::Control(PeerMessage::Forward(forward))) => match self.links[at].inbox.hidden_states(&forward.payload) {
+                Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, Some(self.links[at].peer)),
+                Err(reason) => self.bad_peer(at, format!("sent session {} step {}: {reason}", forward.session, forward.step)),
+            },
+            Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => {
+                if let Err(e) = self.links[at].inbox.push(chunk) {
+                    self.bad_peer(at, format!("sent {e}"));
+                }
+            }
+            Ok(Decoded::Chunk(chunk)) => self.bad_peer(at, format!("sent a {:?} frame (stream {})", chunk.header.kind, chunk.header.stream)),
+            Err(e) => self.bad_peer(at, format!("sent a message that does not decode: {e}")),
+        }
+    }
+
+    /// Sends a step's output to the coordinator: its frames, then `Forwarded`.
+    fn answer_forwarded(&mut self, session: u64, step: u64, tensor: &[u8]) -> Result<(), String> {
+        let (payload, frames) = self.tensor_frames(tensor, self.max_message)?;
+        self.outputs.extend(frames.into_iter().map(Output::Send));
+        self.send(&ContributorMessage::Forwarded { session, step, payload });
+        Ok(())
+    }
+
+    /// A step could not run or its output not be sent. One from a peer (bad states, or a span
+    /// moved off this tab since) is the peer's problem, not this span's: said, never
+    /// `SpanFailed`, so that no peer can get a span taken from its holder.
+    fn step_failed(&mut self, session: u64, step: u64, reason: &str, from: Option<ContributorId>) {
+        self.log(format!("session {session} step {step} failed: {reason}"));
+        let (code, message) = match from {
+            Some(peer) => (ErrorCode::Malformed, format!("session {session} step {step} from contributor {peer}: {reason}")),
+            None => (ErrorCode::SpanFailed, format!("session {session} step {step}: {reason}")),
+        };
+        self.send(&ContributorMessage::Error { code, message });
+    }
+
+    /// Hands a step's output (`tensor`, encoded) to the glue for the next stage of `route`, over
+    /// the link this side offered it, when that link is open and the frames fit it; gives the
+    /// output back when it cannot.
+    fn pass(&mut self, route: Option<Route>, tensor: Vec<u8>) -> Result<(), Vec<u8>> {
+        let Some((route, (next, rest))) = route.as_ref().and_then(|r| Some((r, r.then.split_first()?))) else { return Err(tensor) };
+        let link = self.links.iter().find(|l| l.offered && l.peer == next.contributor);
+        let Some((number, LinkState::Open { max_message })) = link.map(|l| (l.number, l.state)) else { return Err(tensor) };
+        let (payload, mut messages) = match self.tensor_frames(&tensor, max_message) {
+            Ok(framed) => framed,
+            Err(reason) => {
+                self.log(format!("session {} step {}: not passed on directly: {reason}", route.session, route.step));
+                return Err(tensor);
+            }
+        };
+        let &Route { session, step, start, capacity, .. } = route;
+        let forward = Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: rest.to_vec() };
+        messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
+        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor });
+        self.outputs.push_back(Output::Pass { link: number, session, step, messages });
+        Ok(())
+    }
+
+    /// A forward, from the coordinator or an upstream peer, as a span job; its route is kept
+    /// for where the output goes.
+    fn forward_job(&mut self, forward: Forward, rows: usize, hidden: Vec<f32>, from: Option<ContributorId>) {
+        let Forward { shard, session, step, start, capacity, then, .. } = forward;
+        let job = SpanJob::Forward { shard, session, step, start: start as usize, capacity: capacity as usize, rows, hidden };
+        // A peer's step the queue has no room for is the peer's problem: said, not `SpanFailed`.
+        if from.is_some() && self.span_jobs >= MAX_SPAN_JOBS {
+            return self.step_failed(session, step, &format!("{MAX_SPAN_JOBS} span jobs are queued here already"), from);
+        }
+        if self.span_job(job) && (!then.is_empty() || from.is_some()) {
+            self.routes.push_back(Route { session, step, start, capacity, then, from });
+        }
+    }
+
+    /// `Link`: expect an offer from upstream `peer`, or make one to downstream `peer`.
+    fn link(&mut self, now: Millis, peer: ContributorId, offer: bool) {
+        if self.contributor.is_none_or(|own| own == peer) {
+            return self.log(format!("a link to contributor {peer} ignored: this is contributor {:?}", self.contributor));
+        }
+        if self.links.iter().any(|l| l.peer == peer && l.offered == offer) {
+            return;
+        }
+        if self.links.len() >= MAX_LINKS {
+            return self.log(format!("no direct channel with contributor {peer}: {MAX_LINKS} are open or opening already"));
+        }
+        let number = self.next_link;
+        self.next_link += 1;
+        let (state, deadline) = if offer { (LinkState::Describing, Some(now + LINK_TIMEOUT_MS)) } else { (LinkState::Expecting, None) };
+        self.links.push(Link { number, peer, offered: offer, state, deadline, inbox: Inbox::new() });
+        if offer {
+            self.outputs.push_back(Output::Offer { link: number, peer });
+        }
+    }
+
+    /// A signal relayed from `from`: an offer from a peer linked here as upstream, or the
+    /// answer to this side's offer. Any other is ignored; candidates are all in the SDPs.
+    fn signal(&mut self, now: Millis, from: ContributorId, to: ContributorId, payload: SignalPayload) {
+        if self.contributor != Some(to) {
+            return self.log(format!("a signal from contributor {from} for contributor {to} ignored"));
+        }
+        match payload {
+            SignalPayload::Offer { sdp } => {
+                let Some(at) = self.links.iter().position(|l| l.peer == from && !l.offered) else {
+                    return self.log(format!("an offer from contributor {from}, which is not linked here as upstream, ignored"));
+                };
+                // A new offer replaces the connection of an earlier one, under a new number.
+                if self.links[at].state != LinkState::Expecting {
+                    self.disconnect(at, format!("contributor {from} offered again"));
+                    self.links[at].number = self.next_link;
+                    self.next_link += 1;
+                }
+                let entry = &mut self.links[at];
+                (entry.state, entry.deadline) = (LinkState::Describing, Some(now + LINK_TIMEOUT_MS));
+                let link = entry.number;
+                self.outputs.push_back(Output::Answer { link, peer: from, sdp });
+            }
+            SignalPayload::Answer { sdp } => {
+                let Some(entry) = self.links.iter_mut().find(|l| l.peer == from && l.offered && l.state == LinkState::Offered) else {
+                    return self.log(format!("an answer from contributor {from}, which was not offered a channel here, ignored"));
+                };
+                entry.state = LinkState::Connecting;
+                let link = entry.number;
+                self.outputs.push_back(Output::Accept { link, sdp });
+            }
+            SignalPayload::Candidate { .. } => {}
+        }
+    }
+
+    /// Something bad from the peer of the link at `at`: that link closes, and the coordinator
+    /// hears of it (the step it carried is lost; the coordinator's deadline covers it).
+    fn bad_peer(&mut self, at: usize, what: String) {
+        let message = format!("contributor {} {what}; the direct channel is closed", self.links[at].peer);
+        self.drop_link(at, what);
+        self.send(&ContributorMessage::Error { code: ErrorCode::Malformed, message });
+    }
+
+    /// Closes link `number`, if it exists, and forgets it.
+    fn close_link(&mut self, number: u64, why: String) {
+        if let Some(at) = self.links.iter().position(|l| l.number == number) {
+            self.drop_link(at, why);
+        }
+    }
+
+    /// Closes the link at `at` and forgets it.
+    fn drop_link(&mut self, at: usize, why: String) {
+        self.disconnect(at, why);
+        self.links.remove(at);
+    }
+
+    /// Closes the connection of the link at `at`, if it has one; the link stays, expecting an
+    /// offer.
+    fn disconnect(&mut self, at: usize, why: String) {
+        let link = &mut self.links[at];
+        let (number, name) = (link.number, link_name(link));
+        let was = std::mem::replace(&mut link.state, LinkState::Expecting);
+        (link.deadline, link.inbox) = (None, Inbox::new());
+        self.log(format!("direct channel {name} closed: {why}"));
+        if was != LinkState::Expecting {
+            self.outputs.push_back(Output::Close { link: number });
+        }
+        if matches!(was, LinkState::Open { .. }) {
+            self.event(Event::Links { open: self.open_links() });
+        }
+    }
+
+    fn open_links(&self) -> usize {
+        self.links.iter().filter(|l| matches!(l.state, LinkState::Open { .. })).count()
     }
 
     fn control(&mut self, now: Millis, message: CoordinatorMessage) {
@@ -400,9 +802,15 @@ impl Session {
                 let message = format!("{cid} (stream {stream}): this contributor does not serve blobs");
                 self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
             }
-            // Hops go through the coordinator: a tab opens no channels to other contributors.
-            // Nor does it prefetch shards it may never hold: that is its volunteer's bandwidth.
-            CoordinatorMessage::Signal { .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Prefetch { .. } => {}
+            // A tab does not prefetch shards it may never hold: that is its volunteer's bandwidth.
+            CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Prefetch { .. } => {}
+            CoordinatorMessage::Signal { from, to, payload } => self.signal(now, from, to, payload),
+            CoordinatorMessage::Link { peer, offer } => self.link(now, peer, offer),
+            CoordinatorMessage::Unlink { peer } => {
+                while let Some(at) = self.links.iter().position(|l| l.peer == peer) {
+                    self.drop_link(at, "the coordinator unlinked it".into());
+                }
+            }
             CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
                 let range = blocks.start as usize..blocks.end as usize;
                 if range.is_empty() || max_sessions == 0 {
@@ -412,13 +820,10 @@ impl Session {
                     self.span_job(SpanJob::Load { shard, blocks: range, max_sessions: max_sessions as usize });
                 }
             }
-            CoordinatorMessage::Forward { shard, session, step, start, capacity, payload } => match self.hidden_states(&payload) {
-                Ok((rows, hidden)) => {
-                    let (start, capacity) = (start as usize, capacity as usize);
-                    self.span_job(SpanJob::Forward { shard, session, step, start, capacity, rows, hidden });
-                }
+            CoordinatorMessage::Forward(forward) => match self.inbox.hidden_states(&forward.payload) {
+                Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, None),
                 Err(reason) => {
-                    let message = format!("session {session} step {step}: {reason}");
+                    let message = format!("session {} step {}: {reason}", forward.session, forward.step);
                     self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
                 }
             },
@@ -431,7 +836,7 @@ impl Session {
     }
 
     /// Hands a load or a forward to the glue, unless too many are outstanding already.
-    fn span_job(&mut self, job: SpanJob) {
+    fn span_job(&mut self, job: SpanJob) -> bool {
         if self.span_jobs >= MAX_SPAN_JOBS {
             let what = match &job {
                 SpanJob::Forward { session, step, .. } => format!("session {session} step {step}"),
@@ -440,27 +845,11 @@ impl Session {
             };
             let message = format!("{what}: {MAX_SPAN_JOBS} span jobs are queued here already");
             self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
-            return;
+            return false;
         }
         self.span_jobs += 1;
         self.outputs.push_back(Output::Span(job));
-    }
-
-    /// The tensor a `Forward` names, taken from those received: F32 `[rows, dim]` with
-    /// `payload.bytes` bytes.
-    fn hidden_states(&mut self, payload: &PayloadRef) -> Result<(usize, Vec<f32>), String> {
-        let at = self.tensors.iter().position(|t| t.stream == payload.stream).ok_or_else(|| format!("no tensor arrived on stream {}", payload.stream))?;
-        let received = self.tensors.remove(at).ok_or("the tensor went missing")?;
-        if received.bytes.len() as u64 != payload.bytes {
-            return Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, received.bytes.len(), payload.bytes));
-        }
-        let tensor = Tensor::decode(&received.bytes, MAX_HIDDEN_BYTES as usize).map_err(|e| e.to_string())?;
-        let rows = match tensor.dims() {
-            &[rows, dim] if rows > 0 && dim > 0 => rows as usize,
-            dims => return Err(format!("hidden states of dims {dims:?}, not [rows, dim]")),
-        };
-        let values = tensor.f32_values().ok_or_else(|| format!("hidden states of {:?}, not F32", tensor.dtype()))?.collect();
-        Ok((rows, values))
+        true
     }
 
     /// When the rest after the last unit is over: it kept the GPU busy `t` ms, so the GPU rests
@@ -498,19 +887,20 @@ impl Session {
         }
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         let bytes = Tensor::from_f32(vec![running.inputs as u64, width as u64], &flat).map_err(|e| e.to_string())?.encode();
-        let (payload, mut messages) = self.tensor_frames(&bytes)?;
+        let (payload, mut messages) = self.tensor_frames(&bytes, self.max_message)?;
         messages.push(Outgoing::Text(encode_control(&ContributorMessage::UnitResult { unit: running.unit, payload })));
         Ok(messages)
     }
 
-    /// An encoded tensor as frames on a new stream, each within the channel's message size.
-    fn tensor_frames(&mut self, bytes: &[u8]) -> Result<(PayloadRef, Vec<Outgoing>), String> {
+    /// An encoded tensor as frames on a new stream, each within `max_message`, the size of the
+    /// channel it goes on.
+    fn tensor_frames(&mut self, bytes: &[u8], max_message: usize) -> Result<(PayloadRef, Vec<Outgoing>), String> {
         let stream = self.next_stream;
         self.next_stream += 1;
         let mut frames = Vec::new();
         for frame in Chunker::new(stream, PayloadKind::Tensor, bytes).map_err(|e| e.to_string())? {
-            if frame.len() > self.max_message {
-                return Err(format!("a result frame of {} bytes exceeds the DataChannel's maxMessageSize of {}", frame.len(), self.max_message));
+            if frame.len() > max_message {
+                return Err(format!("a result frame of {} bytes exceeds the DataChannel's maxMessageSize of {max_message}", frame.len()));
             }
             frames.push(Outgoing::Binary(frame));
         }
@@ -537,6 +927,11 @@ impl Session {
         self.outputs.push_back(Output::Restart(reason));
         self.ended = true;
     }
+}
+
+/// "to contributor 5" for a link this side offered, "from contributor 5" for one it answers.
+fn link_name(link: &Link) -> String {
+    format!("{} contributor {}", if link.offered { "to" } else { "from" }, link.peer)
 }
 
 fn clamp_budget(budget: f64) -> f64 {

@@ -7,11 +7,21 @@
 //! worker (one unit at a time: fetch what it lacks, compute on a blocking thread, send the result
 //! as tensor frames followed by `UnitResult`), the span worker (spans of a language model:
 //! fetch a span's shard by CID, load it as a `SpanStage`, run each `Forward` on a blocking
-//! thread, those queued together for one span as one batch, and send the states back as tensor
-//! frames followed by `Forwarded`) and the prefetcher (shards a `Prefetch` names, fetched into the
-//! cache ahead of a takeover). Heartbeats never wait for the others.
+//! thread, those queued together for one span as one batch, and send the states on: as tensor
+//! frames and a `PeerMessage::Forward` over the direct channel to the next stage when one is
+//! open, then `Passed`, or else back as tensor frames followed by `Forwarded`) and the
+//! prefetcher (shards a `Prefetch` names, fetched into the cache ahead of a takeover).
+//! Heartbeats never wait for the others.
+//!
+//! Direct channels with the contributors holding the spans next to ours (`Link`, `Unlink`; the
+//! table of them is `links.rs`) have a task each: an upstream contributor's channel is answered
+//! by an `Endpoint` of this connection, and what it sends becomes span jobs in the span worker's
+//! queue, as the coordinator's `Forward`s do; a channel to a downstream one is offered (SDP
+//! relayed by the coordinator as `Signal`s) and carries our outputs. Anything wrong on a channel
+//! closes that channel only; its hops go through the coordinator. Links end with the connection.
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,11 +37,14 @@ use tessera_engine::cid::Cid;
 use tessera_engine::llama::{Llama, Stages};
 use tessera_engine::stage::{EXACT_BATCH_ROWS, SpanStage, Step};
 use tessera_protocol::{
-    AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming,
-    MAX_PREFETCH, ModelManifest, PROTOCOL_VERSION, PayloadKind, PayloadRef, Reassembler, ReassemblyLimits, UnitId, Work,
+    AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode,
+    Forward, Incoming, MAX_LINKS, MAX_PREFETCH, ModelManifest, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage,
+    Reassembler, ReassemblyLimits, SignalPayload, UnitId, Work,
 };
-use tessera_rtc::{Message, PeerEvent, PeerSender};
+use tessera_rtc::{Endpoint, Message, PeerEvent, PeerSender};
 use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::links::{Links, Side};
 
 #[derive(clap::Args)]
 pub struct ContributeArgs {
@@ -53,6 +66,9 @@ pub struct ContributeArgs {
     /// benchmark's placement does not depend on a noisy measurement.
     #[arg(long, hide = true, value_parser = positive_score)]
     score: Option<f64>,
+    /// Testing only: refuse `Link`s, so every hop goes through the coordinator.
+    #[arg(long, hide = true)]
+    no_links: bool,
 }
 
 fn positive_score(text: &str) -> Result<f64, String> {
@@ -72,6 +88,11 @@ const MAX_WAITING_TENSORS: usize = 8;
 const MAX_HIDDEN_BYTES: usize = 32 << 20;
 /// Reconnection back-off after the coordinator goes away.
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
+/// How long a downstream contributor may take to answer our offer (relayed by the coordinator).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long passing a step's output over a direct channel may take; then the channel is closed
+/// and the output goes through the coordinator.
+const PASS_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn contribute(args: ContributeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -87,7 +108,7 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
     let models = Arc::new(Mutex::new(HashMap::new()));
     let mut failures = 0;
     loop {
-        let session = Session { gpu: gpu.clone(), blobs: blobs.clone(), models: models.clone(), perturb: args.perturb };
+        let session = Session { gpu: gpu.clone(), blobs: blobs.clone(), models: models.clone(), perturb: args.perturb, no_links: args.no_links };
         let started = Instant::now();
         tokio::select! {
             result = session.run(&args.coordinator, capabilities.clone()) => match result {
@@ -118,6 +139,8 @@ struct Session {
     /// Models loaded so far, by model id (manifest CID); they survive reconnections.
     models: Arc<Mutex<HashMap<String, Arc<Bert>>>>,
     perturb: bool,
+    /// `--no-links`: every hop through the coordinator.
+    no_links: bool,
 }
 
 /// What the reader hands the worker.
@@ -141,6 +164,10 @@ struct ForwardStep {
     start: u32,
     capacity: u32,
     hidden: tessera_protocol::Tensor,
+    /// The stages after this one, for passing the output on directly.
+    then: Vec<NextHop>,
+    /// The upstream contributor that sent it over a direct channel (`None`: the coordinator).
+    from: Option<ContributorId>,
 }
 
 impl ForwardStep {
@@ -163,7 +190,8 @@ struct Fetches {
 impl Session {
     async fn run(self, coordinator: &str, capabilities: Capabilities) -> anyhow::Result<()> {
         let signalling = signalling_url(coordinator)?;
-        let bind = SocketAddr::new(local_ip_towards(coordinator)?, 0);
+        let ip = local_ip_towards(coordinator)?;
+        let bind = SocketAddr::new(ip, 0);
         let mut peer = tessera_rtc::connect(bind, tessera_rtc::Config::default(), |offer| async move {
             tessera_rtc::signal::offer_over_websocket(&signalling, offer).await
         })
@@ -179,6 +207,16 @@ impl Session {
         let (prefetches, prefetch_queue) = mpsc::channel::<Cid>(MAX_PREFETCH);
         let fetches = Arc::new(Mutex::new(Fetches::default()));
         let streams = Arc::new(AtomicU64::new(1));
+        // Direct channels from upstream contributors are answered on this endpoint, at the
+        // address the coordinator sees. Without one (`--no-links`), `Link`s are ignored.
+        let endpoint = match self.no_links {
+            true => Err("--no-links".to_string()),
+            false => Endpoint::bind(bind, tessera_rtc::Config { max_peers: MAX_LINKS, ..Default::default() }).await.map_err(|e| e.to_string()),
+        };
+        let links: Arc<std::sync::Mutex<LinkTable>> = Arc::new(std::sync::Mutex::new(Links::new(MAX_LINKS)));
+        // Set by the `Welcome` (which gives our id) when there is an endpoint.
+        let mut link_context: Option<LinkContext> = None;
+        let mut links_ignored = false;
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
         let mut worker = Some(Worker { session: self, sender: sender.clone(), fetches: fetches.clone(), streams });
         let mut job_queue = Some(job_queue);
@@ -187,7 +225,7 @@ impl Session {
         let mut span_task = None;
         let mut prefetch_task = None;
         // Tensor payloads (a `Forward`'s hidden states) that wait for their control message.
-        let mut tensors: VecDeque<tessera_protocol::Payload> = VecDeque::new();
+        let mut tensors: VecDeque<Payload> = VecDeque::new();
         let mut reassembler = Reassembler::new(ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 4, max_buffered_bytes: MAX_BLOB_BYTES });
         let mut worker_task = None;
 
@@ -236,8 +274,13 @@ impl Session {
                                 }
                             }
                         }));
+                        if let Ok(endpoint) = &endpoint {
+                            let answers = Arc::new(std::sync::Mutex::new(HashMap::new()));
+                            let (links, span_jobs) = (links.clone(), span_jobs.clone());
+                            link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, answers, span_jobs });
+                        }
                         if let (Some(worker), Some(queue), Some(spans), Some(ahead)) = (worker.take(), job_queue.take(), span_queue.take(), prefetch_queue.take()) {
-                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new() };
+                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new(), links: links.clone() };
                             span_task = Some(tokio::spawn(span_worker.run(spans)));
                             prefetch_task = Some(tokio::spawn(worker.clone().prefetch(ahead)));
                             worker_task = Some(tokio::spawn(worker.run(queue)));
@@ -264,28 +307,43 @@ impl Session {
                             _ => {}
                         }
                     }
-                    // Direct contributor-to-contributor channels and blob sharing between
-                    // contributors come with span serving; a contributor holds no blobs to offer yet.
+                    // Blob sharing between contributors comes later; a contributor holds no blobs
+                    // to offer yet.
                     CoordinatorMessage::BlobRequest { cid, stream, .. } => {
                         let refusal = ContributorMessage::Error { code: ErrorCode::BlobNotFound, message: format!("{cid} (stream {stream}): this contributor does not serve blobs") };
                         send(&sender, &refusal).await?;
                     }
                     CoordinatorMessage::Verdict { unit, accepted: false } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
-                    CoordinatorMessage::Verdict { accepted: true, .. } | CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Signal { .. } => {}
+                    CoordinatorMessage::Verdict { accepted: true, .. } | CoordinatorMessage::BlobHave { .. } => {}
+                    CoordinatorMessage::Link { peer: other, offer } => match &link_context {
+                        Some(context) => context.link(other, offer),
+                        None if !links_ignored => {
+                            links_ignored = true;
+                            let why = endpoint.as_ref().err().map_or("not joined yet", String::as_str);
+                            eprintln!("tessera contribute: ignoring direct channels ({why}): every hop goes through the coordinator");
+                        }
+                        None => {}
+                    },
+                    CoordinatorMessage::Unlink { peer: other } => {
+                        if let Some(context) = &link_context {
+                            context.unlink(other);
+                        }
+                    }
+                    CoordinatorMessage::Signal { from, payload, .. } => match (payload, &link_context) {
+                        (SignalPayload::Offer { sdp }, Some(context)) => context.offered(from, sdp),
+                        (SignalPayload::Answer { sdp }, Some(context)) => context.answered(from, sdp),
+                        // Channels go by full SDP (host candidates inside), so candidates are not needed.
+                        (SignalPayload::Candidate { .. }, _) => {}
+                        (_, None) => eprintln!("tessera contribute: ignoring a signal from contributor {from}: this connection takes no direct channels"),
+                    },
                     CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
                         if span_jobs.try_send(SpanJob::Load { shard: shard.clone(), blocks, max_sessions }).is_err() {
                             send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("span {shard}: too many span jobs queued") }).await?;
                         }
                     }
-                    CoordinatorMessage::Forward { shard, session, step, start, capacity, payload } => {
-                        let job = match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
-                            Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
-                                .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden } })
-                                .map_err(|e| e.to_string()),
-                            Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
-                            None => Err(format!("no tensor arrived on stream {}", payload.stream)),
-                        };
-                        let refusal = match job {
+                    CoordinatorMessage::Forward(forward) => {
+                        let (session, step) = (forward.session, forward.step);
+                        let refusal = match forward_job(&mut tensors, forward, None) {
                             Ok(job) => span_jobs.try_send(job).err().map(|_| "too many span jobs queued".to_string()),
                             Err(e) => Some(e),
                         };
@@ -321,6 +379,8 @@ impl Session {
         for task in [span_task, prefetch_task].into_iter().flatten() {
             task.abort();
         }
+        // Links die with the connection: their tasks stop, dropping their channels.
+        lock(&links).clear();
         outcome
     }
 }
@@ -375,9 +435,7 @@ impl Worker {
         let tensor = tessera_protocol::Tensor::from_f32(vec![count as u64, width as u64], &flat)?;
         let bytes = tensor.encode();
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
-        for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes)? {
-            self.sender.send(Message::Binary(frame)).await?;
-        }
+        send_payload(&self.sender, stream, PayloadKind::Tensor, &bytes).await?;
         send(&self.sender, &ContributorMessage::UnitResult { unit, payload: PayloadRef { stream, bytes: bytes.len() as u64 } }).await?;
         Ok(count)
     }
@@ -469,6 +527,8 @@ struct SpanWorker {
     worker: Worker,
     /// Loaded spans by shard CID.
     spans: HashMap<String, Arc<std::sync::Mutex<SpanStage>>>,
+    /// The direct channels, for passing outputs on.
+    links: Arc<std::sync::Mutex<LinkTable>>,
 }
 
 impl SpanWorker {
@@ -548,20 +608,20 @@ impl SpanWorker {
     /// Runs sessions' steps through a loaded span, as one batch, and sends each its states back
     /// (or an error naming it). Fails only when the connection does.
     async fn forward(&self, shard: &str, steps: Vec<ForwardStep>) -> anyhow::Result<()> {
-        let mut answers: Vec<(u64, u64, u64, anyhow::Result<Vec<f32>>)> = Vec::with_capacity(steps.len());
-        // Each runnable step's (session, step, rows), and its input for `run_steps`.
+        let mut answers: Vec<(Onward, anyhow::Result<Vec<f32>>)> = Vec::with_capacity(steps.len());
+        // Each runnable step's `Onward`, and its input for `run_steps`.
         let (mut runnable, mut inputs) = (Vec::with_capacity(steps.len()), Vec::with_capacity(steps.len()));
-        for ForwardStep { session, step, start, capacity, hidden } in steps {
+        for ForwardStep { session, step, start, capacity, hidden, then, from } in steps {
             let values = match hidden.dims() {
                 &[rows, _] => hidden.f32_values().map(|v| (rows, v.collect())).with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype())),
                 dims => Err(anyhow!("hidden states of dims {dims:?}, not [rows, dim]")),
             };
             match values {
                 Ok((rows, values)) => {
-                    runnable.push((session, step, rows));
+                    runnable.push(Onward { session, step, start, capacity, rows, then, from });
                     inputs.push((session, capacity as usize, start as usize, values));
                 }
-                Err(e) => answers.push((session, step, 0, Err(e))),
+                Err(e) => answers.push((Onward { session, step, start, capacity, rows: 0, then, from }, Err(e))),
             }
         }
         let outputs: Vec<anyhow::Result<Vec<f32>>> = match self.spans.get(shard) {
@@ -576,26 +636,287 @@ impl SpanWorker {
                 }
             }
         };
-        answers.extend(runnable.into_iter().zip(outputs).map(|((session, step, rows), output)| (session, step, rows, output)));
-        for (session, step, rows, output) in answers {
+        answers.extend(runnable.into_iter().zip(outputs));
+        for (onward, output) in answers {
             match output {
-                Ok(output) => self.send_states(session, step, rows, &output).await?,
-                Err(e) => self.fail(format!("span {shard}, session {session} step {step}: {e:#}")).await?,
+                Ok(output) => self.send_states(onward, &output).await?,
+                // A peer's step that cannot run here (bad states, or a span moved off this
+                // contributor since) is the peer's problem, not this span's: said, never
+                // `SpanFailed`, so no peer can get a span taken from its holder.
+                Err(e) => match onward.from {
+                    Some(peer) => {
+                        let message = format!("span {shard}, session {} step {} from contributor {peer}: {e:#}", onward.session, onward.step);
+                        eprintln!("tessera contribute: {message}");
+                        send(&self.worker.sender, &ContributorMessage::Error { code: ErrorCode::Malformed, message }).await?;
+                    }
+                    None => self.fail(format!("span {shard}, session {} step {}: {e:#}", onward.session, onward.step)).await?,
+                },
             }
         }
         Ok(())
     }
 
-    /// Sends a step's output states (`rows` of them) as tensor frames followed by `Forwarded`.
-    async fn send_states(&self, session: u64, step: u64, rows: u64, output: &[f32]) -> anyhow::Result<()> {
+    /// Sends a step's output states on: straight to the next stage when the channel to it is
+    /// open (then `Passed` to the coordinator), else back to the coordinator as tensor frames
+    /// followed by `Forwarded`. A channel that fails to take them is closed.
+    async fn send_states(&self, onward: Onward, output: &[f32]) -> anyhow::Result<()> {
+        let Onward { session, step, start, capacity, rows, then, .. } = onward;
         let tensor = tessera_protocol::Tensor::from_f32(vec![rows, output.len() as u64 / rows.max(1)], output)?;
         let bytes = tensor.encode();
-        let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
-        for frame in Chunker::new(stream, PayloadKind::Tensor, &bytes)? {
-            self.worker.sender.send(Message::Binary(frame)).await?;
+        let passing = lock(&self.links).pass(&then);
+        if let (Some((channel, epoch)), Some(next)) = (passing, then.first()) {
+            let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
+            let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
+            let forward = PeerMessage::Forward(Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: then[1..].to_vec() });
+            let passed = tokio::time::timeout(PASS_TIMEOUT, async {
+                send_payload(&channel, stream, PayloadKind::Tensor, &bytes).await?;
+                channel.send(Message::Text(tessera_protocol::encode_control(&forward))).await.context("sending the forward")
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("it took more than {} s", PASS_TIMEOUT.as_secs())));
+            match passed {
+                Ok(()) => return send(&self.worker.sender, &ContributorMessage::Passed { session, step, to: next.contributor }).await,
+                Err(e) => {
+                    if lock(&self.links).closed(next.contributor, Side::Downstream, epoch) {
+                        eprintln!("tessera contribute: direct channel to contributor {} closed: {e:#}", next.contributor);
+                    }
+                    eprintln!("tessera contribute: session {session} step {step} goes back through the coordinator");
+                }
+            }
         }
+        let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
+        send_payload(&self.worker.sender, stream, PayloadKind::Tensor, &bytes).await?;
         send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 } }).await
     }
+}
+
+/// Where a step's output goes, and what the next stage needs to run it.
+struct Onward {
+    session: u64,
+    step: u64,
+    start: u32,
+    capacity: u32,
+    rows: u64,
+    then: Vec<NextHop>,
+    from: Option<ContributorId>,
+}
+
+/// The span job a `Forward` asks for, its hidden states taken from the tensors waiting; why
+/// not, when they are missing or bad.
+fn forward_job(tensors: &mut VecDeque<Payload>, forward: Forward, from: Option<ContributorId>) -> Result<SpanJob, String> {
+    let Forward { shard, session, step, start, capacity, payload, then } = forward;
+    match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
+        Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
+            .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden, then, from } })
+            .map_err(|e| e.to_string()),
+        Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
+        None => Err(format!("no tensor arrived on stream {}", payload.stream)),
+    }
+}
+
+/// What an upstream contributor sends over a direct channel, taken apart: tensor frames,
+/// bounded as the coordinator's are (`MAX_HIDDEN_BYTES` a tensor, `MAX_WAITING_TENSORS`
+/// waiting), and `PeerMessage`s, each `Forward` becoming the span job a coordinator's would.
+/// An error closes the channel.
+struct PeerInbox {
+    peer: ContributorId,
+    reassembler: Reassembler,
+    tensors: VecDeque<Payload>,
+}
+
+impl PeerInbox {
+    fn new(peer: ContributorId) -> Self {
+        let limits = ReassemblyLimits { max_message_bytes: MAX_HIDDEN_BYTES as u64, max_partial_messages: MAX_WAITING_TENSORS, max_buffered_bytes: 2 * MAX_HIDDEN_BYTES as u64 };
+        PeerInbox { peer, reassembler: Reassembler::new(limits), tensors: VecDeque::new() }
+    }
+
+    /// Takes one message: a span job once a `Forward` arrives, or why the channel must close.
+    fn push(&mut self, message: &Message) -> Result<Option<SpanJob>, String> {
+        let decoded = match message {
+            Message::Text(text) => tessera_protocol::decode::<PeerMessage>(Incoming::Text(text)),
+            Message::Binary(bytes) => tessera_protocol::decode::<PeerMessage>(Incoming::Binary(bytes)),
+        };
+        match decoded.map_err(|e| e.to_string())? {
+            Decoded::Chunk(chunk) => match self.reassembler.push(chunk).map_err(|e| e.to_string())? {
+                None => Ok(None),
+                Some(payload) if payload.kind != PayloadKind::Tensor => Err(format!("a {:?} payload on stream {}", payload.kind, payload.stream)),
+                Some(_) if self.tensors.len() >= MAX_WAITING_TENSORS => Err(format!("{MAX_WAITING_TENSORS} tensors without their forward messages")),
+                Some(payload) => {
+                    self.tensors.push_back(payload);
+                    Ok(None)
+                }
+            },
+            Decoded::Control(PeerMessage::Forward(forward)) => {
+                let (session, step) = (forward.session, forward.step);
+                forward_job(&mut self.tensors, forward, Some(self.peer)).map(Some).map_err(|e| format!("session {session} step {step}: {e}"))
+            }
+        }
+    }
+}
+
+/// A link's task, stopped when dropped (an `Unlink`, a failed pass, the connection's end),
+/// which drops its `Peer` and so closes the channel.
+struct LinkTask(tokio::task::AbortHandle);
+
+impl Drop for LinkTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type LinkTable = Links<PeerSender, LinkTask>;
+
+/// What the reader and the links' tasks share for direct channels, for one connection.
+#[derive(Clone)]
+struct LinkContext {
+    /// Our id, from the `Welcome`.
+    own: ContributorId,
+    /// The address the coordinator's channel uses; offers bind a socket of their own on it.
+    ip: IpAddr,
+    /// Answers upstream contributors' offers.
+    endpoint: Endpoint,
+    coordinator: PeerSender,
+    links: Arc<std::sync::Mutex<LinkTable>>,
+    /// Offers of ours waiting for the answer the coordinator relays, by the peer offered to.
+    answers: Arc<std::sync::Mutex<HashMap<ContributorId, oneshot::Sender<String>>>>,
+    /// The span worker's queue, for the `Forward`s upstream contributors send.
+    span_jobs: mpsc::Sender<SpanJob>,
+}
+
+impl LinkContext {
+    /// A `Link`: as the offering (downstream) side, start connecting; as the answering side,
+    /// wait for the peer's offer.
+    fn link(&self, peer: ContributorId, offer: bool) {
+        let side = if offer { Side::Downstream } else { Side::Upstream };
+        let mut links = lock(&self.links);
+        match links.link(peer, side) {
+            Err(e) => eprintln!("tessera contribute: refusing a direct channel with contributor {peer}: {e}"),
+            Ok(epoch) if offer => {
+                let task = tokio::spawn(self.clone().downstream(peer, epoch));
+                links.start(peer, side, epoch, LinkTask(task.abort_handle()));
+            }
+            Ok(_) => {}
+        }
+    }
+
+    /// An `Unlink`: both directions with `peer` close and are forgotten.
+    fn unlink(&self, peer: ContributorId) {
+        if lock(&self.links).unlink(peer) {
+            eprintln!("tessera contribute: direct channel with contributor {peer} closed (unlinked)");
+        }
+    }
+
+    /// An offer relayed from `peer`: answered only when `peer` is linked upstream of us.
+    fn offered(&self, peer: ContributorId, sdp: String) {
+        let mut links = lock(&self.links);
+        let Some(epoch) = links.offer(peer) else {
+            eprintln!("tessera contribute: ignoring an offer from contributor {peer}: it is not linked to send to us");
+            return;
+        };
+        let task = tokio::spawn(self.clone().upstream(peer, epoch, sdp));
+        links.start(peer, Side::Upstream, epoch, LinkTask(task.abort_handle()));
+    }
+
+    /// An answer relayed from `peer`, for the offer we made it.
+    fn answered(&self, peer: ContributorId, sdp: String) {
+        match lock(&self.answers).remove(&peer) {
+            Some(reply) => drop(reply.send(sdp)),
+            None => eprintln!("tessera contribute: ignoring an answer from contributor {peer}: we made it no offer"),
+        }
+    }
+
+    /// Serves the channel upstream `peer` offers: answers it, then turns what arrives into span
+    /// jobs until it closes.
+    async fn upstream(self, peer: ContributorId, epoch: u64, offer: String) {
+        let mut open = false;
+        let Err(e) = self.serve_upstream(peer, offer, &mut open).await;
+        self.down(peer, Side::Upstream, epoch, open, e);
+    }
+
+    async fn serve_upstream(&self, peer: ContributorId, offer: String, open: &mut bool) -> anyhow::Result<Infallible> {
+        let (answer, mut channel) = self.endpoint.accept_offer(&offer).await.context("answering its offer")?;
+        send(&self.coordinator, &ContributorMessage::Signal { from: self.own, to: peer, payload: SignalPayload::Answer { sdp: answer } }).await?;
+        channel.opened().await?;
+        *open = true;
+        eprintln!("tessera contribute: direct channel from contributor {peer} open");
+        let mut inbox = PeerInbox::new(peer);
+        loop {
+            let message = match channel.recv().await {
+                Some(PeerEvent::Message(message)) => message,
+                Some(PeerEvent::Closed(reason)) => bail!("{reason}"),
+                Some(PeerEvent::Connected | PeerEvent::Open) => continue,
+                None => bail!("the transport stopped"),
+            };
+            let Some(job) = inbox.push(&message).map_err(|e| anyhow!("it sent {e}"))? else { continue };
+            let what = match &job {
+                SpanJob::Forward { step, .. } => format!("session {} step {}", step.session, step.step),
+                _ => String::new(),
+            };
+            // A peer that floods the queue loses its channel; the span here is not at fault.
+            if self.span_jobs.try_send(job).is_err() {
+                bail!("{what}: more span jobs than this contributor queues");
+            }
+        }
+    }
+
+    /// Opens the channel to downstream `peer` (our offer, its answer relayed by the
+    /// coordinator) and holds it until it closes; meanwhile the span worker passes outputs on
+    /// over it.
+    async fn downstream(self, peer: ContributorId, epoch: u64) {
+        let mut open = false;
+        let Err(e) = self.serve_downstream(peer, epoch, &mut open).await;
+        self.down(peer, Side::Downstream, epoch, open, e);
+    }
+
+    async fn serve_downstream(&self, peer: ContributorId, epoch: u64, open: &mut bool) -> anyhow::Result<Infallible> {
+        let (reply, answer) = oneshot::channel();
+        lock(&self.answers).insert(peer, reply);
+        let (coordinator, own) = (self.coordinator.clone(), self.own);
+        let signal = |sdp| async move {
+            send(&coordinator, &ContributorMessage::Signal { from: own, to: peer, payload: SignalPayload::Offer { sdp } }).await?;
+            match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                Ok(Ok(sdp)) => Ok(sdp),
+                Ok(Err(_)) => Err(anyhow!("the offer was forgotten")),
+                Err(_) => Err(anyhow!("no answer in {} s", ANSWER_TIMEOUT.as_secs())),
+            }
+        };
+        let channel = tessera_rtc::connect(SocketAddr::new(self.ip, 0), tessera_rtc::Config::default(), signal).await;
+        // Our offer's reply slot, answered or not.
+        lock(&self.answers).retain(|_, reply| !reply.is_closed());
+        let mut channel = channel?;
+        channel.opened().await?;
+        if !lock(&self.links).opened(peer, epoch, channel.sender()) {
+            bail!("unlinked");
+        }
+        *open = true;
+        eprintln!("tessera contribute: direct channel to contributor {peer} open");
+        loop {
+            match channel.recv().await {
+                Some(PeerEvent::Message(_)) => bail!("it sent a message, and a downstream contributor sends none"),
+                Some(PeerEvent::Closed(reason)) => bail!("{reason}"),
+                Some(PeerEvent::Connected | PeerEvent::Open) => {}
+                None => bail!("the transport stopped"),
+            }
+        }
+    }
+
+    /// A link's channel failed to open, or closed after `open`: logged, and the link marked
+    /// down (which stops this task at its next wait: call it last).
+    fn down(&self, peer: ContributorId, side: Side, epoch: u64, open: bool, why: anyhow::Error) {
+        let direction = match side {
+            Side::Upstream => "from",
+            Side::Downstream => "to",
+        };
+        let what = if open { "closed" } else { "failed to open" };
+        eprintln!("tessera contribute: direct channel {direction} contributor {peer} {what}: {why:#}");
+        lock(&self.links).closed(peer, side, epoch);
+    }
+}
+
+/// The link table (or another plain structure shared between tasks): a panic elsewhere while
+/// it was held leaves plain data, still usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `first` and the `Forward`s queued right behind it that can run with it as one exact batch:
@@ -638,6 +959,15 @@ fn run_steps(stage: &std::sync::Mutex<SpanStage>, gpu: &Gpu, steps: &[(u64, usiz
 async fn send(sender: &PeerSender, message: &ContributorMessage) -> anyhow::Result<()> {
     let text = serde_json::to_string(message)?;
     sender.send(Message::Text(text)).await.context("sending to the coordinator")
+}
+
+/// Sends a payload as binary frames of `stream`, each within a DataChannel message's bound, to
+/// the coordinator or over a direct channel.
+async fn send_payload(sender: &PeerSender, stream: u64, kind: PayloadKind, bytes: &[u8]) -> anyhow::Result<()> {
+    for frame in Chunker::new(stream, kind, bytes)? {
+        sender.send(Message::Binary(frame)).await?;
+    }
+    Ok(())
 }
 
 /// What this contributor tells the coordinator about itself, with a measured score.
@@ -729,7 +1059,7 @@ mod tests {
     fn queued_forwards_batch_up_to_a_barrier() {
         fn forward(shard: &str, session: u64, rows: u64) -> SpanJob {
             let hidden = tessera_protocol::Tensor::from_f32(vec![rows, 2], &vec![0.0; rows as usize * 2]).unwrap();
-            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden } }
+            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden, then: Vec::new(), from: None } }
         }
         fn describe(job: &SpanJob) -> String {
             match job {
@@ -768,6 +1098,59 @@ mod tests {
         let SpanJob::Forward { shard, step } = forward("a", 1, 9) else { unreachable!() };
         let (steps, next) = batch_forwards(&shard, step, &mut queue);
         assert_eq!((steps.len(), next.is_none(), queue.len()), (1, true, 1));
+    }
+
+    /// What an upstream contributor sends over a direct channel: a `Forward` after its tensor
+    /// becomes a span job (carrying the rest of the route); anything else that is wrong is an
+    /// error, which closes that channel.
+    #[test]
+    fn an_upstream_channel_yields_span_jobs_or_closes() {
+        fn tensor(stream: u64) -> Vec<Message> {
+            let bytes = tessera_protocol::Tensor::from_f32(vec![2, 3], &[0.5; 6]).unwrap().encode();
+            Chunker::new(stream, PayloadKind::Tensor, &bytes).unwrap().map(Message::Binary).collect()
+        }
+        fn forward(session: u64, stream: u64, bytes: u64) -> Vec<Message> {
+            let then = vec![NextHop { contributor: ContributorId(9), shard: "next".into() }];
+            let forward = Forward { shard: "here".into(), session, step: 4, start: 7, capacity: 64, payload: PayloadRef { stream, bytes }, then };
+            vec![Message::Text(tessera_protocol::encode_control(&PeerMessage::Forward(forward)))]
+        }
+        let size = tessera_protocol::Tensor::from_f32(vec![2, 3], &[0.5; 6]).unwrap().encode().len() as u64;
+        let frames = |kind, bytes: &[u8]| -> Vec<Message> { Chunker::new(1, kind, bytes).unwrap().take(1).map(Message::Binary).collect() };
+        let (too_large, limit) = (vec![0; MAX_HIDDEN_BYTES + 1], format!("limit of {MAX_HIDDEN_BYTES} bytes"));
+        // The messages, in order, and the sessions of the jobs they make, or the first error.
+        type Case<'a> = (Vec<Message>, Result<&'a [u64], &'a str>);
+        let cases: Vec<Case> = vec![
+            ([tensor(1), forward(5, 1, size)].concat(), Ok(&[5])),
+            ([tensor(1), tensor(2), forward(6, 2, size), forward(5, 1, size)].concat(), Ok(&[6, 5])),
+            (forward(5, 1, size), Err("session 5 step 4: no tensor arrived on stream 1")),
+            ([tensor(2), forward(5, 1, size)].concat(), Err("no tensor arrived on stream 1")),
+            ([tensor(1), forward(5, 1, size + 1)].concat(), Err("carried")),
+            (frames(PayloadKind::Tensor, b"not a tensor at all"), Ok(&[])),
+            ([frames(PayloadKind::Tensor, b"not a tensor at all"), forward(5, 1, 19)].concat(), Err("session 5")),
+            (frames(PayloadKind::Blob, b"bytes"), Err("Blob payload")),
+            (frames(PayloadKind::Tensor, &too_large), Err(&limit)),
+            ((0..=MAX_WAITING_TENSORS as u64).flat_map(tensor).collect(), Err("tensors without their forward")),
+            (vec![Message::Text("hello".into())], Err("JSON")),
+            (vec![Message::Text(r#"{"type":"heartbeat"}"#.into())], Err("heartbeat")),
+            (vec![Message::Binary(b"TSRA, but not a frame".to_vec())], Err("")),
+        ];
+        for (messages, expected) in cases {
+            let mut inbox = PeerInbox::new(ContributorId(2));
+            let mut sessions = Vec::new();
+            let outcome = messages.iter().try_for_each(|message| {
+                if let Some(SpanJob::Forward { shard, step }) = inbox.push(message)? {
+                    assert_eq!((shard.as_str(), step.step, step.start, step.capacity, step.rows()), ("here", 4, 7, 64, 2));
+                    assert_eq!(step.then, [NextHop { contributor: ContributorId(9), shard: "next".into() }]);
+                    sessions.push(step.session);
+                }
+                Ok::<_, String>(())
+            });
+            match (outcome, expected) {
+                (Ok(()), Ok(expected)) => assert_eq!(sessions, expected),
+                (Err(e), Err(expected)) => assert!(e.contains(expected), "{e:?} should say {expected:?}"),
+                (outcome, expected) => panic!("{outcome:?}, expected {expected:?}"),
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod contribute;
+mod links;
 mod models;
 mod run;
 mod serve;

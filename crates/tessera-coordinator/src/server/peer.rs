@@ -4,7 +4,7 @@
 //! abandons whatever was partial), and reports to the actor. A second task per peer writes:
 //! control messages from the actor and the blob ranges the contributor asks for, in order.
 //!
-//! Span serving's messages (`SpanReady`, `Forwarded` with its tensor, and errors) go to the
+//! Span serving's messages (`SpanReady`, `Forwarded` with its tensor, `Passed`, and errors) go to the
 //! serving task (`serving`), which also hears who joins and leaves; the writer sends the hidden
 //! states it forwards as tensor frames.
 //!
@@ -322,6 +322,10 @@ impl State {
                     None => Ok(()),
                 }
             }
+            ContributorMessage::Passed { session, step, to } => match id {
+                Some(from) => self.serve(serving::Command::Passed { from, session, step, to }).await,
+                None => Ok(()),
+            },
             ContributorMessage::SpanReady { shard } => match id {
                 Some(from) => self.serve(serving::Command::SpanReady { from, shard }).await,
                 None => Ok(()),

@@ -2,10 +2,13 @@
 //! generation sessions (`Pipeline`), and turns their outputs into messages and GPU work.
 //!
 //! A request's prompt is embedded here (the coordinator's `EndsStage`), its hidden states go to
-//! the first span's holder in a `Forward`, come back in its `Forwarded`, go to the next holder,
-//! and so on; the last one's states go through the head here, and the `Sampler` picks the next
-//! token. Every hop goes through the coordinator for now: direct contributor-to-contributor
-//! DataChannels (signalling is relayed already) are the next step.
+//! the first span's holder in a `Forward`, and from stage to stage over direct DataChannels
+//! between the holders: each pair of consecutive holders is told to `Link` (the upstream one
+//! offers, through the `Signal` relay), and each `Forward` names the later stages (`then`) whose
+//! holders are linked and ready. A stage that passed its output on says `Passed`, which times its
+//! hop and starts the next one's clock; a stage with no open channel answers `Forwarded` with the
+//! states, and the coordinator relays them. The last stage's states go through the head here,
+//! and the `Sampler` picks the next token.
 //!
 //! The plan is made on the first request (so an embedding-only swarm never loads a span) and
 //! kept: each holder, then each standby, gets a `LoadSpan` naming its span's shard
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_engine::generate::Sampler;
-use tessera_protocol::{Blocks, Capabilities, ContributorId, CoordinatorMessage, PayloadRef, Tensor};
+use tessera_protocol::{Blocks, Capabilities, ContributorId, CoordinatorMessage, Forward, NextHop, PayloadRef, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::completions::{FinishReason, Sampling};
@@ -104,6 +107,8 @@ pub enum Command {
     Left(ContributorId),
     SpanReady { from: ContributorId, shard: String },
     Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor },
+    /// `from` sent its output of `step` straight to `to`.
+    Passed { from: ContributorId, session: u64, step: u64, to: ContributorId },
     SpanFailed { from: ContributorId, message: String },
     Generate { request: Generate, reply: oneshot::Sender<Result<Started, ApiError>> },
     /// The client went away, or a stop sequence ended the text.
@@ -160,6 +165,25 @@ struct Hop {
     /// The route's next stage.
     next: usize,
     sample: bool,
+    /// An answer from a later stage that came before the `Passed` that handed the step to it
+    /// (the two travel different channels); taken up once that `Passed` arrives.
+    early: Option<Answer>,
+}
+
+/// What a stage says when it is done with a step.
+enum Answer {
+    /// Its output, for the coordinator to relay or to sample from.
+    Forwarded { from: ContributorId, hidden: Tensor },
+    /// Its output went straight to `to`.
+    Passed { from: ContributorId, to: ContributorId },
+}
+
+impl Answer {
+    fn from(&self) -> ContributorId {
+        match self {
+            Answer::Forwarded { from, .. } | Answer::Passed { from, .. } => *from,
+        }
+    }
 }
 
 struct Live {
@@ -196,6 +220,8 @@ struct Task {
     holdings: HashMap<ContributorId, Holding>,
     publishing: BTreeSet<(u32, u32)>,
     hops: HashMap<(u64, u64), Hop>,
+    /// The direct channels asked for: (upstream, downstream) holders of consecutive spans.
+    links: BTreeSet<(ContributorId, ContributorId)>,
     live: HashMap<u64, Live>,
     records: BTreeMap<u64, Record>,
     next_request: u64,
@@ -219,6 +245,7 @@ pub fn start(config: ServingConfig, name: Option<String>, blobs: Arc<crate::blob
         holdings: HashMap::new(),
         publishing: BTreeSet::new(),
         hops: HashMap::new(),
+        links: BTreeSet::new(),
         live: HashMap::new(),
         records: BTreeMap::new(),
         next_request: 1,
@@ -305,7 +332,8 @@ impl Task {
                     self.lost(from, "failed its span");
                 }
             }
-            Command::Forwarded { from, session, step, hidden } => self.forwarded(from, session, step, hidden),
+            Command::Forwarded { from, session, step, hidden } => self.answered(session, step, Answer::Forwarded { from, hidden }),
+            Command::Passed { from, session, step, to } => self.answered(session, step, Answer::Passed { from, to }),
             Command::Generate { request, reply } => {
                 let _ = reply.send(self.generate(request));
             }
@@ -320,6 +348,7 @@ impl Task {
                     members: self.members.iter().map(|(&id, m)| (id, &m.capabilities, m.failed)).collect(),
                     plan: self.plan.as_ref(),
                     ready: self.holdings.iter().filter(|(_, h)| h.ready).map(|(&id, _)| id).collect(),
+                    links: &self.links,
                 };
                 let _ = reply.send(self.swarm.json(self.now(), &view));
             }
@@ -471,6 +500,30 @@ impl Task {
             });
         }
         self.prefetch();
+        self.link();
+    }
+
+    /// Asks each pair of consecutive holders for a direct channel (the downstream one first, so
+    /// that it expects the offer), and the pairs no longer consecutive to close theirs.
+    fn link(&mut self) {
+        let wanted: BTreeSet<(ContributorId, ContributorId)> = self
+            .plan
+            .iter()
+            .flat_map(|plan| plan.stages.windows(2).map(|w| (w[0].contributor, w[1].contributor)))
+            .filter(|(up, down)| up != down)
+            .collect();
+        let gone: Vec<_> = self.links.difference(&wanted).copied().collect();
+        let new: Vec<_> = wanted.difference(&self.links).copied().collect();
+        for (up, down) in gone {
+            self.send(up, Outbound::Control(CoordinatorMessage::Unlink { peer: down }));
+            self.send(down, Outbound::Control(CoordinatorMessage::Unlink { peer: up }));
+        }
+        for &(up, down) in &new {
+            log(format_args!("contributors {up} -> {down}: direct channel asked for"));
+            self.send(down, Outbound::Control(CoordinatorMessage::Link { peer: up, offer: false }));
+            self.send(up, Outbound::Control(CoordinatorMessage::Link { peer: down, offer: true }));
+        }
+        self.links = wanted;
     }
 
     /// Names to each contributor that holds no span the published shards it could take over
@@ -529,10 +582,25 @@ impl Task {
             Ok(tensor) => tensor.encode(),
             Err(e) => return self.fail(session, ApiError::internal(format!("hidden states of session {session}: {e}"))),
         };
+        // The later stages this one can pass the states to directly: linked, each to the one
+        // before, and loaded.
+        let mut then = Vec::new();
+        for pair in hop.route[hop.next..].windows(2) {
+            let (up, down) = (pair[0], pair[1]);
+            match self.holdings.get(&down) {
+                Some(Holding { shard: Some(shard), ready: true, .. }) if self.links.contains(&(up, down)) => {
+                    then.push(NextHop { contributor: down, shard: shard.clone() });
+                }
+                _ => break,
+            }
+        }
+        if hop.next > 0 {
+            self.swarm.hop(false);
+        }
         let stream = self.next_stream;
         self.next_stream += 1;
         let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
-        let forward = CoordinatorMessage::Forward { shard, session, step, start: start as u32, capacity: capacity as u32, payload };
+        let forward = CoordinatorMessage::Forward(Forward { shard, session, step, start: start as u32, capacity: capacity as u32, payload, then });
         let now = self.now();
         if let Some(pipeline) = &mut self.pipeline {
             pipeline.dispatched(now, SessionId(session), step, to, rows);
@@ -541,36 +609,64 @@ impl Task {
         self.send(to, Outbound::Control(forward));
     }
 
-    fn forwarded(&mut self, from: ContributorId, session: u64, step: u64, hidden: Tensor) {
-        let now = self.now();
-        let dim = self.model().map_or(0, |m| m.config.dim as u64);
+    /// A stage is done with a step: its answer times its holder, then the step goes on to the
+    /// next stage (relayed here, or already passed on directly) or, after the last, to the head.
+    fn answered(&mut self, session: u64, step: u64, answer: Answer) {
+        let (from, now) = (answer.from(), self.now());
+        if let Some(hop) = self.hops.get_mut(&(session, step))
+            && hop.early.is_none()
+            && hop.route.iter().skip(hop.next + 1).any(|&c| c == from)
+        {
+            hop.early = Some(answer);
+            return;
+        }
         // Every answer times its holder; one for an abandoned step (a late holder's, after its
         // span moved) is stale and ends here.
         let Some(pipeline) = &mut self.pipeline else { return };
         if pipeline.acknowledge(now, SessionId(session), step, from) != Received::Accepted {
             return;
         }
-        let Some(hop) = self.hops.get(&(session, step)) else { return };
+        let Some(hop) = self.hops.get_mut(&(session, step)) else { return };
         if hop.route.get(hop.next) != Some(&from) {
             return;
         }
-        let (rows, stage, sample) = (hop.positions.len() as u64, hop.next, hop.sample);
-        let values: Option<Vec<f32>> = match hidden.dims() {
-            [r, d] if *r == rows && *d == dim => hidden.f32_values().map(Iterator::collect),
-            _ => None,
-        };
-        let Some(values) = values else {
-            log(format_args!("contributor {from}: session {session} step {step}: states of {:?} {:?}, expected F32 [{rows}, {dim}]", hidden.dtype(), hidden.dims()));
-            if let Some(member) = self.members.get_mut(&from) {
-                member.failed = true;
-            }
-            return self.lost(from, "returned states of the wrong shape");
-        };
+        let (rows, stage, sample) = (hop.positions.len(), hop.next, hop.sample);
         if sample
             && let (Some(record), Some(stage)) = (self.records.get_mut(&session), self.plan.as_ref().and_then(|p| p.stages.get(stage)))
         {
             record.served.insert((stage.blocks.start, stage.blocks.end, from.0));
         }
+        match answer {
+            Answer::Passed { to, .. } => {
+                if hop.route.get(hop.next + 1) != Some(&to) {
+                    log(format_args!("contributor {from}: session {session} step {step} passed to contributor {to}, which is not the next stage"));
+                    return self.unfit(from, "passed states to a contributor off the route");
+                }
+                hop.next += 1;
+                let early = hop.early.take_if(|early| early.from() == to);
+                self.swarm.hop(true);
+                if let Some(pipeline) = &mut self.pipeline {
+                    pipeline.dispatched(now, SessionId(session), step, to, rows);
+                }
+                if let Some(early) = early {
+                    self.answered(session, step, early);
+                }
+            }
+            Answer::Forwarded { hidden, .. } => self.relay(session, step, from, rows, &hidden),
+        }
+    }
+
+    /// A stage's output came back here: check it, then send it to the next stage or the head.
+    fn relay(&mut self, session: u64, step: u64, from: ContributorId, rows: usize, hidden: &Tensor) {
+        let dim = self.model().map_or(0, |m| m.config.dim as u64);
+        let values: Option<Vec<f32>> = match hidden.dims() {
+            [r, d] if *r == rows as u64 && *d == dim => hidden.f32_values().map(Iterator::collect),
+            _ => None,
+        };
+        let Some(values) = values else {
+            log(format_args!("contributor {from}: session {session} step {step}: states of {:?} {:?}, expected F32 [{rows}, {dim}]", hidden.dtype(), hidden.dims()));
+            return self.unfit(from, "returned states of the wrong shape");
+        };
         let Some(hop) = self.hops.get_mut(&(session, step)) else { return };
         hop.next += 1;
         if hop.next < hop.route.len() {
@@ -586,6 +682,14 @@ impl Task {
                 let _ = own.blocking_send(Command::Logits { session, result });
             });
         }
+    }
+
+    /// A holder broke the protocol of span serving: it serves no span for this connection.
+    fn unfit(&mut self, id: ContributorId, why: &str) {
+        if let Some(member) = self.members.get_mut(&id) {
+            member.failed = true;
+        }
+        self.lost(id, why);
     }
 
     fn sampled(&mut self, session: u64, logits: &[f32]) {
@@ -622,7 +726,7 @@ impl Task {
             match output {
                 Output::Step { session, step, positions, tokens, route, sample } => {
                     let Some(model) = self.model() else { return };
-                    self.hops.insert((session.0, step), Hop { positions, route, next: 0, sample });
+                    self.hops.insert((session.0, step), Hop { positions, route, next: 0, sample, early: None });
                     let own = self.own.clone();
                     tokio::task::spawn_blocking(move || {
                         let result = pollster::block_on(model.ends.embed(&model.gpu, &tokens)).map_err(|e| e.to_string());
@@ -717,6 +821,7 @@ impl Task {
                 for (id, shard) in unloads {
                     self.send(id, Outbound::Control(CoordinatorMessage::UnloadSpan { shard }));
                 }
+                self.link();
             }
         }
     }

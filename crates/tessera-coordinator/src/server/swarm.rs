@@ -108,6 +108,8 @@ pub struct View<'a> {
     pub plan: Option<&'a Plan>,
     /// Holders whose span is loaded.
     pub ready: BTreeSet<ContributorId>,
+    /// The direct channels asked for: (upstream, downstream) holders of consecutive spans.
+    pub links: &'a BTreeSet<(ContributorId, ContributorId)>,
 }
 
 /// The swarm's live figures and recent requests.
@@ -119,6 +121,9 @@ pub struct Swarm {
     /// Newest first, at most `REQUESTS_SHOWN`.
     requests: VecDeque<Row>,
     started_total: u64,
+    /// Hops from one stage to the next: straight over a direct channel, or through here.
+    hops_direct: u64,
+    hops_relayed: u64,
 }
 
 /// `native` or `browser`, as far as a backend tells: WebGPU is what a browser offers; a native
@@ -133,7 +138,16 @@ pub fn kind(backend: &str) -> Option<&'static str> {
 
 impl Swarm {
     pub fn new(epoch_unix_ms: u64) -> Swarm {
-        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0 }
+        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0 }
+    }
+
+    /// A step's states went from one stage to the next: `direct`ly, or relayed by the coordinator.
+    pub fn hop(&mut self, direct: bool) {
+        if direct {
+            self.hops_direct += 1;
+        } else {
+            self.hops_relayed += 1;
+        }
     }
 
     /// A request started, on `spans`.
@@ -250,6 +264,8 @@ impl Swarm {
                 "requests_total": self.started_total,
             },
             "requests": requests,
+            "links": view.links.iter().map(|(up, down)| json!([up.0, down.0])).collect::<Vec<_>>(),
+            "hops": { "direct": self.hops_direct, "relayed": self.hops_relayed },
         })
     }
 }
@@ -344,8 +360,12 @@ mod tests {
             members: vec![(ContributorId(3), &vulkan, false), (ContributorId(5), &webgpu, false), (ContributorId(7), &metal, true)],
             plan: Some(&plan),
             ready: BTreeSet::from([ContributorId(3)]),
+            links: &BTreeSet::from([(ContributorId(3), ContributorId(5))]),
         };
         let mut swarm = Swarm::new(1_700_000_000_000);
+        swarm.hop(true);
+        swarm.hop(true);
+        swarm.hop(false);
         swarm.started(Millis(1_000), 1, 12, "0-10=3,10-30=5");
         for t in [2_000, 2_500, 3_000] {
             swarm.token(Millis(t), 1);
@@ -375,6 +395,8 @@ mod tests {
                 { "id": 1, "state": "done", "prompt_tokens": 12, "completion_tokens": 3, "tokens_per_second": 2.0,
                   "spans": "0-10=7,10-30=5", "started_unix_ms": 1_700_000_001_000u64, "elapsed_ms": 2_100 },
             ],
+            "links": [[3, 5]],
+            "hops": { "direct": 2, "relayed": 1 },
         });
         assert_eq!(got, expected, "{got:#}");
     }
@@ -382,7 +404,7 @@ mod tests {
     #[test]
     fn no_model_and_no_plan_before_any_request() {
         let native = caps("vulkan");
-        let view = View { name: None, model: None, members: vec![(ContributorId(1), &native, false)], plan: None, ready: BTreeSet::new() };
+        let view = View { name: None, model: None, members: vec![(ContributorId(1), &native, false)], plan: None, ready: BTreeSet::new(), links: &BTreeSet::new() };
         let got = Swarm::new(0).json(Millis(0), &view);
         assert_eq!(got["model"], Value::Null);
         assert_eq!(got["plan"], Value::Null);
@@ -401,7 +423,7 @@ mod tests {
         }
         // A token for a request no longer shown still counts towards the rate.
         swarm.token(Millis(200), 1);
-        let view = View { name: None, model: None, members: Vec::new(), plan: None, ready: BTreeSet::new() };
+        let view = View { name: None, model: None, members: Vec::new(), plan: None, ready: BTreeSet::new(), links: &BTreeSet::new() };
         let got = swarm.json(Millis(200), &view);
         let ids: Vec<u64> = got["requests"].as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, (21..=shown + 20).rev().collect::<Vec<_>>());

@@ -233,8 +233,6 @@ fn coordinator_messages_that_need_no_work() {
     let out = handle(&mut session, 0.0, &blob_request);
     let message = "bafkx (stream 4): this contributor does not serve blobs".to_string();
     assert_eq!(out.iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Error { code: ErrorCode::BlobNotFound, message }]);
-    let signal = CoordinatorMessage::Signal { from: ContributorId(2), to: ContributorId(1), payload: SignalPayload::Offer { sdp: "v=0".into() } };
-    assert_eq!(handle(&mut session, 0.0, &signal), []);
     assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::BlobHave { cids: vec!["bafkx".into()] }), []);
     assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafkx".into()] }), []);
     let verdict = CoordinatorMessage::Verdict { unit: UnitId(3), accepted: false };
@@ -305,6 +303,8 @@ fn events_are_plain_objects_with_a_type() {
         (Event::Download { cid: "bafk".into(), bytes: 5, cached: true }, serde_json::json!({"type": "download", "cid": "bafk", "bytes": 5, "cached": true})),
         (Event::Unit { unit: UnitId(4), job: JobId(2), inputs: 8, ms: 1.5 }, serde_json::json!({"type": "unit", "unit": 4, "job": 2, "inputs": 8, "ms": 1.5})),
         (Event::Verdict { unit: UnitId(4), accepted: true }, serde_json::json!({"type": "verdict", "unit": 4, "accepted": true})),
+        (Event::Links { open: 2 }, serde_json::json!({"type": "links", "open": 2})),
+        (Event::Passed { to: ContributorId(7) }, serde_json::json!({"type": "passed", "to": 7})),
     ];
     for (event, expected) in cases {
         assert_eq!(serde_json::to_value(&event).unwrap(), expected);
@@ -334,7 +334,7 @@ fn tensor_frames(stream: u64, dims: Vec<u64>, values: &[f32]) -> (Vec<Vec<u8>>, 
 }
 
 fn forward(session: u64, step: u64, start: u32, payload: PayloadRef) -> CoordinatorMessage {
-    CoordinatorMessage::Forward { shard: "bafkshard".into(), session, step, start, capacity: 64, payload }
+    CoordinatorMessage::Forward(Forward { shard: "bafkshard".into(), session, step, start, capacity: 64, payload, then: Vec::new() })
 }
 
 fn send_frames(session: &mut Session, frames: &[Vec<u8>]) {
@@ -519,4 +519,425 @@ fn forwards_through_one_span_for_other_sessions_batch_up_to_the_exact_rows() {
     }
     assert_eq!(batches, [vec![1, 2, 3], vec![4], vec![4], vec![5, 6], vec![0], vec![7], vec![8], vec![9]]);
     assert!(next_span_jobs(&mut queue).is_empty());
+}
+
+fn link(peer: u64, offer: bool) -> CoordinatorMessage {
+    CoordinatorMessage::Link { peer: ContributorId(peer), offer }
+}
+
+/// A signal relayed from contributor `from` to this one (contributor 1).
+fn signal(from: u64, payload: SignalPayload) -> CoordinatorMessage {
+    CoordinatorMessage::Signal { from: ContributorId(from), to: ContributorId(1), payload }
+}
+
+fn offer_from(from: u64) -> CoordinatorMessage {
+    signal(from, SignalPayload::Offer { sdp: format!("v=0 offer of {from}") })
+}
+
+fn answer_from(from: u64) -> CoordinatorMessage {
+    signal(from, SignalPayload::Answer { sdp: format!("v=0 answer of {from}") })
+}
+
+fn links_open(open: usize) -> Output {
+    Output::Event(Event::Links { open })
+}
+
+fn logged(output: &Output, part: &str) -> bool {
+    matches!(output, Output::Log(line) if line.contains(part))
+}
+
+/// Opens a link with `peer` (this side offering or answering) through every step, checking
+/// each; returns its number.
+fn open_link(session: &mut Session, peer: u64, offer: bool, max_message: usize) -> u64 {
+    let own = ContributorId(1);
+    let (link, sdp) = if offer {
+        let out = handle(session, 0.0, &link(peer, true));
+        let [Output::Offer { link, peer: to }] = out[..] else { panic!("{out:?}") };
+        assert_eq!(to, ContributorId(peer));
+        (link, "v=0 our offer")
+    } else {
+        assert_eq!(handle(session, 0.0, &link(peer, false)), []);
+        let out = handle(session, 0.0, &offer_from(peer));
+        let [Output::Answer { link, peer: from, ref sdp }] = out[..] else { panic!("{out:?}") };
+        assert_eq!((from, sdp.as_str()), (ContributorId(peer), format!("v=0 offer of {peer}").as_str()));
+        (link, "v=0 our answer")
+    };
+    session.described(link, Ok(sdp.into()));
+    let payload = if offer { SignalPayload::Offer { sdp: sdp.into() } } else { SignalPayload::Answer { sdp: sdp.into() } };
+    assert_eq!(drain(session).iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Signal { from: own, to: ContributorId(peer), payload }]);
+    if offer {
+        assert_eq!(handle(session, 0.0, &answer_from(peer)), [Output::Accept { link, sdp: format!("v=0 answer of {peer}") }]);
+    }
+    let before = session.open_links();
+    session.link_open(link, max_message);
+    let out = drain(session);
+    assert!(logged(&out[0], &format!("contributor {peer} open")), "{out:?}");
+    assert_eq!(out[1..], [links_open(before + 1)]);
+    link
+}
+
+#[test]
+fn links_open_as_the_coordinator_says_and_close_on_unlink() {
+    let mut session = joined(1.0, BIG);
+    let down = open_link(&mut session, 7, true, BIG);
+    let up = open_link(&mut session, 3, false, BIG);
+    assert_ne!(down, up);
+    // Asked again for a link it has: nothing new.
+    assert_eq!(handle(&mut session, 0.0, &link(7, true)), []);
+    assert_eq!(handle(&mut session, 0.0, &link(3, false)), []);
+    // The same peer the other way round is another link.
+    let out = handle(&mut session, 0.0, &link(3, true));
+    assert!(matches!(out[..], [Output::Offer { peer: ContributorId(3), .. }]), "{out:?}");
+
+    let out = handle(&mut session, 0.0, &CoordinatorMessage::Unlink { peer: ContributorId(7) });
+    assert!(logged(&out[0], "to contributor 7 closed: the coordinator unlinked it"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: down }, links_open(1)]);
+    // Both links with contributor 3 go; the one still being made has nothing open to count.
+    let out = handle(&mut session, 0.0, &CoordinatorMessage::Unlink { peer: ContributorId(3) });
+    assert_eq!(out.iter().filter(|o| matches!(o, Output::Close { .. })).count(), 2, "{out:?}");
+    assert_eq!(out.iter().filter(|o| matches!(o, Output::Event(_))).collect::<Vec<_>>(), [&links_open(0)]);
+    // Its offer is no longer awaited.
+    assert!(logged(&handle(&mut session, 0.0, &offer_from(3))[0], "not linked here as upstream"));
+}
+
+fn check_signal(links: &[(u64, bool)], message: &CoordinatorMessage, expected: &str) {
+    let mut session = joined(1.0, BIG);
+    for &(peer, offer) in links {
+        handle(&mut session, 0.0, &link(peer, offer));
+    }
+    let out = handle(&mut session, 0.0, message);
+    if expected.is_empty() {
+        assert_eq!(out, [], "{message:?}");
+    } else {
+        assert!(matches!(&out[..], [Output::Log(line)] if line.contains(expected)), "{message:?}: {out:?}");
+    }
+}
+
+#[test]
+fn signals_from_contributors_not_linked_so_are_ignored() {
+    let to_another = CoordinatorMessage::Signal { from: ContributorId(3), to: ContributorId(2), payload: SignalPayload::Offer { sdp: "v=0".into() } };
+    let candidate = signal(3, SignalPayload::Candidate { candidate: "candidate:1".into(), sdp_mid: None, sdp_m_line_index: Some(0) });
+    check_signal(&[], &offer_from(2), "an offer from contributor 2, which is not linked here as upstream, ignored");
+    // Linked, but downstream: this side offers to it, never answers it.
+    check_signal(&[(7, true)], &offer_from(7), "not linked here as upstream");
+    check_signal(&[(3, false)], &offer_from(4), "not linked here as upstream");
+    // An answer to an offer this side did not make, or has not sent yet.
+    check_signal(&[(3, false)], &answer_from(3), "an answer from contributor 3, which was not offered a channel here, ignored");
+    check_signal(&[(7, true)], &answer_from(7), "was not offered a channel here");
+    check_signal(&[(3, false)], &to_another, "a signal from contributor 3 for contributor 2 ignored");
+    // Every candidate is in the SDP.
+    check_signal(&[(3, false)], &candidate, "");
+
+    // Links to itself, or before the welcome, are not made.
+    let mut session = joined(1.0, BIG);
+    assert!(logged(&handle(&mut session, 0.0, &link(1, true))[0], "this is contributor Some(ContributorId(1))"));
+    let mut session = Session::new(capabilities(), 1.0, BIG);
+    drain(&mut session);
+    assert!(logged(&handle(&mut session, 0.0, &link(4, false))[0], "ignored"));
+}
+
+#[test]
+fn a_new_offer_from_an_upstream_peer_replaces_its_connection() {
+    let mut session = joined(1.0, BIG);
+    let first = open_link(&mut session, 3, false, BIG);
+    let out = handle(&mut session, 0.0, &offer_from(3));
+    assert!(logged(&out[0], "contributor 3 offered again"), "{out:?}");
+    let [_, Output::Close { link }, ref count, Output::Answer { link: second, .. }] = out[..] else { panic!("{out:?}") };
+    assert_eq!((link, count), (first, &links_open(0)));
+    assert_ne!(second, first);
+    // The old connection's late reports close it again and change nothing else.
+    session.link_open(first, BIG);
+    session.described(first, Ok("v=0".into()));
+    assert_eq!(drain(&mut session), [Output::Close { link: first }, Output::Close { link: first }]);
+}
+
+#[test]
+fn links_that_fail_or_do_not_open_in_time_close() {
+    let mut session = Session::new(capabilities(), 1.0, BIG);
+    drain(&mut session);
+    handle(&mut session, 0.0, &welcome(1, 60_000));
+    // Offering: ten seconds from the `Link`; answering: from the offer, none before it.
+    handle(&mut session, 1_000.0, &link(7, true));
+    handle(&mut session, 2_000.0, &link(3, false));
+    assert_eq!(session.poll_timeout(), Some(11_000.0));
+    handle(&mut session, 5_000.0, &offer_from(3));
+    session.handle_timeout(10_999.0);
+    assert_eq!(drain(&mut session), []);
+    session.handle_timeout(11_000.0);
+    let out = drain(&mut session);
+    assert!(logged(&out[0], "to contributor 7 closed: did not open within 10 s"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: 1 }]);
+    assert_eq!(session.poll_timeout(), Some(15_000.0));
+    session.link_open(2, BIG);
+    drain(&mut session);
+    assert_eq!(session.poll_timeout(), Some(60_000.0));
+
+    // A connection that could not be made, or that closed, is forgotten; a report on a link
+    // the session does not know closes whatever the glue holds for it.
+    let mut session = joined(1.0, BIG);
+    handle(&mut session, 0.0, &link(7, true));
+    session.described(1, Err("creating the offer: no".into()));
+    let out = drain(&mut session);
+    assert!(logged(&out[0], "could not be set up: creating the offer: no"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: 1 }]);
+    let open = open_link(&mut session, 8, true, BIG);
+    session.link_closed(open, "contributor 8 closed the DataChannel".into());
+    let out = drain(&mut session);
+    assert!(logged(&out[0], "to contributor 8 closed: contributor 8 closed the DataChannel"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: open }, links_open(0)]);
+    for report in [
+        |s: &mut Session| s.link_closed(99, "gone".into()),
+        |s: &mut Session| s.link_open(99, BIG),
+        |s: &mut Session| s.link_message(99, Incoming::Text("{}")),
+        |s: &mut Session| s.described(99, Ok("v=0".into())),
+    ] {
+        report(&mut session);
+        assert_eq!(drain(&mut session), [Output::Close { link: 99 }]);
+    }
+    // A link the coordinator asks for again after a failure is made again.
+    assert!(matches!(handle(&mut session, 0.0, &link(7, true))[..], [Output::Offer { .. }]));
+}
+
+#[test]
+fn at_most_max_links_are_kept() {
+    let mut session = joined(1.0, BIG);
+    for peer in 0..MAX_LINKS as u64 {
+        handle(&mut session, 0.0, &link(100 + peer, peer % 2 == 0));
+    }
+    let out = handle(&mut session, 0.0, &link(99, false));
+    assert_eq!(out, [Output::Log(format!("no direct channel with contributor 99: {MAX_LINKS} are open or opening already"))]);
+    assert!(logged(&handle(&mut session, 0.0, &offer_from(99))[0], "not linked here as upstream"));
+    // One closes: there is room again.
+    handle(&mut session, 0.0, &CoordinatorMessage::Unlink { peer: ContributorId(100) });
+    assert_eq!(handle(&mut session, 0.0, &link(99, false)), []);
+}
+
+/// A step's hidden states, as an upstream peer sends them: frames, then its `PeerMessage`.
+fn peer_forward(session: &mut Session, link: u64, stream: u64, hidden: &[f32], then: Vec<NextHop>) {
+    let (frames, payload) = tensor_frames(stream, vec![1, hidden.len() as u64], hidden);
+    for frame in &frames {
+        session.link_message(link, Incoming::Binary(frame));
+    }
+    let forward = Forward { shard: "bafkshard".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then };
+    session.link_message(link, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
+}
+
+fn hop(contributor: u64, shard: &str) -> NextHop {
+    NextHop { contributor: ContributorId(contributor), shard: shard.into() }
+}
+
+/// The tensor a list of frames carries, and its reference.
+fn reassemble(frames: &[Outgoing]) -> (Vec<f32>, PayloadRef) {
+    let mut reassembler = Reassembler::default();
+    let mut payload = None;
+    for frame in frames {
+        let Outgoing::Binary(frame) = frame else { panic!("expected a frame, got {frame:?}") };
+        let Ok(Decoded::Chunk(chunk)) = decode::<PeerMessage>(Incoming::Binary(frame)) else { panic!("a bad frame") };
+        payload = reassembler.push(chunk).unwrap();
+    }
+    let payload = payload.unwrap();
+    let values = Tensor::decode(&payload.bytes, usize::MAX).unwrap().f32_values().unwrap().collect();
+    (values, PayloadRef { stream: payload.stream, bytes: payload.bytes.len() as u64 })
+}
+
+#[test]
+fn a_peers_forward_runs_as_the_coordinators_and_its_output_goes_on_directly() {
+    let mut session = joined(1.0, BIG);
+    let up = open_link(&mut session, 3, false, BIG);
+    let down = open_link(&mut session, 7, true, BIG);
+    let hidden: Vec<f32> = rows(1, 20_000).concat();
+    peer_forward(&mut session, up, 4, &hidden, vec![hop(7, "bafknext"), hop(9, "bafklast")]);
+    let job = SpanJob::Forward { shard: "bafkshard".into(), session: 5, step: 1, start: 3, capacity: 64, rows: 1, hidden: hidden.clone() };
+    assert_eq!(drain(&mut session), [Output::Span(job)]);
+
+    // 80 KB out: two frames on a stream of this side's, then the forward for the next stage,
+    // naming the stage after it.
+    let output: Vec<f32> = hidden.iter().map(|v| v + 1.0).collect();
+    session.forwarded(10.0, 5, 1, 4.0, Ok((output.clone(), 20_000)));
+    let out = drain(&mut session);
+    let [Output::Pass { link, session: 5, step: 1, ref messages }, ref event] = out[..] else { panic!("{out:?}") };
+    assert_eq!((link, event), (down, &Output::Event(Event::Forwarded { rows: 1, ms: 4.0 })));
+    assert_eq!(messages.len(), 3);
+    let (values, payload) = reassemble(&messages[..2]);
+    assert_eq!(values, output);
+    let Outgoing::Text(text) = &messages[2] else { panic!("{messages:?}") };
+    let expected = Forward { shard: "bafknext".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then: vec![hop(9, "bafklast")] };
+    assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), usize::MAX).unwrap(), PeerMessage::Forward(expected));
+
+    // Sent: the coordinator hears `Passed`, and the page counts it.
+    session.passed(down, 5, 1, Ok(()));
+    let out = drain(&mut session);
+    assert_eq!(sent(&out[0]), ContributorMessage::Passed { session: 5, step: 1, to: ContributorId(7) });
+    assert_eq!(out[1..], [Output::Event(Event::Passed { to: ContributorId(7) })]);
+    // Reported twice, or for a step not handed out: nothing.
+    session.passed(down, 5, 1, Ok(()));
+    session.passed(down, 6, 1, Err("no".into()));
+    assert_eq!(drain(&mut session), []);
+
+    // A coordinator's forward names the next stage the same way.
+    let (frames, payload) = tensor_frames(50, vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    send_frames(&mut session, &frames);
+    let message = CoordinatorMessage::Forward(Forward { then: vec![hop(7, "bafknext")], ..forward_fields(6, 2, payload) });
+    assert!(matches!(handle(&mut session, 0.0, &message)[..], [Output::Span(SpanJob::Forward { session: 6, .. })]));
+    session.forwarded(20.0, 6, 2, 1.0, Ok((vec![0.5; 4], 4)));
+    let out = drain(&mut session);
+    assert!(matches!(&out[..], [Output::Pass { session: 6, step: 2, messages, .. }, _] if messages.len() == 2), "{out:?}");
+}
+
+#[test]
+fn a_peers_step_that_fails_here_is_not_this_spans_failure() {
+    let mut session = joined(1.0, BIG);
+    let up = open_link(&mut session, 3, false, BIG);
+    peer_forward(&mut session, up, 4, &[1.0, 2.0], Vec::new());
+    assert!(matches!(drain(&mut session)[..], [Output::Span(SpanJob::Forward { session: 5, step: 1, .. })]));
+    // The span moved off this tab since, say: the coordinator hears it, but not `SpanFailed`,
+    // which would take the span from its holder.
+    session.forwarded(10.0, 5, 1, 1.0, Err("span bafkshard is not loaded here".into()));
+    let out = drain(&mut session);
+    let Some(ContributorMessage::Error { code, message }) = out.iter().find(|o| matches!(o, Output::Send(Outgoing::Text(_)))).map(sent) else { panic!("{out:?}") };
+    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    assert!(message.contains("from contributor 3"), "{message}");
+    // The coordinator's own step failing is this span's failure.
+    let (frames, payload) = tensor_frames(50, vec![1, 2], &[1.0, 2.0]);
+    send_frames(&mut session, &frames);
+    handle(&mut session, 0.0, &CoordinatorMessage::Forward(forward_fields(6, 2, payload)));
+    session.forwarded(20.0, 6, 2, 1.0, Err("bad".into()));
+    let out = drain(&mut session);
+    assert!(out.iter().any(|o| matches!(o, Output::Send(Outgoing::Text(_))) && matches!(sent(o), ContributorMessage::Error { code: ErrorCode::SpanFailed, .. })), "{out:?}");
+}
+
+fn forward_fields(session: u64, step: u64, payload: PayloadRef) -> Forward {
+    Forward { shard: "bafkshard".into(), session, step, start: 0, capacity: 64, payload, then: Vec::new() }
+}
+
+/// Runs a coordinator's forward whose output should go to `then`, with the session's links
+/// as `setup` left them, and checks that the output went to the coordinator in `Forwarded`
+/// (after the outputs `before` says: a log line or a closed link).
+fn check_fallback(setup: fn(&mut Session), then: Vec<NextHop>, pass_fails: bool, before: &[&str]) {
+    let mut session = joined(1.0, BIG);
+    setup(&mut session);
+    let (frames, payload) = tensor_frames(50, vec![2, 4], &[1.0; 8]);
+    send_frames(&mut session, &frames);
+    handle(&mut session, 0.0, &CoordinatorMessage::Forward(Forward { then, ..forward_fields(6, 2, payload) }));
+    let output = vec![0.25; 8];
+    session.forwarded(20.0, 6, 2, 1.0, Ok((output.clone(), 4)));
+    let mut out = drain(&mut session);
+    if pass_fails {
+        let [Output::Pass { link, session: 6, step: 2, .. }, _] = out[..] else { panic!("{out:?}") };
+        session.passed(link, 6, 2, Err("contributor 7 took nothing for 30 s".into()));
+        out = drain(&mut session);
+    }
+    let shown = format!("{out:?}");
+    let (told, rest) = out.split_at(before.len());
+    for (output, part) in told.iter().zip(before) {
+        assert!(logged(output, part) || format!("{output:?}").contains(part), "{part:?} in {shown}");
+    }
+    let frames: Vec<Outgoing> = rest.iter().map_while(|o| if let Output::Send(m @ Outgoing::Binary(_)) = o { Some(m.clone()) } else { None }).collect();
+    let (values, payload) = reassemble(&frames);
+    assert_eq!(values, output);
+    assert_eq!(sent(&rest[frames.len()]), ContributorMessage::Forwarded { session: 6, step: 2, payload }, "{shown}");
+}
+
+#[test]
+fn outputs_go_to_the_coordinator_when_no_link_to_the_next_stage_is_open() {
+    fn nothing(_: &mut Session) {}
+    fn offered(session: &mut Session) {
+        handle(session, 0.0, &link(7, true));
+        session.described(1, Ok("v=0".into()));
+        drain(session);
+    }
+    fn upstream(session: &mut Session) {
+        open_link(session, 7, false, BIG);
+    }
+    fn small(session: &mut Session) {
+        open_link(session, 7, true, 50);
+    }
+    fn open(session: &mut Session) {
+        open_link(session, 7, true, BIG);
+    }
+    // No later stage named, or none linked.
+    check_fallback(open, Vec::new(), false, &[]);
+    check_fallback(nothing, vec![hop(7, "bafknext")], false, &[]);
+    // Linked, but not open yet, or only as upstream.
+    check_fallback(offered, vec![hop(7, "bafknext")], false, &[]);
+    check_fallback(upstream, vec![hop(7, "bafknext")], false, &[]);
+    // Its frames do not fit the channel.
+    let too_big = "not passed on directly: a result frame of 84 bytes exceeds the DataChannel's maxMessageSize of 50";
+    check_fallback(small, vec![hop(7, "bafknext")], false, &[too_big]);
+    // The send failed: the link closes, and the coordinator gets the output after all.
+    let failed = "to contributor 7 closed: passing session 6 step 2 on failed: contributor 7 took nothing";
+    check_fallback(open, vec![hop(7, "bafknext")], true, &[failed, "Close", "Links { open: 0 }"]);
+}
+
+fn check_bad_peer(send: impl Fn(&mut Session, u64), expected: &str) {
+    let mut session = joined(1.0, BIG);
+    let up = open_link(&mut session, 3, false, BIG);
+    let down = open_link(&mut session, 7, true, BIG);
+    let link = if expected.contains("this side offered") { down } else { up };
+    send(&mut session, link);
+    let out = drain(&mut session);
+    let shown = format!("{out:?}");
+    assert!(logged(&out[0], expected), "{expected:?} in {shown}");
+    assert_eq!(out[1..3], [Output::Close { link }, links_open(1)], "{shown}");
+    let ContributorMessage::Error { code: ErrorCode::Malformed, message } = sent(&out[3]) else { panic!("{shown}") };
+    assert!(message.contains(expected) && message.ends_with("the direct channel is closed"), "{message}");
+    assert_eq!(out.len(), 4, "{shown}");
+    // Only that link: the other still carries forwards, and the coordinator's still run.
+    let other = if link == up { down } else { up };
+    assert!(session.links.iter().any(|l| l.number == other && matches!(l.state, LinkState::Open { .. })));
+    let (frames, payload) = tensor_frames(50, vec![1, 2], &[1.0, 2.0]);
+    send_frames(&mut session, &frames);
+    assert!(matches!(handle(&mut session, 0.0, &forward(2, 2, 0, payload))[..], [Output::Span(_)]));
+    // Its leftovers are closed again, and nothing more.
+    session.link_message(link, Incoming::Text("x"));
+    assert_eq!(drain(&mut session), [Output::Close { link }]);
+}
+
+#[test]
+fn bad_messages_from_a_peer_close_its_link_only() {
+    fn text(message: &'static str) -> impl Fn(&mut Session, u64) {
+        move |session, link| session.link_message(link, Incoming::Text(message))
+    }
+    fn binary(frame: Vec<u8>) -> impl Fn(&mut Session, u64) {
+        move |session, link| session.link_message(link, Incoming::Binary(&frame))
+    }
+    let blob = Chunker::new(3, PayloadKind::Blob, b"abc").unwrap().next().unwrap();
+    let mut huge = Chunker::new(1, PayloadKind::Tensor, &vec![0; 70_000]).unwrap().next().unwrap();
+    let total = MAX_HIDDEN_BYTES + 1;
+    huge[20..24].copy_from_slice(&(tessera_protocol::frame::chunk_count(total) as u32).to_le_bytes());
+    huge[24..32].copy_from_slice(&total.to_le_bytes());
+    check_bad_peer(text("not json"), "sent a message that does not decode: ");
+    check_bad_peer(text(r#"{"type":"welcome"}"#), "sent a message that does not decode: ");
+    check_bad_peer(binary(vec![1, 2, 3]), "sent a message that does not decode: ");
+    check_bad_peer(binary(blob), "sent a Blob frame (stream 3)");
+    check_bad_peer(binary(huge), "sent a bad tensor frame");
+    check_bad_peer(
+        |session, link| {
+            for stream in 0..=MAX_WAITING_TENSORS as u64 {
+                for frame in tensor_frames(stream, vec![1, 1], &[1.0]).0 {
+                    session.link_message(link, Incoming::Binary(&frame));
+                }
+            }
+        },
+        "others waiting for their forward",
+    );
+    check_bad_peer(
+        |session, link| {
+            let forward = forward_fields(5, 1, PayloadRef { stream: 9, bytes: 10 });
+            session.link_message(link, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
+        },
+        "sent session 5 step 1: no tensor arrived on stream 9",
+    );
+    // Tensors that come on the coordinator's channel are not a peer's, nor the other way round.
+    check_bad_peer(
+        |session, link| {
+            let (frames, payload) = tensor_frames(60, vec![1, 2], &[1.0, 2.0]);
+            send_frames(session, &frames);
+            let forward = forward_fields(5, 1, payload);
+            session.link_message(link, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
+        },
+        "no tensor arrived on stream 60",
+    );
+    // A downstream peer sends nothing.
+    check_bad_peer(text(r#"{"type":"forward"}"#), "on the channel this side offered");
 }

@@ -1,7 +1,8 @@
 //! `tessera bench pipeline`: generation split across contributors, measured end to end on real
 //! `tessera serve` and `tessera contribute` processes (this binary) on loopback: decode rate in
-//! 1, 2 and 3 spans beside a local run, the cost of a hop, 8 sessions at once, and the stall
-//! when a span's holder is killed mid-stream.
+//! 1, 2 and 3 spans beside a local run, the cost of a hop (over direct contributor-to-contributor
+//! channels, and relayed by the coordinator with `contribute --no-links`), 8 sessions at once,
+//! and the stall when a span's holder is killed mid-stream.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -63,10 +64,14 @@ struct Report {
     max_tokens: usize,
     /// `tessera run`'s decode loop in this process, on this machine's adapter.
     local: Decode,
-    /// One session with the model in 1, 2 and 3 spans.
+    /// One session with the model in 1, 2 and 3 spans, hops over direct channels.
     spans: Vec<SpanRow>,
+    /// The same 3 spans with every hop relayed by the coordinator (`contribute --no-links`).
+    relayed: SpanRow,
     /// (per-token ms with k spans - with 1 span) / (k - 1), for k = 2 and 3.
     hop_ms: Vec<(usize, f64)>,
+    /// The same from the 3 relayed spans.
+    relayed_hop_ms: f64,
     three_over_one: f64,
     concurrent: Option<Concurrent>,
     stall_with_spare: Option<Stall>,
@@ -86,6 +91,8 @@ struct Decode {
 struct SpanRow {
     spans: usize,
     served_by: String,
+    /// Hops between stages over the whole run, from `/api/swarm`: `{ "direct", "relayed" }`.
+    hops: Value,
     decode: Decode,
     /// The slowest and fastest repetitions.
     range: (f64, f64),
@@ -126,11 +133,13 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     let mut spans = Vec::new();
     for budgets in [ONE_SPAN, TWO_SPANS] {
-        let swarm = Swarm::start(&exe, budgets)?;
+        let swarm = Swarm::start(&exe, budgets, true)?;
         spans.push(single_session(&swarm, budgets.len(), &args)?);
         say(format!("{} span(s) done", budgets.len()));
     }
-    let mut swarm = Swarm::start(&exe, THREE_SPANS)?;
+    let relayed = single_session(&Swarm::start(&exe, THREE_SPANS, false)?, 3, &args)?;
+    say("3 spans relayed by the coordinator done".into());
+    let mut swarm = Swarm::start(&exe, THREE_SPANS, true)?;
     spans.push(single_session(&swarm, 3, &args)?);
     // The stall first, on a quiet swarm; the spare holds the middle span afterwards: still three
     // spans for the 8 sessions at once.
@@ -139,18 +148,21 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let concurrent = concurrent(&swarm, &args).map_err(|e| missing.push(format!("{} concurrent sessions: {e:#}", args.sessions))).ok();
     drop(swarm);
     let stall_without_spare =
-        Swarm::start(&exe, THREE_SPANS_NO_SPARE).and_then(|mut swarm| stall(&mut swarm, None, &args)).map_err(|e| missing.push(format!("stall without a spare: {e:#}"))).ok();
+        Swarm::start(&exe, THREE_SPANS_NO_SPARE, true).and_then(|mut swarm| stall(&mut swarm, None, &args)).map_err(|e| missing.push(format!("stall without a spare: {e:#}"))).ok();
 
     let per_token_ms = |d: &Decode| 1e3 / d.tokens_per_second;
     let one = per_token_ms(&spans[0].decode);
     let hop_ms = spans[1..].iter().map(|row| (row.spans, (per_token_ms(&row.decode) - one) / (row.spans - 1) as f64)).collect();
+    let relayed_hop_ms = (per_token_ms(&relayed.decode) - one) / 2.0;
     let three_over_one = spans[2].decode.tokens_per_second / spans[0].decode.tokens_per_second;
     let report = Report {
         prompt: PROMPT,
         max_tokens: args.max_tokens,
         local,
         spans,
+        relayed,
         hop_ms,
+        relayed_hop_ms,
         three_over_one,
         concurrent,
         stall_with_spare,
@@ -220,6 +232,7 @@ fn single_session(swarm: &Swarm, expected_spans: usize, args: &PipelineArgs) -> 
     Ok(SpanRow {
         spans: expected_spans,
         served_by: warm.spans,
+        hops: get_json(swarm.addr, "/api/swarm")?["hops"].clone(),
         decode: Decode { tokens_per_second, first_token_ms: median(&mut firsts) },
         range: (rates[0], rates[rates.len() - 1]),
     })
@@ -288,18 +301,20 @@ fn print_table(r: &Report) {
         "{:<22} {:>13.1} {:>10.1} {:>15.0} {:>10.2}  this process, no network",
         "tessera run (local)", r.local.tokens_per_second, local_ms, r.local.first_token_ms, r.local.tokens_per_second / one
     );
-    for row in &r.spans {
+    for (row, relayed) in r.spans.iter().map(|row| (row, false)).chain([(&r.relayed, true)]) {
         let d = &row.decode;
         println!(
-            "{:<22} {:>13.1} {:>10.1} {:>15.0} {:>10.2}  {} (repetitions {:.1} to {:.1})",
-            format!("{} span{}", row.spans, if row.spans == 1 { "" } else { "s" }),
+            "{:<22} {:>13.1} {:>10.1} {:>15.0} {:>10.2}  {} (repetitions {:.1} to {:.1}; hops direct {}, relayed {})",
+            format!("{} span{}{}", row.spans, if row.spans == 1 { "" } else { "s" }, if relayed { ", relayed" } else { "" }),
             d.tokens_per_second,
             1e3 / d.tokens_per_second,
             d.first_token_ms,
             d.tokens_per_second / one,
             row.served_by,
             row.range.0,
-            row.range.1
+            row.range.1,
+            row.hops["direct"],
+            row.hops["relayed"]
         );
     }
     println!(
@@ -318,8 +333,13 @@ fn print_table(r: &Report) {
         );
     }
     println!(
-        "  a hop is one more span boundary: today span k's holder sends its hidden state to the coordinator, which forwards it to span k+1's holder \
-         (contributor -> coordinator -> contributor: two DataChannel transfers, the coordinator's turn, and the next stage's own submit and readback); (ms/token with k spans - with 1) / (k-1)"
+        "overhead per hop, from 3 spans relayed by the coordinator: {:.1} ms (direct saves {:.1} ms a hop)",
+        r.relayed_hop_ms,
+        r.relayed_hop_ms - r.hop_ms.last().map_or(0.0, |(_, ms)| *ms)
+    );
+    println!(
+        "  a hop is one more span boundary: span k's holder sends its hidden state straight to span k+1's holder over their DataChannel and tells the coordinator \
+         (relayed: to the coordinator, which forwards it: two transfers and the coordinator's turn), plus the next stage's own submit and readback; (ms/token with k spans - with 1) / (k-1)"
     );
     if let Some(c) = &r.concurrent {
         println!(
@@ -374,6 +394,7 @@ impl Drop for TempDir {
 struct Swarm {
     exe: PathBuf,
     addr: SocketAddr,
+    links: bool,
     /// (memory budget in MiB, process): the budget names the process in `/api/contributors`.
     contributors: Vec<(u64, Proc)>,
     _coordinator: Proc,
@@ -381,8 +402,9 @@ struct Swarm {
 }
 
 impl Swarm {
-    fn start(exe: &Path, budgets: &[u64]) -> anyhow::Result<Swarm> {
-        let dir = TempDir(std::env::temp_dir().join(format!("tessera-bench-pipeline-{}-{}", std::process::id(), budgets[0])));
+    /// `links`: whether the contributors open direct channels (else every hop is relayed).
+    fn start(exe: &Path, budgets: &[u64], links: bool) -> anyhow::Result<Swarm> {
+        let dir = TempDir(std::env::temp_dir().join(format!("tessera-bench-pipeline-{}-{}{}", std::process::id(), budgets[0], if links { "" } else { "-relayed" })));
         std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
         let log = std::fs::File::create(dir.0.join("serve.log"))?;
         let mut child = Command::new(exe)
@@ -403,7 +425,7 @@ impl Swarm {
         };
         // Whatever else serve prints, so that it never writes to a closed pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        let mut swarm = Swarm { exe: exe.to_path_buf(), addr, contributors: Vec::new(), _coordinator: coordinator, dir };
+        let mut swarm = Swarm { exe: exe.to_path_buf(), addr, links, contributors: Vec::new(), _coordinator: coordinator, dir };
         for &mib in budgets {
             swarm.add(mib)?;
         }
@@ -424,6 +446,7 @@ impl Swarm {
             // One pinned score for all: placement then follows the memory budgets alone.
             .args(["contribute", "--coordinator", &format!("http://{}", self.addr), "--score", "1", "--memory-budget-mib", &mib.to_string(), "--cache"])
             .arg(self.dir.0.join("cache"))
+            .args(if self.links { &[][..] } else { &["--no-links"][..] })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

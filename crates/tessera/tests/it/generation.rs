@@ -158,6 +158,13 @@ fn chat_completions_across_three_contributors() {
     let elapsed = t.elapsed().as_secs_f64();
     println!("streamed: {completion_tokens} tokens in {elapsed:.1} s ({:.2} tokens/s with the prompt)", completion_tokens as f64 / elapsed);
 
+    // The states went from stage to stage over direct channels: the two pairs of consecutive
+    // holders are linked, and hops passed straight on.
+    let swarm = get_json(addr, "/api/swarm");
+    assert_eq!(swarm["links"].as_array().map(Vec::len), Some(2), "{swarm}");
+    assert!(swarm["hops"]["direct"].as_u64() > Some(0), "no hop went directly: {}", swarm["hops"]);
+    println!("hops: {}", swarm["hops"]);
+
     // 2. The official client, whole and streamed.
     if let Some(out) = openai_client(addr) {
         assert_eq!(out["whole"]["text"], expected.as_str(), "{out}");

@@ -1,0 +1,258 @@
+//! A native contributor's direct channels (`Link`, `Unlink`), sans-IO: which contributors may
+//! offer this one a channel (upstream: they hold the span before ours, and we run the `Forward`s
+//! they send), which channels to downstream contributors are open (where our outputs go
+//! straight on), and the `MAX_LINKS` bound. `contribute.rs` owns the sockets and tasks; this
+//! table only decides, and holds each link's task handle so that forgetting a link stops it.
+
+use std::collections::HashMap;
+
+use tessera_protocol::{ContributorId, NextHop};
+
+/// Which way a link carries `Forward`s, seen from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The peer sends us `Forward`s; it offers and we answer (`Link { offer: false }`).
+    Upstream,
+    /// We send the peer `Forward`s; we offer (`Link { offer: true }`).
+    Downstream,
+}
+
+/// Why a `Link` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{max} direct channels are linked already")]
+    Full { max: usize },
+    #[error("that link exists already")]
+    Again,
+}
+
+/// One link. `T` is its task (answering or connecting, then serving the channel), `S` an open
+/// downstream channel's sender.
+#[derive(Debug)]
+struct Link<S, T> {
+    /// Which `Link` made it: a task started for an earlier one finds it gone.
+    epoch: u64,
+    /// None until a task serves the link, and again once its channel has closed.
+    task: Option<T>,
+    /// Set while a downstream channel is open.
+    sender: Option<S>,
+}
+
+/// The links of one connection to the coordinator, keyed by peer and side: a peer before and
+/// after us on a route holds two. A link keeps its place until `Unlink` (or the connection's
+/// end), even when its channel failed, as the coordinator counts it until then.
+#[derive(Debug)]
+pub struct Links<S, T> {
+    max: usize,
+    epochs: u64,
+    links: HashMap<(ContributorId, Side), Link<S, T>>,
+}
+
+impl<S: Clone, T> Links<S, T> {
+    pub fn new(max: usize) -> Self {
+        Links { max, epochs: 0, links: HashMap::new() }
+    }
+
+    /// A `Link`: the new link's epoch, which its task names from then on.
+    pub fn link(&mut self, peer: ContributorId, side: Side) -> Result<u64, Refused> {
+        if self.links.contains_key(&(peer, side)) {
+            return Err(Refused::Again);
+        }
+        if self.links.len() >= self.max {
+            return Err(Refused::Full { max: self.max });
+        }
+        self.epochs += 1;
+        self.links.insert((peer, side), Link { epoch: self.epochs, task: None, sender: None });
+        Ok(self.epochs)
+    }
+
+    /// An `Unlink`: forgets both sides with `peer`, dropping (so stopping) their tasks; whether
+    /// there was a link.
+    pub fn unlink(&mut self, peer: ContributorId) -> bool {
+        let upstream = self.links.remove(&(peer, Side::Upstream)).is_some();
+        let downstream = self.links.remove(&(peer, Side::Downstream)).is_some();
+        upstream || downstream
+    }
+
+    /// An SDP offer from `peer`: the epoch to answer it under, if `peer` is linked upstream and
+    /// no task serves that link now. Offers from anyone else are not answered.
+    pub fn offer(&self, peer: ContributorId) -> Option<u64> {
+        self.links.get(&(peer, Side::Upstream)).filter(|link| link.task.is_none()).map(|link| link.epoch)
+    }
+
+    /// Hands the link its task. False when that link is gone (or has a task): `task` is dropped.
+    pub fn start(&mut self, peer: ContributorId, side: Side, epoch: u64, task: T) -> bool {
+        match self.links.get_mut(&(peer, side)) {
+            Some(link) if link.epoch == epoch && link.task.is_none() => {
+                link.task = Some(task);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The channel to downstream `peer` opened. False when that link is gone.
+    pub fn opened(&mut self, peer: ContributorId, epoch: u64, sender: S) -> bool {
+        match self.links.get_mut(&(peer, Side::Downstream)) {
+            Some(link) if link.epoch == epoch && link.task.is_some() => {
+                link.sender = Some(sender);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The link's channel closed, or never opened: its task and sender are dropped, and an
+    /// upstream peer may offer again. False when that link is gone (or was down already).
+    pub fn closed(&mut self, peer: ContributorId, side: Side, epoch: u64) -> bool {
+        match self.links.get_mut(&(peer, side)) {
+            Some(link) if link.epoch == epoch && link.task.is_some() => {
+                link.sender = None;
+                link.task = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Where a step's output goes: the open channel to the first stage of `then`, with the
+    /// link's epoch; none (it goes back to the coordinator) when `then` is empty or that
+    /// channel is not open.
+    pub fn pass(&self, then: &[NextHop]) -> Option<(S, u64)> {
+        let next = then.first()?;
+        let link = self.links.get(&(next.contributor, Side::Downstream))?;
+        Some((link.sender.clone()?, link.epoch))
+    }
+
+    /// Links, open or not.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Forgets every link (the connection ended), stopping their tasks.
+    pub fn clear(&mut self) {
+        self.links.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use super::*;
+
+    /// A task that counts how many were stopped (dropped).
+    struct Task(Rc<Cell<usize>>);
+
+    impl Drop for Task {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    fn id(n: u64) -> ContributorId {
+        ContributorId(n)
+    }
+
+    fn hops(to: &[u64]) -> Vec<NextHop> {
+        to.iter().map(|&n| NextHop { contributor: id(n), shard: format!("shard{n}") }).collect()
+    }
+
+    /// At most `max` links, both sides with one peer counted apart; a repeated `Link` is refused
+    /// without touching the first, and `Unlink` frees the places of both sides.
+    #[test]
+    fn links_are_bounded_and_unique() {
+        let mut links: Links<&str, ()> = Links::new(3);
+        assert_eq!(links.link(id(1), Side::Upstream), Ok(1));
+        assert_eq!(links.link(id(1), Side::Downstream), Ok(2));
+        assert_eq!(links.link(id(1), Side::Upstream), Err(Refused::Again));
+        assert_eq!(links.link(id(2), Side::Downstream), Ok(3));
+        assert_eq!(links.link(id(3), Side::Upstream), Err(Refused::Full { max: 3 }));
+        assert_eq!(links.len(), 3);
+        assert!(links.unlink(id(1)));
+        assert!(!links.unlink(id(1)));
+        assert_eq!(links.len(), 1);
+        assert_eq!(links.link(id(3), Side::Upstream), Ok(4));
+        assert_eq!(links.link(id(4), Side::Upstream), Ok(5));
+        assert_eq!(links.link(id(5), Side::Upstream), Err(Refused::Full { max: 3 }));
+    }
+
+    /// Offers are answered only from a peer linked upstream, once per channel: again after that
+    /// channel closed, never after `Unlink`.
+    #[test]
+    fn only_linked_upstream_peers_may_offer() {
+        let stopped = Rc::new(Cell::new(0));
+        let mut links: Links<&str, Task> = Links::new(4);
+        assert_eq!(links.offer(id(1)), None, "not linked");
+        let down = links.link(id(2), Side::Downstream).unwrap();
+        assert_eq!(links.offer(id(2)), None, "linked the other way");
+        let up = links.link(id(1), Side::Upstream).unwrap();
+        assert_eq!(links.offer(id(1)), Some(up));
+        assert!(links.start(id(1), Side::Upstream, up, Task(stopped.clone())));
+        assert_eq!(links.offer(id(1)), None, "a channel is being answered already");
+        assert!(!links.start(id(1), Side::Upstream, up, Task(stopped.clone())), "a second task");
+        assert_eq!(stopped.get(), 1);
+        assert!(links.closed(id(1), Side::Upstream, up));
+        assert_eq!(stopped.get(), 2);
+        assert!(!links.closed(id(1), Side::Upstream, up), "closed twice");
+        assert_eq!(links.offer(id(1)), Some(up), "the upstream peer may offer again");
+        assert!(!links.closed(id(2), Side::Downstream, down), "never started");
+        assert!(links.unlink(id(1)));
+        assert_eq!(links.offer(id(1)), None);
+    }
+
+    /// A task of a link that was unlinked (and maybe linked again) finds it gone: whatever it
+    /// reports changes nothing, and a task handed in late is stopped at once.
+    #[test]
+    fn a_stale_task_changes_nothing() {
+        let stopped = Rc::new(Cell::new(0));
+        let mut links: Links<&str, Task> = Links::new(4);
+        let old = links.link(id(7), Side::Downstream).unwrap();
+        assert!(links.start(id(7), Side::Downstream, old, Task(stopped.clone())));
+        assert!(links.unlink(id(7)));
+        assert_eq!(stopped.get(), 1, "unlinking stops the task");
+        let new = links.link(id(7), Side::Downstream).unwrap();
+        assert!(!links.opened(id(7), old, "old"));
+        assert!(!links.opened(id(7), new, "new"), "no task serves it yet");
+        assert!(!links.start(id(7), Side::Downstream, old, Task(stopped.clone())));
+        assert_eq!(stopped.get(), 2);
+        assert!(links.start(id(7), Side::Downstream, new, Task(stopped.clone())));
+        assert!(!links.closed(id(7), Side::Downstream, old));
+        assert!(links.opened(id(7), new, "new"));
+        assert_eq!(links.pass(&hops(&[7])), Some(("new", new)));
+        links.clear();
+        assert_eq!((links.len(), stopped.get()), (0, 3));
+    }
+
+    /// A step's output goes straight on only over an open channel to the first of `then`.
+    #[test]
+    fn outputs_pass_directly_only_over_an_open_downstream_channel() {
+        let mut links: Links<&str, ()> = Links::new(8);
+        let up = links.link(id(1), Side::Upstream).unwrap();
+        assert!(links.start(id(1), Side::Upstream, up, ()));
+        let two = links.link(id(2), Side::Downstream).unwrap();
+        assert!(links.start(id(2), Side::Downstream, two, ()));
+        assert!(links.opened(id(2), two, "to 2"));
+        let three = links.link(id(3), Side::Downstream).unwrap();
+        assert!(links.start(id(3), Side::Downstream, three, ()));
+        // `then`, and where the output goes: a channel's sender, or back to the coordinator.
+        let cases: [(&[u64], Option<&str>); 7] = [
+            (&[], None),
+            (&[2], Some("to 2")),
+            (&[2, 3], Some("to 2")),
+            (&[3, 2], None),
+            (&[1], None),
+            (&[4], None),
+            (&[4, 2], None),
+        ];
+        for (then, expected) in cases {
+            assert_eq!(links.pass(&hops(then)).map(|(sender, _)| sender), expected, "then {then:?}");
+        }
+        assert!(links.closed(id(2), Side::Downstream, two));
+        assert_eq!(links.pass(&hops(&[2])), None, "closed");
+        assert!(links.opened(id(3), three, "to 3"));
+        assert_eq!(links.pass(&hops(&[3])), Some(("to 3", three)));
+    }
+}
