@@ -191,12 +191,26 @@ pub enum ContributorMessage {
     /// The span shard `shard` of a `LoadSpan` is loaded and ready for `Forward`.
     SpanReady { shard: String },
     /// The hidden states that `Forward { session, step }` produced: an F32 tensor `[rows, dim]`
-    /// in the `Tensor` frames of `payload`, sent before this message.
-    Forwarded { session: u64, step: u64, payload: PayloadRef },
+    /// in the `Tensor` frames of `payload`, sent before this message. `ms`: how long the step
+    /// took here from its arrival, as this contributor measured (for the coordinator's figures
+    /// only: it decides nothing).
+    Forwarded {
+        session: u64,
+        step: u64,
+        payload: PayloadRef,
+        #[serde(default)]
+        ms: f64,
+    },
     /// The output of `Forward { session, step }` went straight to contributor `to`, the first
     /// of its `then`, over their direct channel (no states follow: the coordinator only times
     /// the hop and starts the next one's clock).
-    Passed { session: u64, step: u64, to: ContributorId },
+    Passed {
+        session: u64,
+        step: u64,
+        to: ContributorId,
+        #[serde(default)]
+        ms: f64,
+    },
     /// Something the contributor received was rejected.
     Error { code: ErrorCode, message: String },
 }

@@ -74,11 +74,13 @@ fn contributor_messages() -> Vec<ContributorMessage> {
                 stream: 5,
                 bytes: 2320,
             },
+            ms: 0.0,
         },
         ContributorMessage::Passed {
             session: 7,
             step: 12,
             to: ContributorId(3),
+            ms: 4.5,
         },
         ContributorMessage::Error {
             code: ErrorCode::SpanFailed,

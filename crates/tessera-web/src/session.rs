@@ -294,6 +294,8 @@ struct Passing {
     step: u64,
     /// The encoded output tensor.
     tensor: Vec<u8>,
+    /// The step's GPU time here.
+    ms: f64,
 }
 
 /// One connection, from the open DataChannel on.
@@ -492,9 +494,9 @@ impl Session {
             let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values).map_err(|e| e.to_string())?;
             Ok((rows, tensor.encode()))
         });
-        let answered = output.and_then(|(rows, tensor)| match self.pass(route, tensor) {
+        let answered = output.and_then(|(rows, tensor)| match self.pass(route, tensor, busy_ms) {
             Ok(()) => Ok(rows),
-            Err(tensor) => self.answer_forwarded(session, step, &tensor).map(|()| rows),
+            Err(tensor) => self.answer_forwarded(session, step, &tensor, busy_ms).map(|()| rows),
         });
         match answered {
             Ok(rows) => self.event(Event::Forwarded { rows, ms: busy_ms }),
@@ -515,12 +517,12 @@ impl Session {
         }
         match result {
             Ok(()) => {
-                self.send(&ContributorMessage::Passed { session, step, to: passing.to });
+                self.send(&ContributorMessage::Passed { session, step, to: passing.to, ms: passing.ms });
                 self.event(Event::Passed { to: passing.to });
             }
             Err(reason) => {
                 self.close_link(link, format!("passing session {session} step {step} on failed: {reason}"));
-                if let Err(reason) = self.answer_forwarded(session, step, &passing.tensor) {
+                if let Err(reason) = self.answer_forwarded(session, step, &passing.tensor, passing.ms) {
                     self.step_failed(session, step, &reason, None);
                 }
             }
@@ -614,10 +616,10 @@ impl Session {
     }
 
     /// Sends a step's output to the coordinator: its frames, then `Forwarded`.
-    fn answer_forwarded(&mut self, session: u64, step: u64, tensor: &[u8]) -> Result<(), String> {
+    fn answer_forwarded(&mut self, session: u64, step: u64, tensor: &[u8], ms: f64) -> Result<(), String> {
         let (payload, frames) = self.tensor_frames(tensor, self.max_message)?;
         self.outputs.extend(frames.into_iter().map(Output::Send));
-        self.send(&ContributorMessage::Forwarded { session, step, payload });
+        self.send(&ContributorMessage::Forwarded { session, step, payload, ms });
         Ok(())
     }
 
@@ -636,7 +638,7 @@ impl Session {
     /// Hands a step's output (`tensor`, encoded) to the glue for the next stage of `route`, over
     /// the link this side offered it, when that link is open and the frames fit it; gives the
     /// output back when it cannot.
-    fn pass(&mut self, route: Option<Route>, tensor: Vec<u8>) -> Result<(), Vec<u8>> {
+    fn pass(&mut self, route: Option<Route>, tensor: Vec<u8>, ms: f64) -> Result<(), Vec<u8>> {
         let Some((route, (next, rest))) = route.as_ref().and_then(|r| Some((r, r.then.split_first()?))) else { return Err(tensor) };
         let link = self.links.iter().find(|l| l.offered && l.peer == next.contributor);
         let Some((number, LinkState::Open { max_message })) = link.map(|l| (l.number, l.state)) else { return Err(tensor) };
@@ -650,7 +652,7 @@ impl Session {
         let &Route { session, step, start, capacity, .. } = route;
         let forward = Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: rest.to_vec() };
         messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
-        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor });
+        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor, ms });
         self.outputs.push_back(Output::Pass { link: number, session, step, messages });
         Ok(())
     }

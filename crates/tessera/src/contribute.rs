@@ -168,6 +168,8 @@ struct ForwardStep {
     then: Vec<NextHop>,
     /// The upstream contributor that sent it over a direct channel (`None`: the coordinator).
     from: Option<ContributorId>,
+    /// When its message arrived: the answer says how long it took here.
+    arrived: Instant,
 }
 
 impl ForwardStep {
@@ -611,17 +613,17 @@ impl SpanWorker {
         let mut answers: Vec<(Onward, anyhow::Result<Vec<f32>>)> = Vec::with_capacity(steps.len());
         // Each runnable step's `Onward`, and its input for `run_steps`.
         let (mut runnable, mut inputs) = (Vec::with_capacity(steps.len()), Vec::with_capacity(steps.len()));
-        for ForwardStep { session, step, start, capacity, hidden, then, from } in steps {
+        for ForwardStep { session, step, start, capacity, hidden, then, from, arrived } in steps {
             let values = match hidden.dims() {
                 &[rows, _] => hidden.f32_values().map(|v| (rows, v.collect())).with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype())),
                 dims => Err(anyhow!("hidden states of dims {dims:?}, not [rows, dim]")),
             };
             match values {
                 Ok((rows, values)) => {
-                    runnable.push(Onward { session, step, start, capacity, rows, then, from });
+                    runnable.push(Onward { session, step, start, capacity, rows, then, from, arrived });
                     inputs.push((session, capacity as usize, start as usize, values));
                 }
-                Err(e) => answers.push((Onward { session, step, start, capacity, rows: 0, then, from }, Err(e))),
+                Err(e) => answers.push((Onward { session, step, start, capacity, rows: 0, then, from, arrived }, Err(e))),
             }
         }
         let outputs: Vec<anyhow::Result<Vec<f32>>> = match self.spans.get(shard) {
@@ -660,7 +662,8 @@ impl SpanWorker {
     /// open (then `Passed` to the coordinator), else back to the coordinator as tensor frames
     /// followed by `Forwarded`. A channel that fails to take them is closed.
     async fn send_states(&self, onward: Onward, output: &[f32]) -> anyhow::Result<()> {
-        let Onward { session, step, start, capacity, rows, then, .. } = onward;
+        let Onward { session, step, start, capacity, rows, then, arrived, .. } = onward;
+        let ms = arrived.elapsed().as_secs_f64() * 1e3;
         let tensor = tessera_protocol::Tensor::from_f32(vec![rows, output.len() as u64 / rows.max(1)], output)?;
         let bytes = tensor.encode();
         let passing = lock(&self.links).pass(&then);
@@ -675,7 +678,7 @@ impl SpanWorker {
             .await
             .unwrap_or_else(|_| Err(anyhow!("it took more than {} s", PASS_TIMEOUT.as_secs())));
             match passed {
-                Ok(()) => return send(&self.worker.sender, &ContributorMessage::Passed { session, step, to: next.contributor }).await,
+                Ok(()) => return send(&self.worker.sender, &ContributorMessage::Passed { session, step, to: next.contributor, ms }).await,
                 Err(e) => {
                     if lock(&self.links).closed(next.contributor, Side::Downstream, epoch) {
                         eprintln!("tessera contribute: direct channel to contributor {} closed: {e:#}", next.contributor);
@@ -686,7 +689,7 @@ impl SpanWorker {
         }
         let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
         send_payload(&self.worker.sender, stream, PayloadKind::Tensor, &bytes).await?;
-        send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 } }).await
+        send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 }, ms }).await
     }
 }
 
@@ -699,6 +702,7 @@ struct Onward {
     rows: u64,
     then: Vec<NextHop>,
     from: Option<ContributorId>,
+    arrived: Instant,
 }
 
 /// The span job a `Forward` asks for, its hidden states taken from the tensors waiting; why
@@ -707,7 +711,7 @@ fn forward_job(tensors: &mut VecDeque<Payload>, forward: Forward, from: Option<C
     let Forward { shard, session, step, start, capacity, payload, then } = forward;
     match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
         Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
-            .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden, then, from } })
+            .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden, then, from, arrived: Instant::now() } })
             .map_err(|e| e.to_string()),
         Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
         None => Err(format!("no tensor arrived on stream {}", payload.stream)),
@@ -1059,7 +1063,7 @@ mod tests {
     fn queued_forwards_batch_up_to_a_barrier() {
         fn forward(shard: &str, session: u64, rows: u64) -> SpanJob {
             let hidden = tessera_protocol::Tensor::from_f32(vec![rows, 2], &vec![0.0; rows as usize * 2]).unwrap();
-            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden, then: Vec::new(), from: None } }
+            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden, then: Vec::new(), from: None, arrived: Instant::now() } }
         }
         fn describe(job: &SpanJob) -> String {
             match job {

@@ -315,15 +315,15 @@ impl State {
                     None => Ok(()),
                 }
             }
-            ContributorMessage::Forwarded { session, step, payload } => {
+            ContributorMessage::Forwarded { session, step, payload, ms } => {
                 let hidden = self.tensor(payload, &format!("session {session} step {step}"))?;
                 match id {
-                    Some(from) => self.serve(serving::Command::Forwarded { from, session, step, hidden }).await,
+                    Some(from) => self.serve(serving::Command::Forwarded { from, session, step, hidden, ms }).await,
                     None => Ok(()),
                 }
             }
-            ContributorMessage::Passed { session, step, to } => match id {
-                Some(from) => self.serve(serving::Command::Passed { from, session, step, to }).await,
+            ContributorMessage::Passed { session, step, to, ms } => match id {
+                Some(from) => self.serve(serving::Command::Passed { from, session, step, to, ms }).await,
                 None => Ok(()),
             },
             ContributorMessage::SpanReady { shard } => match id {

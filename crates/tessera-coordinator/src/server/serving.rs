@@ -106,9 +106,10 @@ pub enum Command {
     Joined { id: ContributorId, capabilities: Capabilities, outbox: mpsc::Sender<Outbound> },
     Left(ContributorId),
     SpanReady { from: ContributorId, shard: String },
-    Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor },
+    /// `ms`: how long the step took at `from`, as it says (for the hop figures only).
+    Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor, ms: f64 },
     /// `from` sent its output of `step` straight to `to`.
-    Passed { from: ContributorId, session: u64, step: u64, to: ContributorId },
+    Passed { from: ContributorId, session: u64, step: u64, to: ContributorId, ms: f64 },
     SpanFailed { from: ContributorId, message: String },
     Generate { request: Generate, reply: oneshot::Sender<Result<Started, ApiError>> },
     /// The client went away, or a stop sequence ended the text.
@@ -168,20 +169,30 @@ struct Hop {
     /// An answer from a later stage that came before the `Passed` that handed the step to it
     /// (the two travel different channels); taken up once that `Passed` arrives.
     early: Option<Answer>,
+    /// When the stage before the next one was done (its `Passed` or `Forwarded` arrived), and
+    /// whether it passed the states on directly: the next answer, less the time its stage says
+    /// it took, is the hop's overhead.
+    handed: Option<(Instant, bool)>,
 }
 
-/// What a stage says when it is done with a step.
+/// What a stage says when it is done with a step (`ms`: how long it says the step took there).
 enum Answer {
     /// Its output, for the coordinator to relay or to sample from.
-    Forwarded { from: ContributorId, hidden: Tensor },
+    Forwarded { from: ContributorId, hidden: Tensor, ms: f64 },
     /// Its output went straight to `to`.
-    Passed { from: ContributorId, to: ContributorId },
+    Passed { from: ContributorId, to: ContributorId, ms: f64 },
 }
 
 impl Answer {
     fn from(&self) -> ContributorId {
         match self {
             Answer::Forwarded { from, .. } | Answer::Passed { from, .. } => *from,
+        }
+    }
+
+    fn ms(&self) -> f64 {
+        match self {
+            Answer::Forwarded { ms, .. } | Answer::Passed { ms, .. } => *ms,
         }
     }
 }
@@ -332,8 +343,8 @@ impl Task {
                     self.lost(from, "failed its span");
                 }
             }
-            Command::Forwarded { from, session, step, hidden } => self.answered(session, step, Answer::Forwarded { from, hidden }),
-            Command::Passed { from, session, step, to } => self.answered(session, step, Answer::Passed { from, to }),
+            Command::Forwarded { from, session, step, hidden, ms } => self.answered(session, step, Answer::Forwarded { from, hidden, ms }),
+            Command::Passed { from, session, step, to, ms } => self.answered(session, step, Answer::Passed { from, to, ms }),
             Command::Generate { request, reply } => {
                 let _ = reply.send(self.generate(request));
             }
@@ -631,6 +642,14 @@ impl Task {
             return;
         }
         let (rows, stage, sample) = (hop.positions.len(), hop.next, hop.sample);
+        // The hop into this stage: from the previous stage's being done to this one's answer,
+        // less what this one says it spent on the step.
+        if let Some((handed, direct)) = hop.handed.take() {
+            let overhead = handed.elapsed().as_secs_f64() * 1e3 - answer.ms();
+            if overhead >= 0.0 {
+                self.swarm.hop_overhead(direct, overhead);
+            }
+        }
         if sample
             && let (Some(record), Some(stage)) = (self.records.get_mut(&session), self.plan.as_ref().and_then(|p| p.stages.get(stage)))
         {
@@ -643,6 +662,7 @@ impl Task {
                     return self.unfit(from, "passed states to a contributor off the route");
                 }
                 hop.next += 1;
+                hop.handed = Some((Instant::now(), true));
                 let early = hop.early.take_if(|early| early.from() == to);
                 self.swarm.hop(true);
                 if let Some(pipeline) = &mut self.pipeline {
@@ -670,6 +690,7 @@ impl Task {
         let Some(hop) = self.hops.get_mut(&(session, step)) else { return };
         hop.next += 1;
         if hop.next < hop.route.len() {
+            hop.handed = Some((Instant::now(), false));
             return self.send_hop(session, step, values);
         }
         self.hops.remove(&(session, step));
@@ -726,7 +747,7 @@ impl Task {
             match output {
                 Output::Step { session, step, positions, tokens, route, sample } => {
                     let Some(model) = self.model() else { return };
-                    self.hops.insert((session.0, step), Hop { positions, route, next: 0, sample, early: None });
+                    self.hops.insert((session.0, step), Hop { positions, route, next: 0, sample, early: None, handed: None });
                     let own = self.own.clone();
                     tokio::task::spawn_blocking(move || {
                         let result = pollster::block_on(model.ends.embed(&model.gpu, &tokens)).map_err(|e| e.to_string());

@@ -124,6 +124,20 @@ pub struct Swarm {
     /// Hops from one stage to the next: straight over a direct channel, or through here.
     hops_direct: u64,
     hops_relayed: u64,
+    /// The latest hops' overheads in ms (time between stages, less the stages' own), direct
+    /// and relayed, at most `OVERHEADS_KEPT` each.
+    overheads: [VecDeque<f64>; 2],
+}
+
+/// Hop overheads kept for the medians.
+const OVERHEADS_KEPT: usize = 256;
+
+/// The median of `values`, if any.
+fn median(values: &VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    (n > 0).then(|| if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 })
 }
 
 /// `native` or `browser`, as far as a backend tells: WebGPU is what a browser offers; a native
@@ -138,7 +152,16 @@ pub fn kind(backend: &str) -> Option<&'static str> {
 
 impl Swarm {
     pub fn new(epoch_unix_ms: u64) -> Swarm {
-        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0 }
+        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0, overheads: Default::default() }
+    }
+
+    /// A hop (direct or relayed) cost `ms` beyond the stages' own time.
+    pub fn hop_overhead(&mut self, direct: bool, ms: f64) {
+        let kept = &mut self.overheads[usize::from(direct)];
+        if kept.len() == OVERHEADS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(ms);
     }
 
     /// A step's states went from one stage to the next: `direct`ly, or relayed by the coordinator.
@@ -265,7 +288,12 @@ impl Swarm {
             },
             "requests": requests,
             "links": view.links.iter().map(|(up, down)| json!([up.0, down.0])).collect::<Vec<_>>(),
-            "hops": { "direct": self.hops_direct, "relayed": self.hops_relayed },
+            "hops": {
+                "direct": self.hops_direct,
+                "relayed": self.hops_relayed,
+                "direct_overhead_ms": median(&self.overheads[1]),
+                "relayed_overhead_ms": median(&self.overheads[0]),
+            },
         })
     }
 }
@@ -366,6 +394,9 @@ mod tests {
         swarm.hop(true);
         swarm.hop(true);
         swarm.hop(false);
+        for ms in [0.5, 0.9, 0.7] {
+            swarm.hop_overhead(true, ms);
+        }
         swarm.started(Millis(1_000), 1, 12, "0-10=3,10-30=5");
         for t in [2_000, 2_500, 3_000] {
             swarm.token(Millis(t), 1);
@@ -396,7 +427,7 @@ mod tests {
                   "spans": "0-10=7,10-30=5", "started_unix_ms": 1_700_000_001_000u64, "elapsed_ms": 2_100 },
             ],
             "links": [[3, 5]],
-            "hops": { "direct": 2, "relayed": 1 },
+            "hops": { "direct": 2, "relayed": 1, "direct_overhead_ms": 0.7, "relayed_overhead_ms": null },
         });
         assert_eq!(got, expected, "{got:#}");
     }

@@ -229,7 +229,8 @@ fn stages_compose_to_the_whole_model_and_a_replacement_carries_on() {
 
 /// Several sessions' steps through a span in one batch (their rows stacked, at most eight in
 /// all) give each session bit for bit what running it alone gives, prompt, decode and replay
-/// alike, in one submission and one readback; a bad step fails the whole batch and changes no
+/// alike, in one submission and one readback; positions fed again with the states they came
+/// with are answered as before without the GPU; a bad step fails the whole batch and changes no
 /// session. The span runs on a device of its own, so its counters are this test's alone.
 #[test]
 fn sessions_batched_through_a_span_compute_as_each_alone() {
@@ -245,6 +246,8 @@ fn sessions_batched_through_a_span_compute_as_each_alone() {
     // Rounds of (session, start, rows): prompts of different lengths, decode steps beside a new
     // session's prompt, and a replay that cuts session 1 back.
     let rounds: [&[(u64, usize, usize)]; 3] = [&[(1, 0, 3), (2, 0, 1), (3, 0, 2)], &[(2, 1, 2), (1, 3, 1), (3, 2, 1), (4, 0, 4)], &[(1, 2, 2), (4, 4, 1)]];
+    // Every step's (session, start, input, output), for the repeats below.
+    let mut history: Vec<(u64, usize, Vec<f32>, Vec<f32>)> = Vec::new();
     for (round, steps) in rounds.iter().enumerate() {
         let inputs: Vec<Vec<f32>> = steps.iter().map(|&(_, _, rows)| rng.vec(rows * dim, -2.0, 2.0)).collect();
         let expected: Vec<Vec<f32>> =
@@ -259,8 +262,34 @@ fn sessions_batched_through_a_span_compute_as_each_alone() {
             let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "round {round}, session {}: batched differs from alone (seed {seed})", step.session);
             assert_eq!(batched.cached(step.session), alone.cached(step.session));
+            history.push((step.session, step.start, step.hidden.to_vec(), got.clone()));
         }
     }
+
+    // A replay through a span that did not change: session 4's prompt and session 2's first
+    // rows again, with the same states, are answered as before with no GPU work, and the caches
+    // keep the positions after them; beside a step that is new, one submission for that alone.
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let (prompt_in, prompt_out) = history.iter().find(|h| h.0 == 4 && h.1 == 0).map(|h| (h.2.clone(), h.3.clone())).unwrap();
+    let (two_in, two_out) = history.iter().find(|h| h.0 == 2 && h.1 == 1).map(|h| (h.2.clone(), h.3.clone())).unwrap();
+    let (held_four, held_two) = (batched.cached(4), batched.cached(2));
+    let before = gpu.counters();
+    let outputs = pollster::block_on(batched.forward_batch(&gpu, &[Step { session: 4, capacity: 16, start: 0, hidden: &prompt_in }, Step { session: 2, capacity: 16, start: 1, hidden: &two_in }])).unwrap();
+    assert_eq!(gpu.counters().submits, before.submits, "repeats need no submission");
+    assert!(same(&outputs[0], &prompt_out) && same(&outputs[1], &two_out), "repeats answer what the span gave");
+    assert_eq!((batched.cached(4), batched.cached(2), batched.repeats()), (held_four, held_two, 2));
+    let next = rng.vec(dim, -2.0, 2.0);
+    let want = pollster::block_on(alone.forward(&gpu, 4, 16, held_four, &next)).unwrap();
+    let before = gpu.counters();
+    let outputs = pollster::block_on(batched.forward_batch(&gpu, &[Step { session: 2, capacity: 16, start: 1, hidden: &two_in }, Step { session: 4, capacity: 16, start: held_four, hidden: &next }])).unwrap();
+    assert_eq!(gpu.counters().submits - before.submits, 1);
+    assert!(same(&outputs[0], &two_out) && same(&outputs[1], &want), "a repeat beside a new step");
+    // Other states for positions held: computed again, the cache cut back to them.
+    let other: Vec<f32> = two_in.iter().map(|v| v + 0.25).collect();
+    let want = pollster::block_on(alone.forward(&gpu, 2, 16, 1, &other)).unwrap();
+    let got = pollster::block_on(batched.forward(&gpu, 2, 16, 1, &other)).unwrap();
+    assert!(same(&got, &want) && !same(&got, &two_out));
+    assert_eq!((batched.cached(2), batched.repeats()), (3, 3));
 
     // Bad batches: each fails whole and leaves every session as it was.
     let held: Vec<usize> = (1..=5).map(|s| batched.cached(s)).collect();

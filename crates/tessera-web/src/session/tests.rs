@@ -411,7 +411,7 @@ fn forwards_take_their_tensor_and_answer_with_frames_then_forwarded() {
     assert_eq!(tensor.dims(), [2, 9000]);
     assert_eq!(tensor.f32_values().unwrap().collect::<Vec<_>>(), output);
     let payload = PayloadRef { stream: answer.stream, bytes: answer.bytes.len() as u64 };
-    assert_eq!(sent(&out[2]), ContributorMessage::Forwarded { session: 5, step: 1, payload });
+    assert_eq!(sent(&out[2]), ContributorMessage::Forwarded { session: 5, step: 1, payload, ms: 12.5 });
     assert_eq!(out[3], Output::Event(Event::Forwarded { rows: 2, ms: 12.5 }));
 
     // A step that failed on the GPU, or gave no whole rows, is a SpanFailed for that step.
@@ -767,7 +767,7 @@ fn a_peers_forward_runs_as_the_coordinators_and_its_output_goes_on_directly() {
     // Sent: the coordinator hears `Passed`, and the page counts it.
     session.passed(down, 5, 1, Ok(()));
     let out = drain(&mut session);
-    assert_eq!(sent(&out[0]), ContributorMessage::Passed { session: 5, step: 1, to: ContributorId(7) });
+    assert_eq!(sent(&out[0]), ContributorMessage::Passed { session: 5, step: 1, to: ContributorId(7), ms: 4.0 });
     assert_eq!(out[1..], [Output::Event(Event::Passed { to: ContributorId(7) })]);
     // Reported twice, or for a step not handed out: nothing.
     session.passed(down, 5, 1, Ok(()));
@@ -835,7 +835,7 @@ fn check_fallback(setup: fn(&mut Session), then: Vec<NextHop>, pass_fails: bool,
     let frames: Vec<Outgoing> = rest.iter().map_while(|o| if let Output::Send(m @ Outgoing::Binary(_)) = o { Some(m.clone()) } else { None }).collect();
     let (values, payload) = reassemble(&frames);
     assert_eq!(values, output);
-    assert_eq!(sent(&rest[frames.len()]), ContributorMessage::Forwarded { session: 6, step: 2, payload }, "{shown}");
+    assert_eq!(sent(&rest[frames.len()]), ContributorMessage::Forwarded { session: 6, step: 2, payload, ms: 1.0 }, "{shown}");
 }
 
 #[test]
