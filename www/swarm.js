@@ -80,8 +80,9 @@ function renderRate(swarm) {
   $('requests-total').textContent = integer.format(rate.requests_total);
   $('contributors-count').textContent = integer.format(swarm.contributors.length);
   // Hops between stages: straight from one contributor to the next, or relayed here.
-  const { direct, relayed } = swarm.hops;
-  $('hops').textContent = direct + relayed === 0 ? '–' : `${integer.format(direct)} of ${integer.format(direct + relayed)}`;
+  const { direct, relayed, direct_overhead_ms: overhead } = swarm.hops;
+  $('hops').textContent = direct + relayed === 0 ? '–'
+    : `${integer.format(direct)} of ${integer.format(direct + relayed)}` + (overhead === null ? '' : ` (${decimal.format(overhead)} ms each)`);
 }
 
 function renderPlan(swarm) {

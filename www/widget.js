@@ -131,7 +131,7 @@
     </section>`;
   const part = (name) => root.querySelector(`[data-part="${name}"]`);
   const site = location.hostname || 'This site';
-  part('invite').textContent = `${site} invites you to lend your graphics card to Tessera, a volunteer network that runs AI models for anyone. If you agree, this tab downloads a small model once (about 90 MB) and computes with it (its results are checked against other volunteers'); it may also pass conversations through a few layers of a chat model (it handles the model's intermediate numbers, not text).`;
+  part('invite').textContent = `${site} invites you to lend your graphics card to Tessera, a volunteer network that runs AI models for anyone. If you agree, this tab downloads a small model once (about 90 MB) and computes with it (its results are checked against other volunteers'); it may also pass conversations through a few layers of a chat model (it handles the model's intermediate numbers, not text, and connects directly to the volunteers before and after it, which shows them your network address).`;
   part('about').href = `${coordinator}/`;
 
   function show(which) {

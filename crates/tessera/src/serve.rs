@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// before its span moves to another.
     #[arg(long, default_value_t = 20_000)]
     stage_deadline_ms: u64,
+    /// The least time a span holder is given for one step, however fast it has been: lower
+    /// notices a lost holder sooner, at the risk of moving spans off holders that only
+    /// stalled for a moment.
+    #[arg(long, default_value_t = 1_000)]
+    stage_floor_ms: u64,
 }
 
 /// `www/` of the repository this binary was built from, if it is still there.
@@ -80,7 +85,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.inputs_per_unit = args.unit_inputs;
     config.replicas = args.replicas;
     config.www_dir = www.clone();
+    anyhow::ensure!(
+        0 < args.stage_floor_ms && args.stage_floor_ms <= args.stage_deadline_ms,
+        "--stage-floor-ms {} must be positive and at most --stage-deadline-ms {}",
+        args.stage_floor_ms,
+        args.stage_deadline_ms
+    );
     config.serving.stage_deadline = std::time::Duration::from_millis(args.stage_deadline_ms);
+    config.serving.stage_floor = std::time::Duration::from_millis(args.stage_floor_ms);
     match models::default_path("smollm2") {
         Some(path) if path.exists() => config.llama = Some(LlamaSource { name: "smollm2".into(), path }),
         _ => eprintln!("tessera serve: smollm2 is not fetched, so no text generation (run `tessera models fetch smollm2`)"),
