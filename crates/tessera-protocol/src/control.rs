@@ -107,16 +107,32 @@ pub struct Forward {
     pub capacity: u32,
     pub payload: PayloadRef,
     /// Where the output goes next, directly: the first of these gets it as a `PeerMessage::
-    /// Forward` carrying the rest, over the channel a `Link` opened, and the coordinator hears
-    /// `Passed`. Empty (or no open channel to the first): the output goes back to the
-    /// coordinator in `Forwarded`, which relays it.
+    /// Forward` carrying the rest, over the channel a `Link` opened (and its standbys a shadow
+    /// copy each), and the coordinator hears `Passed`. Empty (or no open channel to the first):
+    /// the output goes back to the coordinator in `Forwarded`, which relays it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub then: Vec<NextHop>,
+    /// A standby's copy of the step: run it, so that this contributor's cache of the session
+    /// keeps up with the holder's and a takeover needs no recomputing, but answer nothing and
+    /// pass nothing on (`then` is empty). A shadow step that cannot run (its session started
+    /// before this standby did) is dropped quietly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
-/// A stage after this one on a step's route: who holds it, and the span's shard there.
+/// A stage after this one on a step's route: who holds it, the span's shard there, and the
+/// standbys of that span, which get a shadow copy of the states it gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextHop {
+    pub contributor: ContributorId,
+    pub shard: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<Standby>,
+}
+
+/// A contributor standing by for a span, and the span's shard there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standby {
     pub contributor: ContributorId,
     pub shard: String,
 }
@@ -272,7 +288,7 @@ pub enum CoordinatorMessage {
     /// volunteer's bandwidth), and takes at most `MAX_PREFETCH` of them.
     Prefetch { blobs: Vec<String> },
     /// Open a direct DataChannel with contributor `peer`, which holds the span before or after
-    /// one held here. With `offer`, this side sends the SDP offer (a `Signal` to `peer`) and is
+    /// one held here (or stands by for the span after it). With `offer`, this side sends the SDP offer (a `Signal` to `peer`) and is
     /// upstream: `Forward`s whose `then` names `peer` go to it. Without, this side answers an
     /// offer from `peer` (and from no contributor it was not told of) and runs the `Forward`s
     /// `peer` sends as it runs the coordinator's. Either side may fail to connect; hops then go

@@ -13,7 +13,7 @@ pub mod tensor;
 pub use control::{
     AdapterLimits, Blocks, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
     Forward, JobId, MAX_LINKS, MAX_PREFETCH, Message, NextHop, PROTOCOL_VERSION, PayloadRef, PeerMessage,
-    SignalPayload, UnitId, Work,
+    SignalPayload, Standby, UnitId, Work,
 };
 pub use error::ProtocolError;
 pub use frame::{

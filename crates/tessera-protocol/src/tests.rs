@@ -28,6 +28,7 @@ fn forward(then: Vec<NextHop>) -> Forward {
         capacity: 64,
         payload: PayloadRef { stream: 2, bytes: 2320 },
         then,
+        shadow: false,
     }
 }
 
@@ -125,7 +126,11 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             blocks: Blocks { start: 10, end: 20 },
             max_sessions: 8,
         },
-        CoordinatorMessage::Forward(forward(vec![NextHop { contributor: ContributorId(3), shard: "bafkreinext".into() }])),
+        CoordinatorMessage::Forward(forward(vec![NextHop {
+            contributor: ContributorId(3),
+            shard: "bafkreinext".into(),
+            standbys: vec![Standby { contributor: ContributorId(4), shard: "bafkreinext".into() }],
+        }])),
         CoordinatorMessage::EndSession { session: 7 },
         CoordinatorMessage::UnloadSpan { shard: "bafkreia".into() },
         CoordinatorMessage::Prefetch { blobs: vec!["bafkreia".into(), "bafkreib".into()] },
@@ -196,13 +201,18 @@ fn wire_shape_is_stable() {
         text,
         r#"{"type":"forward","shard":"bafkreishard","session":7,"step":12,"start":37,"capacity":64,"payload":{"stream":2,"bytes":2320}}"#
     );
-    let then = vec![NextHop { contributor: ContributorId(3), shard: "bafkreinext".into() }];
+    let then = vec![NextHop { contributor: ContributorId(3), shard: "bafkreinext".into(), standbys: vec![] }];
     let text = encode_control(&PeerMessage::Forward(forward(then.clone())));
     assert_eq!(
         text,
         r#"{"type":"forward","shard":"bafkreishard","session":7,"step":12,"start":37,"capacity":64,"payload":{"stream":2,"bytes":2320},"then":[{"contributor":3,"shard":"bafkreinext"}]}"#
     );
     assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), 1024).unwrap(), PeerMessage::Forward(forward(then)));
+    // A standby's shadow copy says so; an ordinary step leaves the flag out.
+    let shadow = PeerMessage::Forward(Forward { shadow: true, ..forward(vec![]) });
+    let text = encode_control(&shadow);
+    assert!(text.ends_with(r#""payload":{"stream":2,"bytes":2320},"shadow":true}"#), "{text}");
+    assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), 1024).unwrap(), shadow);
     // A peer speaks only `forward`: a coordinator's message from a peer is refused by name.
     let err = decode_control::<PeerMessage>(br#"{"type":"load_span"}"#, 1024).unwrap_err();
     assert!(err.to_string().contains("load_span"), "{err}");

@@ -291,6 +291,11 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                     let result = pass(links.get_mut(&link), messages).await;
                     session.passed(link, id, step, result);
                 }
+                Output::Shadow { link, messages } => {
+                    if let Err(reason) = pass(links.get_mut(&link), messages).await {
+                        session.link_closed(link, format!("a shadow copy was not sent: {reason}"));
+                    }
+                }
                 Output::Event(event) => shared.emit(event),
                 Output::Log(line) => log(&line),
                 Output::Restart(reason) => return Ended::Failed(reason),

@@ -24,6 +24,12 @@
 //! here; it belongs to this connection, must open within `LINK_TIMEOUT_MS`, and at most
 //! `MAX_LINKS` exist. Whatever goes wrong with one (a bad frame, a failed send, a timeout) closes
 //! that link only, and its steps go through the coordinator again (`Forwarded`).
+//!
+//! A span's standbys keep their KV caches current by running every step too: a stage that
+//! passes its output on directly also sends a shadow copy (a `Forward` with `shadow`, passing
+//! nothing on) to each standby of the next span over an open link this side offered it
+//! (`Output::Shadow`, after the real pass, never instead of it). A shadow forward received runs
+//! like any other, but nothing is answered: no output goes on, and a failure is only logged.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -175,6 +181,10 @@ pub enum Output {
     /// Send `messages` over `link`, in order (a step's output: its frames, then the
     /// `PeerMessage::Forward`), and report with [`Session::passed`].
     Pass { link: u64, session: u64, step: u64, messages: Vec<Outgoing> },
+    /// Send `messages` over `link`, in order: a shadow copy of a step's output for a standby
+    /// (its frames, then a `PeerMessage::Forward` with `shadow`). Nothing waits for it; report
+    /// only a failure, with [`Session::link_closed`].
+    Shadow { link: u64, messages: Vec<Outgoing> },
     Event(Event),
     /// Something worth a line in the console.
     Log(String),
@@ -282,6 +292,8 @@ struct Route {
     /// The upstream contributor that sent the step over a direct channel (`None`: the
     /// coordinator).
     from: Option<ContributorId>,
+    /// A standby's copy of the step: it only keeps the caches current, and nothing is answered.
+    shadow: bool,
 }
 
 /// A step's output handed to the glue to pass on over `link`, kept until it says it went (or
@@ -319,7 +331,7 @@ pub struct Session {
     /// Direct channels with other contributors, at most `MAX_LINKS`.
     links: Vec<Link>,
     next_link: u64,
-    /// The forwards handed out whose output may go straight to a later stage.
+    /// The forwards handed out, in order, with where their outputs go.
     routes: VecDeque<Route>,
     /// Outputs handed to the glue to pass on, not reported yet.
     passing: VecDeque<Passing>,
@@ -477,20 +489,30 @@ impl Session {
     /// The `SpanJob::Forward` of `session`'s `step` is done: its output rows of width `dim`
     /// (row-major), or why it failed; `busy_ms` is how long it kept the GPU busy. The output
     /// goes to the next stage directly when its `then` names one linked and open here, and to
-    /// the coordinator otherwise.
+    /// the coordinator otherwise; a shadow step's goes nowhere, and its failure is only logged.
     pub fn forwarded(&mut self, now: Millis, session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String>) {
         self.span_jobs = self.span_jobs.saturating_sub(1);
         self.add_busy(now, busy_ms);
+        // Steps are reported in the order they were handed out, so the first route that matches
+        // is this one's (a shadow step and a real one may share a session and step).
         let route = self.routes.iter().position(|r| (r.session, r.step) == (session, step)).and_then(|at| self.routes.remove(at));
         let from = route.as_ref().and_then(|r| r.from);
         if self.ended {
             return;
         }
-        let output = result.and_then(|(values, dim)| {
+        let rows = result.and_then(|(values, dim)| {
             if dim == 0 || values.is_empty() || !values.len().is_multiple_of(dim) {
                 return Err(format!("the span gave {} values, not rows of {dim}", values.len()));
             }
-            let rows = values.len() / dim;
+            Ok((values.len() / dim, dim, values))
+        });
+        if route.as_ref().is_some_and(|r| r.shadow) {
+            return match rows {
+                Ok((rows, ..)) => self.event(Event::Forwarded { rows, ms: busy_ms }),
+                Err(reason) => self.log(format!("session {session} step {step} (a shadow copy) failed: {reason}")),
+            };
+        }
+        let output = rows.and_then(|(rows, dim, values)| {
             let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values).map_err(|e| e.to_string())?;
             Ok((rows, tensor.encode()))
         });
@@ -603,6 +625,11 @@ impl Session {
         match decode::<PeerMessage>(incoming) {
             Ok(Decoded::Control(PeerMessage::Forward(forward))) => match self.links[at].inbox.hidden_states(&forward.payload) {
                 Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, Some(self.links[at].peer)),
+                // A shadow copy is answered to no one: the link closes, and only that is said.
+                Err(reason) if forward.shadow => {
+                    let why = format!("sent session {} step {} (a shadow copy): {reason}", forward.session, forward.step);
+                    self.drop_link(at, why);
+                }
                 Err(reason) => self.bad_peer(at, format!("sent session {} step {}: {reason}", forward.session, forward.step)),
             },
             Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => {
@@ -636,8 +663,9 @@ impl Session {
     }
 
     /// Hands a step's output (`tensor`, encoded) to the glue for the next stage of `route`, over
-    /// the link this side offered it, when that link is open and the frames fit it; gives the
-    /// output back when it cannot.
+    /// the link this side offered it, when that link is open and the frames fit it, and then a
+    /// shadow copy for each of that stage's standbys linked so and open; gives the output back
+    /// when it cannot pass it on (and then no standby gets a copy from here).
     fn pass(&mut self, route: Option<Route>, tensor: Vec<u8>, ms: f64) -> Result<(), Vec<u8>> {
         let Some((route, (next, rest))) = route.as_ref().and_then(|r| Some((r, r.then.split_first()?))) else { return Err(tensor) };
         let link = self.links.iter().find(|l| l.offered && l.peer == next.contributor);
@@ -650,24 +678,41 @@ impl Session {
             }
         };
         let &Route { session, step, start, capacity, .. } = route;
-        let forward = Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: rest.to_vec() };
+        let forward = Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: rest.to_vec(), shadow: false };
         messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
-        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor, ms });
         self.outputs.push_back(Output::Pass { link: number, session, step, messages });
+        for standby in &next.standbys {
+            let link = self.links.iter().find(|l| l.offered && l.peer == standby.contributor);
+            let Some((link, LinkState::Open { max_message })) = link.map(|l| (l.number, l.state)) else { continue };
+            match self.tensor_frames(&tensor, max_message) {
+                Ok((payload, mut messages)) => {
+                    let forward = Forward { shard: standby.shard.clone(), session, step, start, capacity, payload, then: Vec::new(), shadow: true };
+                    messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
+                    self.outputs.push_back(Output::Shadow { link, messages });
+                }
+                Err(reason) => self.log(format!("session {session} step {step}: no shadow copy for contributor {}: {reason}", standby.contributor)),
+            }
+        }
+        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor, ms });
         Ok(())
     }
 
     /// A forward, from the coordinator or an upstream peer, as a span job; its route is kept
-    /// for where the output goes.
+    /// for where the output goes (a shadow step's: nowhere).
     fn forward_job(&mut self, forward: Forward, rows: usize, hidden: Vec<f32>, from: Option<ContributorId>) {
-        let Forward { shard, session, step, start, capacity, then, .. } = forward;
+        let Forward { shard, session, step, start, capacity, then, shadow, .. } = forward;
         let job = SpanJob::Forward { shard, session, step, start: start as usize, capacity: capacity as usize, rows, hidden };
+        let full = self.span_jobs >= MAX_SPAN_JOBS;
+        if shadow && full {
+            return self.log(format!("session {session} step {step} (a shadow copy) dropped: {MAX_SPAN_JOBS} span jobs are queued here already"));
+        }
         // A peer's step the queue has no room for is the peer's problem: said, not `SpanFailed`.
-        if from.is_some() && self.span_jobs >= MAX_SPAN_JOBS {
+        if from.is_some() && full {
             return self.step_failed(session, step, &format!("{MAX_SPAN_JOBS} span jobs are queued here already"), from);
         }
-        if self.span_job(job) && (!then.is_empty() || from.is_some()) {
-            self.routes.push_back(Route { session, step, start, capacity, then, from });
+        if self.span_job(job) {
+            let then = if shadow { Vec::new() } else { then };
+            self.routes.push_back(Route { session, step, start, capacity, then, from, shadow });
         }
     }
 
@@ -824,6 +869,7 @@ impl Session {
             }
             CoordinatorMessage::Forward(forward) => match self.inbox.hidden_states(&forward.payload) {
                 Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, None),
+                Err(reason) if forward.shadow => self.log(format!("session {} step {} (a shadow copy): {reason}", forward.session, forward.step)),
                 Err(reason) => {
                     let message = format!("session {} step {}: {reason}", forward.session, forward.step);
                     self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });

@@ -13,6 +13,11 @@
 //! prefetcher (shards a `Prefetch` names, fetched into the cache ahead of a takeover).
 //! Heartbeats never wait for the others.
 //!
+//! Hot standbys: a step passed on directly also goes, after its `Passed`, as a shadow copy
+//! (`Forward { shadow: true }`) to each standby of the next span with an open channel here. A
+//! shadow step runs like any other, keeping that standby's caches current for a takeover, but
+//! is never answered or passed on, and its failures are only logged.
+//!
 //! Direct channels with the contributors holding the spans next to ours (`Link`, `Unlink`; the
 //! table of them is `links.rs`) have a task each: an upstream contributor's channel is answered
 //! by an `Endpoint` of this connection, and what it sends becomes span jobs in the span worker's
@@ -39,7 +44,7 @@ use tessera_engine::stage::{EXACT_BATCH_ROWS, SpanStage, Step};
 use tessera_protocol::{
     AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode,
     Forward, Incoming, MAX_LINKS, MAX_PREFETCH, ModelManifest, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage,
-    Reassembler, ReassemblyLimits, SignalPayload, UnitId, Work,
+    Reassembler, ReassemblyLimits, SignalPayload, Standby, UnitId, Work,
 };
 use tessera_rtc::{Endpoint, Message, PeerEvent, PeerSender};
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -166,6 +171,8 @@ struct ForwardStep {
     hidden: tessera_protocol::Tensor,
     /// The stages after this one, for passing the output on directly.
     then: Vec<NextHop>,
+    /// A standby's copy of a holder's step: run, never answered.
+    shadow: bool,
     /// The upstream contributor that sent it over a direct channel (`None`: the coordinator).
     from: Option<ContributorId>,
     /// When its message arrived: the answer says how long it took here.
@@ -344,13 +351,16 @@ impl Session {
                         }
                     }
                     CoordinatorMessage::Forward(forward) => {
-                        let (session, step) = (forward.session, forward.step);
+                        let (session, step, shadow) = (forward.session, forward.step, forward.shadow);
                         let refusal = match forward_job(&mut tensors, forward, None) {
                             Ok(job) => span_jobs.try_send(job).err().map(|_| "too many span jobs queued".to_string()),
                             Err(e) => Some(e),
                         };
-                        if let Some(why) = refusal {
-                            send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("session {session} step {step}: {why}") }).await?;
+                        match refusal {
+                            // A shadow step is never answered: this standby only falls behind.
+                            Some(why) if shadow => eprintln!("tessera contribute: shadow of session {session} step {step} dropped: {why}"),
+                            Some(why) => send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("session {session} step {step}: {why}") }).await?,
+                            None => {}
                         }
                     }
                     CoordinatorMessage::EndSession { session } => {
@@ -613,17 +623,17 @@ impl SpanWorker {
         let mut answers: Vec<(Onward, anyhow::Result<Vec<f32>>)> = Vec::with_capacity(steps.len());
         // Each runnable step's `Onward`, and its input for `run_steps`.
         let (mut runnable, mut inputs) = (Vec::with_capacity(steps.len()), Vec::with_capacity(steps.len()));
-        for ForwardStep { session, step, start, capacity, hidden, then, from, arrived } in steps {
+        for ForwardStep { session, step, start, capacity, hidden, then, shadow, from, arrived } in steps {
             let values = match hidden.dims() {
                 &[rows, _] => hidden.f32_values().map(|v| (rows, v.collect())).with_context(|| format!("hidden states of {:?}, not F32", hidden.dtype())),
                 dims => Err(anyhow!("hidden states of dims {dims:?}, not [rows, dim]")),
             };
             match values {
                 Ok((rows, values)) => {
-                    runnable.push(Onward { session, step, start, capacity, rows, then, from, arrived });
+                    runnable.push(Onward { session, step, start, capacity, rows, then, shadow, from, arrived });
                     inputs.push((session, capacity as usize, start as usize, values));
                 }
-                Err(e) => answers.push((Onward { session, step, start, capacity, rows: 0, then, from, arrived }, Err(e))),
+                Err(e) => answers.push((Onward { session, step, start, capacity, rows: 0, then, shadow, from, arrived }, Err(e))),
             }
         }
         let outputs: Vec<anyhow::Result<Vec<f32>>> = match self.spans.get(shard) {
@@ -639,9 +649,14 @@ impl SpanWorker {
             }
         };
         answers.extend(runnable.into_iter().zip(outputs));
+        // Copies for the standbys of the steps passed on directly, sent once every step is answered.
+        let mut copies = Vec::new();
         for (onward, output) in answers {
             match output {
-                Ok(output) => self.send_states(onward, &output).await?,
+                // A shadow step only keeps this standby's caches current: nothing is answered.
+                Ok(_) if onward.shadow => {}
+                Err(e) if onward.shadow => eprintln!("tessera contribute: span {shard}, shadow of session {} step {}: {e:#}", onward.session, onward.step),
+                Ok(output) => copies.extend(self.send_states(onward, &output).await?),
                 // A peer's step that cannot run here (bad states, or a span moved off this
                 // contributor since) is the peer's problem, not this span's: said, never
                 // `SpanFailed`, so no peer can get a span taken from its holder.
@@ -655,13 +670,17 @@ impl SpanWorker {
                 },
             }
         }
+        for copy in copies {
+            self.send_shadows(copy).await;
+        }
         Ok(())
     }
 
     /// Sends a step's output states on: straight to the next stage when the channel to it is
-    /// open (then `Passed` to the coordinator), else back to the coordinator as tensor frames
-    /// followed by `Forwarded`. A channel that fails to take them is closed.
-    async fn send_states(&self, onward: Onward, output: &[f32]) -> anyhow::Result<()> {
+    /// open (then `Passed` to the coordinator, and the copy its standbys are to get comes back),
+    /// else back to the coordinator as tensor frames followed by `Forwarded`. A channel that
+    /// fails to take them is closed.
+    async fn send_states(&self, onward: Onward, output: &[f32]) -> anyhow::Result<Option<ShadowCopy>> {
         let Onward { session, step, start, capacity, rows, then, arrived, .. } = onward;
         let ms = arrived.elapsed().as_secs_f64() * 1e3;
         let tensor = tessera_protocol::Tensor::from_f32(vec![rows, output.len() as u64 / rows.max(1)], output)?;
@@ -670,15 +689,13 @@ impl SpanWorker {
         if let (Some((channel, epoch)), Some(next)) = (passing, then.first()) {
             let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
             let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
-            let forward = PeerMessage::Forward(Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: then[1..].to_vec() });
-            let passed = tokio::time::timeout(PASS_TIMEOUT, async {
-                send_payload(&channel, stream, PayloadKind::Tensor, &bytes).await?;
-                channel.send(Message::Text(tessera_protocol::encode_control(&forward))).await.context("sending the forward")
-            })
-            .await
-            .unwrap_or_else(|_| Err(anyhow!("it took more than {} s", PASS_TIMEOUT.as_secs())));
-            match passed {
-                Ok(()) => return send(&self.worker.sender, &ContributorMessage::Passed { session, step, to: next.contributor, ms }).await,
+            let forward = PeerMessage::Forward(Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: then[1..].to_vec(), shadow: false });
+            match pass_over(&channel, stream, &bytes, &forward).await {
+                Ok(()) => {
+                    send(&self.worker.sender, &ContributorMessage::Passed { session, step, to: next.contributor, ms }).await?;
+                    let standbys = next.standbys.clone();
+                    return Ok((!standbys.is_empty()).then_some(ShadowCopy { session, step, start, capacity, bytes, standbys }));
+                }
                 Err(e) => {
                     if lock(&self.links).closed(next.contributor, Side::Downstream, epoch) {
                         eprintln!("tessera contribute: direct channel to contributor {} closed: {e:#}", next.contributor);
@@ -689,8 +706,49 @@ impl SpanWorker {
         }
         let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
         send_payload(&self.worker.sender, stream, PayloadKind::Tensor, &bytes).await?;
-        send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 }, ms }).await
+        send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 }, ms }).await?;
+        Ok(None)
     }
+
+    /// Sends a step passed on directly to the next span's standbys that have an open channel
+    /// here, as shadow `Forward`s. A channel that fails to take its copy is closed; nothing
+    /// else changes (a standby without a channel gets no copy at all).
+    async fn send_shadows(&self, copy: ShadowCopy) {
+        let ShadowCopy { session, step, start, capacity, bytes, standbys } = copy;
+        let channels = lock(&self.links).shadows(&standbys);
+        for (standby, channel, epoch) in channels {
+            let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
+            let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
+            let forward = PeerMessage::Forward(Forward { shard: standby.shard.clone(), session, step, start, capacity, payload, then: Vec::new(), shadow: true });
+            if let Err(e) = pass_over(&channel, stream, &bytes, &forward).await
+                && lock(&self.links).closed(standby.contributor, Side::Downstream, epoch)
+            {
+                eprintln!("tessera contribute: direct channel to contributor {} (standby) closed: {e:#}", standby.contributor);
+            }
+        }
+    }
+}
+
+/// A step's output as the next span's standbys get it, after the step passed on directly.
+struct ShadowCopy {
+    session: u64,
+    step: u64,
+    start: u32,
+    capacity: u32,
+    /// The encoded output states.
+    bytes: Vec<u8>,
+    standbys: Vec<Standby>,
+}
+
+/// Sends a step's states (the encoded tensor, as frames of `stream`) and then its `Forward`
+/// over a direct channel, within `PASS_TIMEOUT`.
+async fn pass_over(channel: &PeerSender, stream: u64, bytes: &[u8], forward: &PeerMessage) -> anyhow::Result<()> {
+    tokio::time::timeout(PASS_TIMEOUT, async {
+        send_payload(channel, stream, PayloadKind::Tensor, bytes).await?;
+        channel.send(Message::Text(tessera_protocol::encode_control(forward))).await.context("sending the forward")
+    })
+    .await
+    .unwrap_or_else(|_| Err(anyhow!("it took more than {} s", PASS_TIMEOUT.as_secs())))
 }
 
 /// Where a step's output goes, and what the next stage needs to run it.
@@ -701,6 +759,8 @@ struct Onward {
     capacity: u32,
     rows: u64,
     then: Vec<NextHop>,
+    /// A shadow step: nothing is answered or passed on.
+    shadow: bool,
     from: Option<ContributorId>,
     arrived: Instant,
 }
@@ -708,10 +768,10 @@ struct Onward {
 /// The span job a `Forward` asks for, its hidden states taken from the tensors waiting; why
 /// not, when they are missing or bad.
 fn forward_job(tensors: &mut VecDeque<Payload>, forward: Forward, from: Option<ContributorId>) -> Result<SpanJob, String> {
-    let Forward { shard, session, step, start, capacity, payload, then } = forward;
+    let Forward { shard, session, step, start, capacity, payload, then, shadow } = forward;
     match tensors.iter().position(|p| p.stream == payload.stream).and_then(|at| tensors.remove(at)) {
         Some(p) if p.bytes.len() as u64 == payload.bytes => tessera_protocol::Tensor::decode(&p.bytes, MAX_HIDDEN_BYTES)
-            .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden, then, from, arrived: Instant::now() } })
+            .map(|hidden| SpanJob::Forward { shard, step: ForwardStep { session, step, start, capacity, hidden, then, shadow, from, arrived: Instant::now() } })
             .map_err(|e| e.to_string()),
         Some(p) => Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, p.bytes.len(), payload.bytes)),
         None => Err(format!("no tensor arrived on stream {}", payload.stream)),
@@ -852,13 +912,16 @@ impl LinkContext {
                 None => bail!("the transport stopped"),
             };
             let Some(job) = inbox.push(&message).map_err(|e| anyhow!("it sent {e}"))? else { continue };
-            let what = match &job {
-                SpanJob::Forward { step, .. } => format!("session {} step {}", step.session, step.step),
-                _ => String::new(),
+            let (what, shadow) = match &job {
+                SpanJob::Forward { step, .. } => (format!("session {} step {}", step.session, step.step), step.shadow),
+                _ => (String::new(), false),
             };
-            // A peer that floods the queue loses its channel; the span here is not at fault.
-            if self.span_jobs.try_send(job).is_err() {
-                bail!("{what}: more span jobs than this contributor queues");
+            match self.span_jobs.try_send(job) {
+                Ok(()) => {}
+                // A shadow that does not fit is dropped: this standby only falls behind.
+                Err(_) if shadow => eprintln!("tessera contribute: shadow of {what} from contributor {peer} dropped: too many span jobs queued"),
+                // A peer that floods the queue loses its channel; the span here is not at fault.
+                Err(_) => bail!("{what}: more span jobs than this contributor queues"),
             }
         }
     }
@@ -1063,7 +1126,7 @@ mod tests {
     fn queued_forwards_batch_up_to_a_barrier() {
         fn forward(shard: &str, session: u64, rows: u64) -> SpanJob {
             let hidden = tessera_protocol::Tensor::from_f32(vec![rows, 2], &vec![0.0; rows as usize * 2]).unwrap();
-            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden, then: Vec::new(), from: None, arrived: Instant::now() } }
+            SpanJob::Forward { shard: shard.into(), step: ForwardStep { session, step: 0, start: 0, capacity: 16, hidden, then: Vec::new(), shadow: false, from: None, arrived: Instant::now() } }
         }
         fn describe(job: &SpanJob) -> String {
             match job {
@@ -1105,7 +1168,7 @@ mod tests {
     }
 
     /// What an upstream contributor sends over a direct channel: a `Forward` after its tensor
-    /// becomes a span job (carrying the rest of the route); anything else that is wrong is an
+    /// becomes a span job (carrying the rest of the route, or marked a shadow); anything else that is wrong is an
     /// error, which closes that channel.
     #[test]
     fn an_upstream_channel_yields_span_jobs_or_closes() {
@@ -1113,9 +1176,13 @@ mod tests {
             let bytes = tessera_protocol::Tensor::from_f32(vec![2, 3], &[0.5; 6]).unwrap().encode();
             Chunker::new(stream, PayloadKind::Tensor, &bytes).unwrap().map(Message::Binary).collect()
         }
+        // The route after this stage; session 8's steps are shadows, which have none.
+        fn then(session: u64) -> Vec<NextHop> {
+            let standbys = vec![Standby { contributor: ContributorId(10), shard: "spare".into() }];
+            if session == 8 { Vec::new() } else { vec![NextHop { contributor: ContributorId(9), shard: "next".into(), standbys }] }
+        }
         fn forward(session: u64, stream: u64, bytes: u64) -> Vec<Message> {
-            let then = vec![NextHop { contributor: ContributorId(9), shard: "next".into() }];
-            let forward = Forward { shard: "here".into(), session, step: 4, start: 7, capacity: 64, payload: PayloadRef { stream, bytes }, then };
+            let forward = Forward { shard: "here".into(), session, step: 4, start: 7, capacity: 64, payload: PayloadRef { stream, bytes }, then: then(session), shadow: session == 8 };
             vec![Message::Text(tessera_protocol::encode_control(&PeerMessage::Forward(forward)))]
         }
         let size = tessera_protocol::Tensor::from_f32(vec![2, 3], &[0.5; 6]).unwrap().encode().len() as u64;
@@ -1126,6 +1193,7 @@ mod tests {
         let cases: Vec<Case> = vec![
             ([tensor(1), forward(5, 1, size)].concat(), Ok(&[5])),
             ([tensor(1), tensor(2), forward(6, 2, size), forward(5, 1, size)].concat(), Ok(&[6, 5])),
+            ([tensor(1), tensor(2), forward(8, 1, size), forward(5, 2, size)].concat(), Ok(&[8, 5])),
             (forward(5, 1, size), Err("session 5 step 4: no tensor arrived on stream 1")),
             ([tensor(2), forward(5, 1, size)].concat(), Err("no tensor arrived on stream 1")),
             ([tensor(1), forward(5, 1, size + 1)].concat(), Err("carried")),
@@ -1144,7 +1212,7 @@ mod tests {
             let outcome = messages.iter().try_for_each(|message| {
                 if let Some(SpanJob::Forward { shard, step }) = inbox.push(message)? {
                     assert_eq!((shard.as_str(), step.step, step.start, step.capacity, step.rows()), ("here", 4, 7, 64, 2));
-                    assert_eq!(step.then, [NextHop { contributor: ContributorId(9), shard: "next".into() }]);
+                    assert_eq!((step.then.as_slice(), step.shadow), (then(step.session).as_slice(), step.session == 8));
                     sessions.push(step.session);
                 }
                 Ok::<_, String>(())

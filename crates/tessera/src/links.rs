@@ -1,12 +1,12 @@
 //! A native contributor's direct channels (`Link`, `Unlink`), sans-IO: which contributors may
 //! offer this one a channel (upstream: they hold the span before ours, and we run the `Forward`s
 //! they send), which channels to downstream contributors are open (where our outputs go
-//! straight on), and the `MAX_LINKS` bound. `contribute.rs` owns the sockets and tasks; this
+//! straight on, to the next stage and to its standbys' shadow copies), and the `MAX_LINKS` bound. `contribute.rs` owns the sockets and tasks; this
 //! table only decides, and holds each link's task handle so that forgetting a link stops it.
 
 use std::collections::HashMap;
 
-use tessera_protocol::{ContributorId, NextHop};
+use tessera_protocol::{ContributorId, NextHop, Standby};
 
 /// Which way a link carries `Forward`s, seen from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,6 +124,19 @@ impl<S: Clone, T> Links<S, T> {
         Some((link.sender.clone()?, link.epoch))
     }
 
+    /// Where a step's shadow copies go: the standbys of `standbys` with an open downstream
+    /// channel here, each with its channel's sender and the link's epoch, in order. A standby
+    /// without one gets no copy.
+    pub fn shadows<'a>(&self, standbys: &'a [Standby]) -> Vec<(&'a Standby, S, u64)> {
+        standbys
+            .iter()
+            .filter_map(|standby| {
+                let link = self.links.get(&(standby.contributor, Side::Downstream))?;
+                Some((standby, link.sender.clone()?, link.epoch))
+            })
+            .collect()
+    }
+
     /// Links, open or not.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -157,7 +170,7 @@ mod tests {
     }
 
     fn hops(to: &[u64]) -> Vec<NextHop> {
-        to.iter().map(|&n| NextHop { contributor: id(n), shard: format!("shard{n}") }).collect()
+        to.iter().map(|&n| NextHop { contributor: id(n), shard: format!("shard{n}"), standbys: Vec::new() }).collect()
     }
 
     /// At most `max` links, both sides with one peer counted apart; a repeated `Link` is refused
@@ -226,9 +239,9 @@ mod tests {
         assert_eq!((links.len(), stopped.get()), (0, 3));
     }
 
-    /// A step's output goes straight on only over an open channel to the first of `then`.
-    #[test]
-    fn outputs_pass_directly_only_over_an_open_downstream_channel() {
+    /// A table with an upstream link from 1, an open downstream channel to 2 (its sender "to 2")
+    /// and a downstream link to 3 not open yet; the epochs of 2 and 3.
+    fn upstream_one_downstream_two_open_three_not() -> (Links<&'static str, ()>, u64, u64) {
         let mut links: Links<&str, ()> = Links::new(8);
         let up = links.link(id(1), Side::Upstream).unwrap();
         assert!(links.start(id(1), Side::Upstream, up, ()));
@@ -237,6 +250,13 @@ mod tests {
         assert!(links.opened(id(2), two, "to 2"));
         let three = links.link(id(3), Side::Downstream).unwrap();
         assert!(links.start(id(3), Side::Downstream, three, ()));
+        (links, two, three)
+    }
+
+    /// A step's output goes straight on only over an open channel to the first of `then`.
+    #[test]
+    fn outputs_pass_directly_only_over_an_open_downstream_channel() {
+        let (mut links, two, three) = upstream_one_downstream_two_open_three_not();
         // `then`, and where the output goes: a channel's sender, or back to the coordinator.
         let cases: [(&[u64], Option<&str>); 7] = [
             (&[], None),
@@ -254,5 +274,31 @@ mod tests {
         assert_eq!(links.pass(&hops(&[2])), None, "closed");
         assert!(links.opened(id(3), three, "to 3"));
         assert_eq!(links.pass(&hops(&[3])), Some(("to 3", three)));
+    }
+
+    /// Shadow copies go over every open downstream channel to a standby, and to no standby
+    /// without one: not linked, linked upstream only, not open yet, or closed.
+    #[test]
+    fn shadows_go_only_over_open_downstream_channels() {
+        fn standbys(to: &[u64]) -> Vec<Standby> {
+            to.iter().map(|&n| Standby { contributor: id(n), shard: format!("standby{n}") }).collect()
+        }
+        // Who gets a copy: (standby, its shard, the channel's sender).
+        fn shadows(links: &Links<&'static str, ()>, to: &[u64]) -> Vec<(u64, String, &'static str)> {
+            links.shadows(&standbys(to)).into_iter().map(|(standby, sender, _)| (standby.contributor.0, standby.shard.clone(), sender)).collect()
+        }
+        let (mut links, two, three) = upstream_one_downstream_two_open_three_not();
+        let four = links.link(id(4), Side::Downstream).unwrap();
+        assert!(links.start(id(4), Side::Downstream, four, ()));
+        assert!(links.opened(id(4), four, "to 4"));
+        assert_eq!(shadows(&links, &[]), []);
+        assert_eq!(shadows(&links, &[1, 3, 5]), [], "upstream, not open, not linked");
+        assert_eq!(shadows(&links, &[4, 1, 2, 5]), [(4, "standby4".into(), "to 4"), (2, "standby2".into(), "to 2")]);
+        assert_eq!(links.shadows(&standbys(&[2])).into_iter().map(|(_, _, epoch)| epoch).collect::<Vec<_>>(), [two]);
+        assert!(links.closed(id(4), Side::Downstream, four));
+        assert!(links.opened(id(3), three, "to 3"));
+        assert_eq!(shadows(&links, &[2, 3, 4]), [(2, "standby2".into(), "to 2"), (3, "standby3".into(), "to 3")]);
+        assert!(links.unlink(id(2)));
+        assert_eq!(shadows(&links, &[2, 3]), [(3, "standby3".into(), "to 3")]);
     }
 }

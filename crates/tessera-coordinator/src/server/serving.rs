@@ -14,7 +14,11 @@
 //! kept: each holder, then each standby, gets a `LoadSpan` naming its span's shard
 //! (`placement::loads`), published into the blob store on first use, and a hop to a holder whose
 //! span is not loaded yet waits for its `SpanReady`; a standby whose span is ready takes over at
-//! once. A contributor whose role moves off a span it holds gets `UnloadSpan`.
+//! once, and it is hot: it gets a shadow copy of every step its span runs (from the holder
+//! before, linked to it too, or from here for the first span and relayed hops), so its caches
+//! are current and the replay when it takes over costs it no GPU time (a `SpanStage` answers
+//! positions fed again with the same states from what it gave). A contributor whose role moves
+//! off a span it holds gets `UnloadSpan`.
 //! When a holder leaves or reports `SpanFailed`, `placement::repair` moves its span (to its
 //! standby, another contributor, or a fresh plan); when it misses its deadline (the pipeline's
 //! per-holder allowance, from its measured pace), `placement::relieve` moves its span the same
@@ -31,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_engine::generate::Sampler;
-use tessera_protocol::{Blocks, Capabilities, ContributorId, CoordinatorMessage, Forward, NextHop, PayloadRef, Tensor};
+use tessera_protocol::{Blocks, Capabilities, ContributorId, CoordinatorMessage, Forward, NextHop, PayloadRef, Standby, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::completions::{FinishReason, Sampling};
@@ -515,12 +519,14 @@ impl Task {
     }
 
     /// Asks each pair of consecutive holders for a direct channel (the downstream one first, so
-    /// that it expects the offer), and the pairs no longer consecutive to close theirs.
+    /// that it expects the offer), and each holder and the next span's standby (which shadows
+    /// that span's steps), and the pairs no longer so to close theirs.
     fn link(&mut self) {
         let wanted: BTreeSet<(ContributorId, ContributorId)> = self
             .plan
             .iter()
-            .flat_map(|plan| plan.stages.windows(2).map(|w| (w[0].contributor, w[1].contributor)))
+            .flat_map(|plan| plan.stages.windows(2).flat_map(|w| [Some((w[0].contributor, w[1].contributor)), w[1].standby.map(|s| (w[0].contributor, s))]))
+            .flatten()
             .filter(|(up, down)| up != down)
             .collect();
         let gone: Vec<_> = self.links.difference(&wanted).copied().collect();
@@ -594,30 +600,54 @@ impl Task {
             Err(e) => return self.fail(session, ApiError::internal(format!("hidden states of session {session}: {e}"))),
         };
         // The later stages this one can pass the states to directly: linked, each to the one
-        // before, and loaded.
+        // before, and loaded; with the standbys of each that its upstream holder is linked to.
         let mut then = Vec::new();
-        for pair in hop.route[hop.next..].windows(2) {
+        for (i, pair) in hop.route.windows(2).enumerate().skip(hop.next) {
             let (up, down) = (pair[0], pair[1]);
             match self.holdings.get(&down) {
                 Some(Holding { shard: Some(shard), ready: true, .. }) if self.links.contains(&(up, down)) => {
-                    then.push(NextHop { contributor: down, shard: shard.clone() });
+                    let standbys = self.standbys(i + 1).into_iter().filter(|s| self.links.contains(&(up, s.contributor))).collect();
+                    then.push(NextHop { contributor: down, shard: shard.clone(), standbys });
                 }
                 _ => break,
             }
         }
-        if hop.next > 0 {
+        let stage = hop.next;
+        if stage > 0 {
             self.swarm.hop(false);
         }
-        let stream = self.next_stream;
-        self.next_stream += 1;
-        let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
-        let forward = CoordinatorMessage::Forward(Forward { shard, session, step, start: start as u32, capacity: capacity as u32, payload, then });
+        let (start, capacity) = (start as u32, capacity as u32);
         let now = self.now();
         if let Some(pipeline) = &mut self.pipeline {
             pipeline.dispatched(now, SessionId(session), step, to, rows);
         }
-        self.send(to, Outbound::Tensor { stream, bytes });
-        self.send(to, Outbound::Control(forward));
+        let payload = self.send_tensor(to, &bytes);
+        self.send(to, Outbound::Control(CoordinatorMessage::Forward(Forward { shard, session, step, start, capacity, payload, then, shadow: false })));
+        // The stage's standby gets a copy from here, as it would from a stage before passing on
+        // directly.
+        for standby in self.standbys(stage) {
+            let payload = self.send_tensor(standby.contributor, &bytes);
+            let forward = Forward { shard: standby.shard, session, step, start, capacity, payload, then: Vec::new(), shadow: true };
+            self.send(standby.contributor, Outbound::Control(CoordinatorMessage::Forward(forward)));
+        }
+    }
+
+    /// Sends an encoded tensor to `to` as frames of a stream of the coordinator's; its reference.
+    fn send_tensor(&mut self, to: ContributorId, bytes: &[u8]) -> PayloadRef {
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        self.send(to, Outbound::Tensor { stream, bytes: bytes.to_vec() });
+        PayloadRef { stream, bytes: bytes.len() as u64 }
+    }
+
+    /// The standby of the plan's stage `stage`, when its span is loaded there: it shadows the
+    /// stage's steps (hot), so that taking over needs no recomputing.
+    fn standbys(&self, stage: usize) -> Vec<Standby> {
+        let Some(standby) = self.plan.as_ref().and_then(|p| p.stages.get(stage)).and_then(|s| s.standby) else { return Vec::new() };
+        match self.holdings.get(&standby) {
+            Some(Holding { shard: Some(shard), ready: true, .. }) => vec![Standby { contributor: standby, shard: shard.clone() }],
+            _ => Vec::new(),
+        }
     }
 
     /// A stage is done with a step: its answer times its holder, then the step goes on to the

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tessera_protocol::{AdapterLimits, Reassembler, SignalPayload, decode_control};
+use tessera_protocol::{AdapterLimits, Reassembler, SignalPayload, Standby, decode_control};
 
 use super::*;
 
@@ -334,7 +334,7 @@ fn tensor_frames(stream: u64, dims: Vec<u64>, values: &[f32]) -> (Vec<Vec<u8>>, 
 }
 
 fn forward(session: u64, step: u64, start: u32, payload: PayloadRef) -> CoordinatorMessage {
-    CoordinatorMessage::Forward(Forward { shard: "bafkshard".into(), session, step, start, capacity: 64, payload, then: Vec::new() })
+    CoordinatorMessage::Forward(Forward { shard: "bafkshard".into(), session, step, start, capacity: 64, payload, then: Vec::new(), shadow: false })
 }
 
 fn send_frames(session: &mut Session, frames: &[Vec<u8>]) {
@@ -718,12 +718,12 @@ fn peer_forward(session: &mut Session, link: u64, stream: u64, hidden: &[f32], t
     for frame in &frames {
         session.link_message(link, Incoming::Binary(frame));
     }
-    let forward = Forward { shard: "bafkshard".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then };
+    let forward = Forward { shard: "bafkshard".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then, shadow: false };
     session.link_message(link, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
 }
 
 fn hop(contributor: u64, shard: &str) -> NextHop {
-    NextHop { contributor: ContributorId(contributor), shard: shard.into() }
+    NextHop { contributor: ContributorId(contributor), shard: shard.into(), standbys: Vec::new() }
 }
 
 /// The tensor a list of frames carries, and its reference.
@@ -761,7 +761,7 @@ fn a_peers_forward_runs_as_the_coordinators_and_its_output_goes_on_directly() {
     let (values, payload) = reassemble(&messages[..2]);
     assert_eq!(values, output);
     let Outgoing::Text(text) = &messages[2] else { panic!("{messages:?}") };
-    let expected = Forward { shard: "bafknext".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then: vec![hop(9, "bafklast")] };
+    let expected = Forward { shard: "bafknext".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then: vec![hop(9, "bafklast")], shadow: false };
     assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), usize::MAX).unwrap(), PeerMessage::Forward(expected));
 
     // Sent: the coordinator hears `Passed`, and the page counts it.
@@ -807,7 +807,7 @@ fn a_peers_step_that_fails_here_is_not_this_spans_failure() {
 }
 
 fn forward_fields(session: u64, step: u64, payload: PayloadRef) -> Forward {
-    Forward { shard: "bafkshard".into(), session, step, start: 0, capacity: 64, payload, then: Vec::new() }
+    Forward { shard: "bafkshard".into(), session, step, start: 0, capacity: 64, payload, then: Vec::new(), shadow: false }
 }
 
 /// Runs a coordinator's forward whose output should go to `then`, with the session's links
@@ -940,4 +940,121 @@ fn bad_messages_from_a_peer_close_its_link_only() {
     );
     // A downstream peer sends nothing.
     check_bad_peer(text(r#"{"type":"forward"}"#), "on the channel this side offered");
+}
+
+fn standby(contributor: u64, shard: &str) -> Standby {
+    Standby { contributor: ContributorId(contributor), shard: shard.into() }
+}
+
+/// The control messages a list of outputs sends the coordinator.
+fn sent_all(out: &[Output]) -> Vec<ContributorMessage> {
+    out.iter().filter(|o| matches!(o, Output::Send(Outgoing::Text(_)))).map(sent).collect()
+}
+
+#[test]
+fn a_pass_sends_a_shadow_copy_to_each_standby_linked_and_open_after_the_real_one() {
+    let mut session = joined(1.0, BIG);
+    let down = open_link(&mut session, 7, true, BIG);
+    let shadow_link = open_link(&mut session, 8, true, BIG);
+    // Standby 10 is linked but its channel is not open yet; standby 11 is not linked; standby
+    // 12 is linked only as upstream.
+    handle(&mut session, 0.0, &link(10, true));
+    open_link(&mut session, 12, false, BIG);
+    drain(&mut session);
+    let (frames, payload) = tensor_frames(50, vec![2, 4], &[1.0; 8]);
+    send_frames(&mut session, &frames);
+    let standbys = vec![standby(10, "bafkten"), standby(8, "bafkstandby"), standby(11, "bafkeleven"), standby(12, "bafktwelve")];
+    let next = NextHop { standbys, ..hop(7, "bafknext") };
+    let message = CoordinatorMessage::Forward(Forward { then: vec![next, hop(9, "bafklast")], ..forward_fields(6, 2, payload) });
+    assert!(matches!(handle(&mut session, 0.0, &message)[..], [Output::Span(SpanJob::Forward { session: 6, step: 2, .. })]));
+
+    let output = vec![0.25; 8];
+    session.forwarded(20.0, 6, 2, 1.5, Ok((output.clone(), 4)));
+    let out = drain(&mut session);
+    let [Output::Pass { link, session: 6, step: 2, ref messages }, Output::Shadow { link: to_standby, messages: ref copy }, ref event] = out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((link, to_standby, event), (down, shadow_link, &Output::Event(Event::Forwarded { rows: 2, ms: 1.5 })));
+    // The real pass names the rest of the route; the shadow copy, on its own stream, nothing.
+    let (values, real) = reassemble(&messages[..messages.len() - 1]);
+    assert_eq!(values, output);
+    let Some(Outgoing::Text(text)) = messages.last() else { panic!("{messages:?}") };
+    let PeerMessage::Forward(forward) = decode_control::<PeerMessage>(text.as_bytes(), usize::MAX).unwrap();
+    assert_eq!((forward.shard.as_str(), forward.then, forward.shadow, forward.payload), ("bafknext", vec![hop(9, "bafklast")], false, real));
+    let (values, payload) = reassemble(&copy[..copy.len() - 1]);
+    assert_eq!(values, output);
+    assert_ne!(payload.stream, real.stream);
+    let Some(Outgoing::Text(text)) = copy.last() else { panic!("{copy:?}") };
+    let expected = Forward { shard: "bafkstandby".into(), session: 6, step: 2, start: 0, capacity: 64, payload, then: Vec::new(), shadow: true };
+    assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), usize::MAX).unwrap(), PeerMessage::Forward(expected));
+
+    // The step is passed whatever becomes of the copy; a copy that fails only closes its link.
+    session.passed(down, 6, 2, Ok(()));
+    assert_eq!(sent_all(&drain(&mut session)), [ContributorMessage::Passed { session: 6, step: 2, to: ContributorId(7), ms: 1.5 }]);
+    session.link_closed(shadow_link, "a shadow copy was not sent: gone".into());
+    let out = drain(&mut session);
+    assert!(logged(&out[0], "to contributor 8 closed: a shadow copy was not sent"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: shadow_link }, links_open(2)]);
+
+    // Output that goes to the coordinator instead sends no copy from here.
+    let (frames, payload) = tensor_frames(51, vec![1, 4], &[1.0; 4]);
+    send_frames(&mut session, &frames);
+    let next = NextHop { standbys: vec![standby(12, "bafktwelve")], ..hop(11, "bafknext") };
+    handle(&mut session, 0.0, &CoordinatorMessage::Forward(Forward { then: vec![next], ..forward_fields(6, 3, payload) }));
+    session.forwarded(30.0, 6, 3, 1.0, Ok((vec![0.5; 4], 4)));
+    let out = drain(&mut session);
+    assert!(out.iter().all(|o| matches!(o, Output::Send(_) | Output::Event(_))), "{out:?}");
+    assert!(matches!(sent_all(&out)[..], [ContributorMessage::Forwarded { session: 6, step: 3, .. }]), "{out:?}");
+}
+
+#[test]
+fn a_shadow_forward_runs_as_any_other_and_answers_nothing() {
+    let mut session = joined(1.0, BIG);
+    let up = open_link(&mut session, 3, false, BIG);
+    open_link(&mut session, 7, true, BIG);
+    // The coordinator's own step for session 5 step 1 comes first, then a shadow copy of the
+    // same step from upstream (through another span held here): both run, in order.
+    let (frames, payload) = tensor_frames(50, vec![1, 2], &[1.0, 2.0]);
+    send_frames(&mut session, &frames);
+    let mut out = handle(&mut session, 0.0, &CoordinatorMessage::Forward(forward_fields(5, 1, payload)));
+    let hidden = [3.0, 4.0];
+    let (frames, payload) = tensor_frames(4, vec![1, 2], &hidden);
+    for frame in &frames {
+        session.link_message(up, Incoming::Binary(frame));
+    }
+    // A `then` on a shadow copy is ignored: nothing is passed on from a standby.
+    let forward = Forward { shard: "bafkstandby".into(), session: 5, step: 1, start: 3, capacity: 64, payload, then: vec![hop(7, "bafknext")], shadow: true };
+    session.link_message(up, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
+    out.extend(drain(&mut session));
+    let job = SpanJob::Forward { shard: "bafkstandby".into(), session: 5, step: 1, start: 3, capacity: 64, rows: 1, hidden: hidden.to_vec() };
+    assert!(matches!(&out[..], [Output::Span(SpanJob::Forward { shard, .. }), Output::Span(shadow)] if shard == "bafkshard" && *shadow == job), "{out:?}");
+    // Span jobs like any others: through two spans, two batches.
+    let mut queue: VecDeque<SpanJob> = out.into_iter().map(|o| if let Output::Span(job) = o { job } else { unreachable!() }).collect();
+    assert_eq!(next_span_jobs(&mut queue).len(), 1);
+    assert_eq!(next_span_jobs(&mut queue), [job]);
+
+    session.forwarded(10.0, 5, 1, 1.0, Ok((vec![0.5; 2], 2)));
+    assert!(matches!(sent_all(&drain(&mut session))[..], [ContributorMessage::Forwarded { session: 5, step: 1, .. }]));
+    // The shadow step's output goes nowhere; the page counts it.
+    session.forwarded(11.0, 5, 1, 2.0, Ok((vec![0.5; 2], 2)));
+    assert_eq!(drain(&mut session), [Output::Event(Event::Forwarded { rows: 1, ms: 2.0 })]);
+
+    // A shadow copy from the coordinator that fails (its session started before this standby
+    // did, say) is only logged.
+    let (frames, payload) = tensor_frames(51, vec![1, 2], &[1.0, 2.0]);
+    send_frames(&mut session, &frames);
+    let message = CoordinatorMessage::Forward(Forward { shadow: true, ..forward_fields(6, 2, payload) });
+    assert!(matches!(handle(&mut session, 0.0, &message)[..], [Output::Span(SpanJob::Forward { session: 6, step: 2, .. })]));
+    session.forwarded(20.0, 6, 2, 1.0, Err("session 6 is not held here".into()));
+    let out = drain(&mut session);
+    assert!(matches!(&out[..], [o] if logged(o, "session 6 step 2 (a shadow copy) failed: session 6 is not held here")), "{out:?}");
+    // And so is one whose tensor never came, from the coordinator; from a peer, its link closes.
+    let message = CoordinatorMessage::Forward(Forward { shadow: true, ..forward_fields(6, 3, PayloadRef { stream: 99, bytes: 8 }) });
+    let out = handle(&mut session, 0.0, &message);
+    assert!(matches!(&out[..], [o] if logged(o, "no tensor arrived on stream 99")), "{out:?}");
+    let forward = Forward { shadow: true, ..forward_fields(6, 4, PayloadRef { stream: 98, bytes: 8 }) };
+    session.link_message(up, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
+    let out = drain(&mut session);
+    assert!(sent_all(&out).is_empty(), "{out:?}");
+    assert!(logged(&out[0], "from contributor 3 closed: sent session 6 step 4 (a shadow copy): no tensor arrived on stream 98"), "{out:?}");
 }
