@@ -106,7 +106,7 @@ pub struct View<'a> {
     /// Connected contributors: id, capabilities, and whether it failed a span.
     pub members: Vec<(ContributorId, &'a Capabilities, bool)>,
     pub plan: Option<&'a Plan>,
-    /// Holders whose span is loaded.
+    /// Holders and standbys whose span is loaded.
     pub ready: BTreeSet<ContributorId>,
     /// The direct channels asked for: (upstream, downstream) holders of consecutive spans.
     pub links: &'a BTreeSet<(ContributorId, ContributorId)>,
@@ -254,6 +254,7 @@ impl Swarm {
                         "holder": s.contributor.0,
                         "state": if view.ready.contains(&s.contributor) { "ready" } else { "loading" },
                         "standby": s.standby.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        "standby_ready": s.standby.is_some_and(|c| view.ready.contains(&c)),
                     })
                 })
                 .collect();
@@ -416,8 +417,8 @@ mod tests {
                   "memory_budget_bytes": 1u64 << 30, "failed": true, "holds": null, "standby_for": [0] },
             ],
             "plan": { "spans": [
-                { "blocks": [0, 10], "holder": 3, "state": "ready", "standby": [7] },
-                { "blocks": [10, 30], "holder": 5, "state": "loading", "standby": [] },
+                { "blocks": [0, 10], "holder": 3, "state": "ready", "standby": [7], "standby_ready": false },
+                { "blocks": [10, 30], "holder": 5, "state": "loading", "standby": [], "standby_ready": false },
             ] },
             "rate": { "tokens_per_second": 1.5, "window_seconds": 10, "tokens_total": 3, "requests_total": 2 },
             "requests": [

@@ -2,9 +2,11 @@
 //! contribute` processes whose memory budgets let each hold about half the model, so the
 //! placement splits SmolLM2's 30 blocks into three spans of ten. A chat completion at
 //! temperature 0, whole and streamed, through the official OpenAI client, gives exactly the
-//! text of `tessera run --chat` on this machine; then one contributor is killed mid-stream and
-//! the stream still completes with the same text (its span moves, the sessions replay). Bad
-//! requests get OpenAI-shaped 4xx errors and the coordinator keeps serving.
+//! text of `tessera run --chat` on this machine, the hops going straight from one contributor to
+//! the next; then a fourth contributor stands by for a span, that span's holder is killed
+//! mid-stream, and the stream still completes with the same text (the standby takes over, the
+//! sessions replay). Bad requests get OpenAI-shaped 4xx errors and the coordinator keeps
+//! serving.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -21,6 +23,8 @@ const MAX_TOKENS: usize = 16;
 /// reservation of KV cache for its sessions, 15 blocks (of 30). The last digit tells the
 /// processes apart in `/api/contributors`.
 const BUDGETS_MIB: [u64; 3] = [420, 421, 422];
+/// The fourth contributor's, which joins as a standby.
+const SPARE_MIB: u64 = 423;
 
 /// `tessera run --chat` on this machine: the text greedy decoding gives.
 fn reference() -> String {
@@ -176,14 +180,24 @@ fn chat_completions_across_three_contributors() {
         println!("the OpenAI client agrees");
     }
 
-    // 3. A contributor holding a span is killed mid-stream: the stream completes, same text.
+    // 3. A fourth contributor joins and stands by for a span, loaded and hot (it runs that
+    // span's steps too); the span's holder is killed mid-stream: the standby takes over, and the
+    // stream completes with the same text.
+    contributors.push((SPARE_MIB, contribute(addr, &cache, &["--memory-budget-mib", &SPARE_MIB.to_string()])));
+    let mut standing_by = None;
+    wait_until("the fourth contributor to stand by, its span loaded", Duration::from_secs(120), || {
+        let swarm = get_json(addr, "/api/swarm");
+        let spans = swarm["plan"]["spans"].as_array().cloned().unwrap_or_default();
+        standing_by = spans.iter().find(|s| s["standby_ready"] == true).map(|s| (s["holder"].as_u64().expect("a holder"), s["standby"][0].as_u64().expect("a standby")));
+        standing_by.is_some()
+    });
+    let (victim, standby) = standing_by.expect("a standby");
     let holders: Vec<(u64, u64)> = get_json(addr, "/api/contributors")["contributors"]
         .as_array()
         .expect("contributors")
         .iter()
         .map(|c| (c["id"].as_u64().expect("an id"), c["memory_budget_bytes"].as_u64().expect("a budget") >> 20))
         .collect();
-    let victim = served[1].2;
     let victim_budget = holders.iter().find(|(id, _)| *id == victim).map(|(_, mib)| *mib).expect("the victim is connected");
     let (pieces, heard) = mpsc::channel::<usize>();
     let t = Instant::now();
@@ -216,7 +230,8 @@ fn chat_completions_across_three_contributors() {
     assert_eq!(text, expected, "the stream after the kill");
     let record = get_json(addr, &format!("/api/requests/{request}"));
     assert!(record["replans"].as_u64() >= Some(1), "{record}");
-    assert!(!record["spans"].as_array().expect("spans").is_empty(), "{record}");
+    let served_by: Vec<u64> = record["spans"].as_array().expect("spans").iter().map(|s| s["contributor"].as_u64().expect("an id")).collect();
+    assert!(served_by.contains(&standby), "the standby {standby} took over: {record}");
     println!("failover: {:?} in {:?} ({})", record["x_tessera_spans"], t.elapsed(), record);
     drop(killed);
     println!("total {:?}", started.elapsed());
