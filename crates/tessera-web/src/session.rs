@@ -60,7 +60,7 @@ const MAX_WAITING_TENSORS: usize = 8;
 const MAX_SPAN_JOBS: usize = 64;
 /// How long a direct channel may take to open: from the `Link` on the offering side, from the
 /// offer on the answering one. Then it is closed, and its hops go through the coordinator.
-pub const LINK_TIMEOUT_MS: Millis = 10_000.0;
+pub const LINK_TIMEOUT_MS: Millis = 30_000.0;
 
 /// What the page hears (`onEvent`), as plain objects with a `type`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -778,10 +778,14 @@ impl Session {
         self.send(&ContributorMessage::Error { code: ErrorCode::Malformed, message });
     }
 
-    /// Closes link `number`, if it exists, and forgets it.
+    /// Closes link `number`, if it exists. One this side offered is forgotten; one it answers
+    /// goes back to expecting an offer, as the coordinator still counts it, so the upstream peer
+    /// may offer again.
     fn close_link(&mut self, number: u64, why: String) {
-        if let Some(at) = self.links.iter().position(|l| l.number == number) {
-            self.drop_link(at, why);
+        match self.links.iter().position(|l| l.number == number) {
+            Some(at) if self.links[at].offered => self.drop_link(at, why),
+            Some(at) => self.disconnect(at, why),
+            None => {}
         }
     }
 

@@ -14,7 +14,8 @@
 //! Heartbeats never wait for the others.
 //!
 //! Hot standbys: a step passed on directly also goes, after its `Passed`, as a shadow copy
-//! (`Forward { shadow: true }`) to each standby of the next span with an open channel here. A
+//! (`Forward { shadow: true }`) to each standby of the next span with an open channel here, sent
+//! in order by a task of its own (`send_shadows`), so a slow standby never holds up the span. A
 //! shadow step runs like any other, keeping that standby's caches current for a takeover, but
 //! is never answered or passed on, and its failures are only logged.
 //!
@@ -91,10 +92,15 @@ const MAX_WAITING_TENSORS: usize = 8;
 /// Largest hidden-state tensor accepted for a `Forward` (a full 8k context of a 576-wide model
 /// is 19 MB).
 const MAX_HIDDEN_BYTES: usize = 32 << 20;
+/// Shadow copies waiting to go out to standbys; more are dropped (the standby falls behind).
+const SHADOW_QUEUE: usize = 64;
 /// Reconnection back-off after the coordinator goes away.
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
-/// How long a downstream contributor may take to answer our offer (relayed by the coordinator).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a downstream contributor may take to answer our offer (relayed by the coordinator),
+/// and a direct channel to open once offered (a busy tab can be slow to do either).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pauses before offering a downstream contributor a channel again, after one failed to open.
+const OFFER_RETRIES: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(10)];
 /// How long passing a step's output over a direct channel may take; then the channel is closed
 /// and the output goes through the coordinator.
 const PASS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -220,7 +226,7 @@ impl Session {
         // address the coordinator sees. Without one (`--no-links`), `Link`s are ignored.
         let endpoint = match self.no_links {
             true => Err("--no-links".to_string()),
-            false => Endpoint::bind(bind, tessera_rtc::Config { max_peers: MAX_LINKS, ..Default::default() }).await.map_err(|e| e.to_string()),
+            false => Endpoint::bind(bind, tessera_rtc::Config { max_peers: MAX_LINKS, connect_timeout: ANSWER_TIMEOUT, ..Default::default() }).await.map_err(|e| e.to_string()),
         };
         let links: Arc<std::sync::Mutex<LinkTable>> = Arc::new(std::sync::Mutex::new(Links::new(MAX_LINKS)));
         // Set by the `Welcome` (which gives our id) when there is an endpoint.
@@ -289,7 +295,11 @@ impl Session {
                             link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, answers, span_jobs });
                         }
                         if let (Some(worker), Some(queue), Some(spans), Some(ahead)) = (worker.take(), job_queue.take(), span_queue.take(), prefetch_queue.take()) {
-                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new(), links: links.clone() };
+                            // Shadow copies go out from a task of their own, in order, so that a slow
+                            // standby never holds up the span; it ends with the span worker.
+                            let (shadows, copies) = mpsc::channel(SHADOW_QUEUE);
+                            tokio::spawn(send_shadows(copies, links.clone(), worker.streams.clone()));
+                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new(), links: links.clone(), shadows };
                             span_task = Some(tokio::spawn(span_worker.run(spans)));
                             prefetch_task = Some(tokio::spawn(worker.clone().prefetch(ahead)));
                             worker_task = Some(tokio::spawn(worker.run(queue)));
@@ -541,6 +551,8 @@ struct SpanWorker {
     spans: HashMap<String, Arc<std::sync::Mutex<SpanStage>>>,
     /// The direct channels, for passing outputs on.
     links: Arc<std::sync::Mutex<LinkTable>>,
+    /// Copies of the steps passed on, for the next spans' standbys (`send_shadows`).
+    shadows: mpsc::Sender<ShadowCopy>,
 }
 
 impl SpanWorker {
@@ -671,7 +683,9 @@ impl SpanWorker {
             }
         }
         for copy in copies {
-            self.send_shadows(copy).await;
+            if self.shadows.try_send(copy).is_err() {
+                eprintln!("tessera contribute: a shadow copy for a standby dropped: {SHADOW_QUEUE} are waiting to go out");
+            }
         }
         Ok(())
     }
@@ -710,18 +724,20 @@ impl SpanWorker {
         Ok(None)
     }
 
-    /// Sends a step passed on directly to the next span's standbys that have an open channel
-    /// here, as shadow `Forward`s. A channel that fails to take its copy is closed; nothing
-    /// else changes (a standby without a channel gets no copy at all).
-    async fn send_shadows(&self, copy: ShadowCopy) {
-        let ShadowCopy { session, step, start, capacity, bytes, standbys } = copy;
-        let channels = lock(&self.links).shadows(&standbys);
+}
+
+/// Sends the steps passed on directly, in order, to the next spans' standbys that have an open
+/// channel here, as shadow `Forward`s. A channel that fails to take its copy is closed; nothing
+/// else changes (a standby without a channel gets no copy at all).
+async fn send_shadows(mut copies: mpsc::Receiver<ShadowCopy>, links: Arc<std::sync::Mutex<LinkTable>>, streams: Arc<AtomicU64>) {
+    while let Some(ShadowCopy { session, step, start, capacity, bytes, standbys }) = copies.recv().await {
+        let channels = lock(&links).shadows(&standbys);
         for (standby, channel, epoch) in channels {
-            let stream = self.worker.streams.fetch_add(1, Ordering::Relaxed);
+            let stream = streams.fetch_add(1, Ordering::Relaxed);
             let payload = PayloadRef { stream, bytes: bytes.len() as u64 };
             let forward = PeerMessage::Forward(Forward { shard: standby.shard.clone(), session, step, start, capacity, payload, then: Vec::new(), shadow: true });
             if let Err(e) = pass_over(&channel, stream, &bytes, &forward).await
-                && lock(&self.links).closed(standby.contributor, Side::Downstream, epoch)
+                && lock(&links).closed(standby.contributor, Side::Downstream, epoch)
             {
                 eprintln!("tessera contribute: direct channel to contributor {} (standby) closed: {e:#}", standby.contributor);
             }
@@ -930,9 +946,18 @@ impl LinkContext {
     /// coordinator) and holds it until it closes; meanwhile the span worker passes outputs on
     /// over it.
     async fn downstream(self, peer: ContributorId, epoch: u64) {
-        let mut open = false;
-        let Err(e) = self.serve_downstream(peer, epoch, &mut open).await;
-        self.down(peer, Side::Downstream, epoch, open, e);
+        let mut retries = OFFER_RETRIES.iter();
+        loop {
+            let mut open = false;
+            let Err(e) = self.serve_downstream(peer, epoch, &mut open).await;
+            match retries.next() {
+                Some(pause) if !open => {
+                    eprintln!("tessera contribute: direct channel to contributor {peer} failed to open: {e:#}; offering again in {} s", pause.as_secs());
+                    tokio::time::sleep(*pause).await;
+                }
+                _ => return self.down(peer, Side::Downstream, epoch, open, e),
+            }
+        }
     }
 
     async fn serve_downstream(&self, peer: ContributorId, epoch: u64, open: &mut bool) -> anyhow::Result<Infallible> {
@@ -947,7 +972,8 @@ impl LinkContext {
                 Err(_) => Err(anyhow!("no answer in {} s", ANSWER_TIMEOUT.as_secs())),
             }
         };
-        let channel = tessera_rtc::connect(SocketAddr::new(self.ip, 0), tessera_rtc::Config::default(), signal).await;
+        let config = tessera_rtc::Config { connect_timeout: ANSWER_TIMEOUT, ..Default::default() };
+        let channel = tessera_rtc::connect(SocketAddr::new(self.ip, 0), config, signal).await;
         // Our offer's reply slot, answered or not.
         lock(&self.answers).retain(|_, reply| !reply.is_closed());
         let mut channel = channel?;

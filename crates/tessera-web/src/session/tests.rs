@@ -656,18 +656,25 @@ fn links_that_fail_or_do_not_open_in_time_close() {
     let mut session = Session::new(capabilities(), 1.0, BIG);
     drain(&mut session);
     handle(&mut session, 0.0, &welcome(1, 60_000));
-    // Offering: ten seconds from the `Link`; answering: from the offer, none before it.
+    // Offering: thirty seconds from the `Link`; answering: from the offer, none before it.
     handle(&mut session, 1_000.0, &link(7, true));
     handle(&mut session, 2_000.0, &link(3, false));
-    assert_eq!(session.poll_timeout(), Some(11_000.0));
+    assert_eq!(session.poll_timeout(), Some(31_000.0));
     handle(&mut session, 5_000.0, &offer_from(3));
-    session.handle_timeout(10_999.0);
+    session.handle_timeout(30_999.0);
     assert_eq!(drain(&mut session), []);
-    session.handle_timeout(11_000.0);
+    session.handle_timeout(31_000.0);
     let out = drain(&mut session);
-    assert!(logged(&out[0], "to contributor 7 closed: did not open within 10 s"), "{out:?}");
+    assert!(logged(&out[0], "to contributor 7 closed: did not open within 30 s"), "{out:?}");
     assert_eq!(out[1..], [Output::Close { link: 1 }]);
-    assert_eq!(session.poll_timeout(), Some(15_000.0));
+    assert_eq!(session.poll_timeout(), Some(35_000.0));
+    // The answering side gives up on that connection but still expects the peer: it may offer
+    // again, and that connection is made.
+    session.handle_timeout(35_000.0);
+    let out = drain(&mut session);
+    assert!(logged(&out[0], "from contributor 3 closed: did not open within 30 s"), "{out:?}");
+    assert_eq!(out[1..], [Output::Close { link: 2 }]);
+    assert!(matches!(handle(&mut session, 36_000.0, &offer_from(3))[..], [Output::Answer { link: 2, .. }]));
     session.link_open(2, BIG);
     drain(&mut session);
     assert_eq!(session.poll_timeout(), Some(60_000.0));
