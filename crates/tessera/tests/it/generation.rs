@@ -116,7 +116,10 @@ fn chat_completions_across_three_contributors() {
     let models = get_json(addr, "/v1/models");
     assert!(models["data"].as_array().expect("models").iter().any(|m| m["id"] == "smollm2"), "{models}");
 
-    let mut contributors: Vec<(u64, Proc)> = BUDGETS_MIB.iter().map(|&mib| (mib, contribute(addr, &cache, &["--memory-budget-mib", &mib.to_string()]))).collect();
+    // Pinned scores: placement follows the memory budgets alone (three spans of ten blocks),
+    // however busy the machine is while each measures itself.
+    let mut contributors: Vec<(u64, Proc)> =
+        BUDGETS_MIB.iter().map(|&mib| (mib, contribute(addr, &cache, &["--memory-budget-mib", &mib.to_string(), "--score", "1"]))).collect();
     let expected = reference();
     println!("reference: {expected:?} at {:?}", started.elapsed());
     wait_until("three contributors", Duration::from_secs(120), || crate::contributor_ids(addr).len() == 3);
@@ -183,7 +186,9 @@ fn chat_completions_across_three_contributors() {
     // 3. A fourth contributor joins and stands by for a span, loaded and hot (it runs that
     // span's steps too); the span's holder is killed mid-stream: the standby takes over, and the
     // stream completes with the same text.
-    contributors.push((SPARE_MIB, contribute(addr, &cache, &["--memory-budget-mib", &SPARE_MIB.to_string()])));
+    // Its score is a quarter of the others': a fresh plan with it would not be worth moving to
+    // (`Policy::replan_gain`), so it joins the plan as a standby even though no session runs.
+    contributors.push((SPARE_MIB, contribute(addr, &cache, &["--memory-budget-mib", &SPARE_MIB.to_string(), "--score", "0.25"])));
     let mut standing_by = None;
     wait_until("the fourth contributor to stand by, its span loaded", Duration::from_secs(120), || {
         let swarm = get_json(addr, "/api/swarm");
