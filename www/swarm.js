@@ -83,6 +83,9 @@ function renderRate(swarm) {
   const { direct, relayed, direct_overhead_ms: overhead } = swarm.hops;
   $('hops').textContent = direct + relayed === 0 ? '–'
     : `${integer.format(direct)} of ${integer.format(direct + relayed)}` + (overhead === null ? '' : ` (${decimal.format(overhead)} ms each)`);
+  // Spans loaded from a shard another contributor lent, or from the coordinator (or a cache).
+  const { from_peers: peers, from_coordinator: coordinator } = swarm.shards_loaded;
+  $('shards').textContent = peers + coordinator === 0 ? '–' : `${integer.format(peers)} of ${integer.format(peers + coordinator)}`;
 }
 
 function renderPlan(swarm) {

@@ -145,6 +145,7 @@ fn capabilities(i: usize) -> Capabilities {
         memory_budget_bytes: 2 << 30,
         benchmark_score: 100.0 + (i % 13) as f64,
         max_concurrent_units: 1,
+        lends_blobs: false,
     }
 }
 

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_engine::cid::Cid;
+use tessera_protocol::ErrorCode;
+
+/// Largest blob range served in one request (a whole model file fits).
+pub const MAX_BLOB_RANGE: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -87,6 +91,21 @@ impl BlobStore {
         let file = File::open(&path).map_err(|e| if e.kind() == io::ErrorKind::NotFound { BlobError::Missing(*cid) } else { BlobError::Io { path: path.clone(), source: e } })?;
         let len = file.metadata().map_err(|source| BlobError::Io { path, source })?.len();
         Ok(Blob { file, len })
+    }
+
+    /// Bytes `[offset, offset + length)` of blob `cid` (`length` 0: to the end), as a
+    /// `BlobRequest` asks for them, or the error to answer it with.
+    pub fn request(&self, cid: &str, offset: u64, length: u64) -> Result<Vec<u8>, (ErrorCode, String)> {
+        let parsed: Cid = cid.parse().map_err(|e| (ErrorCode::BlobNotFound, format!("{cid:?} is not a CID: {e}")))?;
+        let mut blob = self.get(&parsed).map_err(|e| (ErrorCode::BlobNotFound, e.to_string()))?;
+        let end = if length == 0 { blob.len } else { offset.saturating_add(length) };
+        if offset > blob.len || end > blob.len || (offset == blob.len && blob.len > 0) {
+            return Err((ErrorCode::Malformed, format!("blob {cid}: range {offset}+{length} is outside its {} bytes", blob.len)));
+        }
+        if end - offset > MAX_BLOB_RANGE {
+            return Err((ErrorCode::TooLarge, format!("blob {cid}: {} bytes asked at once; at most {MAX_BLOB_RANGE}", end - offset)));
+        }
+        blob.read_range(offset..end).map_err(|e| (ErrorCode::Internal, format!("blob {cid}: {e}")))
     }
 }
 

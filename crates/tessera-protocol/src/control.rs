@@ -1,12 +1,15 @@
 //! Control messages: JSON objects tagged by `"type"`, one serde enum per direction.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The control protocol version a `Hello` and a `Welcome` carry. Peers must speak the same one.
 /// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`);
 /// version 3 `UnloadSpan` and `Prefetch`; version 4 direct contributor-to-contributor hops
-/// (`Link`, `Unlink`, `Forward::then`, `Passed`, `PeerMessage`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// (`Link`, `Unlink`, `Forward::then`, `Passed`, `PeerMessage`); version 5 shards from peers
+/// (`Lend`, `LoadSpan::peers`, `PeerMessage::BlobRequest`, `SignalPayload::Offer::purpose`).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The most direct channels a contributor keeps open at once; `Link`s beyond are refused.
 pub const MAX_LINKS: usize = 16;
 /// The most blobs a contributor takes from one `Prefetch`.
@@ -63,6 +66,10 @@ pub struct Capabilities {
     pub benchmark_score: f64,
     /// Units it is willing to hold at once.
     pub max_concurrent_units: u32,
+    /// Whether it lends the span shards it holds to other contributors (`Lend`). Native
+    /// contributors do; browser tabs do not, to spare their volunteers' upload.
+    #[serde(default)]
+    pub lends_blobs: bool,
 }
 
 /// What a unit asks a contributor to compute.
@@ -143,6 +150,9 @@ pub struct Standby {
 pub enum SignalPayload {
     Offer {
         sdp: String,
+        /// What the channel is for, so that the answering side applies the right permit.
+        #[serde(default, skip_serializing_if = "ChannelPurpose::is_forwards")]
+        purpose: ChannelPurpose,
     },
     Answer {
         sdp: String,
@@ -152,6 +162,23 @@ pub enum SignalPayload {
         sdp_mid: Option<String>,
         sdp_m_line_index: Option<u16>,
     },
+}
+
+/// What a direct channel between two contributors carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelPurpose {
+    /// `Forward`s from the offering (upstream) side, as a `Link` set up.
+    #[default]
+    Forwards,
+    /// Blob ranges the offering side fetches from the answering one, as a `Lend` allowed.
+    Blobs,
+}
+
+impl ChannelPurpose {
+    pub fn is_forwards(&self) -> bool {
+        *self == ChannelPurpose::Forwards
+    }
 }
 
 /// Why a peer rejected something.
@@ -204,8 +231,14 @@ pub enum ContributorMessage {
         to: ContributorId,
         payload: SignalPayload,
     },
-    /// The span shard `shard` of a `LoadSpan` is loaded and ready for `Forward`.
-    SpanReady { shard: String },
+    /// The span shard `shard` of a `LoadSpan` is loaded and ready for `Forward`. `fetched_from`:
+    /// the peer of `LoadSpan::peers` whose copy was used (none: the shard came from the
+    /// coordinator or the local cache); for the coordinator's figures.
+    SpanReady {
+        shard: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fetched_from: Option<ContributorId>,
+    },
     /// The hidden states that `Forward { session, step }` produced: an F32 tensor `[rows, dim]`
     /// in the `Tensor` frames of `payload`, sent before this message. `ms`: how long the step
     /// took here from its arrival, as this contributor measured (for the coordinator's figures
@@ -271,8 +304,17 @@ pub enum CoordinatorMessage {
     },
     /// Load `blocks` of `model` from the span shard `shard` (a blob: fetch it with `BlobRequest`
     /// and check it against its CID), keep KV caches for up to `max_sessions` sessions, and
-    /// answer `SpanReady` (or an `Error` with `SpanFailed`).
-    LoadSpan { model: String, shard: String, blocks: Blocks, max_sessions: u32 },
+    /// answer `SpanReady` (or an `Error` with `SpanFailed`). `peers` hold the shard and were
+    /// told to lend it to this contributor (`Lend`): it may fetch it from them instead, over a
+    /// direct channel it offers (`ChannelPurpose::Blobs`), trying the coordinator last.
+    LoadSpan {
+        model: String,
+        shard: String,
+        blocks: Blocks,
+        max_sessions: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        peers: Vec<ContributorId>,
+    },
     /// Run span `forward.shard` over the step's hidden states and pass the output on (`Forward::
     /// then`) or answer `Forwarded`. A session new here gets a KV cache of `capacity` positions;
     /// positions it holds from `start` on are computed again (a replay).
@@ -285,8 +327,14 @@ pub enum CoordinatorMessage {
     /// Fetch these blobs (span shards this contributor may be asked to take over) into the local
     /// cache now, checked against their CIDs, so that taking over needs no download. Nothing is
     /// loaded or answered; a contributor may ignore it (a browser tab does, to spare its
-    /// volunteer's bandwidth), and takes at most `MAX_PREFETCH` of them.
-    Prefetch { blobs: Vec<String> },
+    /// volunteer's bandwidth), and takes at most `MAX_PREFETCH` of them. `lenders`: for some
+    /// blobs, the peers told to lend them to this contributor (`Lend`), to try before the
+    /// coordinator, as `LoadSpan::peers`.
+    Prefetch {
+        blobs: Vec<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        lenders: BTreeMap<String, Vec<ContributorId>>,
+    },
     /// Open a direct DataChannel with contributor `peer`, which holds the span before or after
     /// one held here (or stands by for the span after it). With `offer`, this side sends the SDP offer (a `Signal` to `peer`) and is
     /// upstream: `Forward`s whose `then` names `peer` go to it. Without, this side answers an
@@ -296,6 +344,11 @@ pub enum CoordinatorMessage {
     Link { peer: ContributorId, offer: bool },
     /// Close the direct channel with `peer`, and take no more `Forward`s from it.
     Unlink { peer: ContributorId },
+    /// Contributor `peer` was told to fetch `blobs` (shards held here) from this contributor:
+    /// answer its offer of a `ChannelPurpose::Blobs` channel and serve its `PeerMessage::
+    /// BlobRequest`s for these blobs only, until it closes the channel. A contributor that does
+    /// not lend (`Capabilities::lends_blobs`) ignores it.
+    Lend { peer: ContributorId, blobs: Vec<String> },
     /// Something the contributor sent was rejected; after a fatal one the connection closes.
     Error { code: ErrorCode, message: String },
 }
@@ -307,6 +360,11 @@ pub enum PeerMessage {
     /// The output of the upstream stage, for the span this contributor holds: run as the
     /// coordinator's `Forward` is run.
     Forward(Forward),
+    /// Asks a lending peer for bytes `[offset, offset + length)` of a blob (`length` 0: to its
+    /// end), sent back as `Blob` frames on `stream`.
+    BlobRequest { cid: String, offset: u64, length: u64, stream: u64 },
+    /// A request was refused (e.g. `BlobNotFound`); the fetcher tries elsewhere.
+    Error { code: ErrorCode, message: String },
 }
 
 /// A control message type: the `"type"` tags it knows, for precise errors.
@@ -346,10 +404,11 @@ impl Message for CoordinatorMessage {
         "prefetch",
         "link",
         "unlink",
+        "lend",
         "error",
     ];
 }
 
 impl Message for PeerMessage {
-    const TYPES: &'static [&'static str] = &["forward"];
+    const TYPES: &'static [&'static str] = &["forward", "blob_request", "error"];
 }

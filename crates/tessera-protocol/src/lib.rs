@@ -11,7 +11,7 @@ pub mod model;
 pub mod tensor;
 
 pub use control::{
-    AdapterLimits, Blocks, Capabilities, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
+    AdapterLimits, Blocks, Capabilities, ChannelPurpose, ContributorId, ContributorMessage, CoordinatorMessage, ErrorCode,
     Forward, JobId, MAX_LINKS, MAX_PREFETCH, Message, NextHop, PROTOCOL_VERSION, PayloadRef, PeerMessage,
     SignalPayload, Standby, UnitId, Work,
 };

@@ -16,6 +16,7 @@ fn caps() -> Capabilities {
         memory_budget_bytes: 1 << 30,
         benchmark_score: 12.5,
         max_concurrent_units: 2,
+        lends_blobs: true,
     }
 }
 
@@ -67,6 +68,7 @@ fn contributor_messages() -> Vec<ContributorMessage> {
         },
         ContributorMessage::SpanReady {
             shard: "bafkreishard".into(),
+            fetched_from: Some(ContributorId(4)),
         },
         ContributorMessage::Forwarded {
             session: 7,
@@ -118,13 +120,14 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
         CoordinatorMessage::Signal {
             from: ContributorId(1),
             to: ContributorId(2),
-            payload: SignalPayload::Offer { sdp: "v=0".into() },
+            payload: SignalPayload::Offer { sdp: "v=0".into(), purpose: ChannelPurpose::Blobs },
         },
         CoordinatorMessage::LoadSpan {
             model: "smollm2".into(),
             shard: "bafkreishard".into(),
             blocks: Blocks { start: 10, end: 20 },
             max_sessions: 8,
+            peers: vec![ContributorId(2), ContributorId(4)],
         },
         CoordinatorMessage::Forward(forward(vec![NextHop {
             contributor: ContributorId(3),
@@ -133,9 +136,13 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
         }])),
         CoordinatorMessage::EndSession { session: 7 },
         CoordinatorMessage::UnloadSpan { shard: "bafkreia".into() },
-        CoordinatorMessage::Prefetch { blobs: vec!["bafkreia".into(), "bafkreib".into()] },
+        CoordinatorMessage::Prefetch {
+            blobs: vec!["bafkreia".into(), "bafkreib".into()],
+            lenders: [("bafkreib".to_string(), vec![ContributorId(2)])].into(),
+        },
         CoordinatorMessage::Link { peer: ContributorId(3), offer: true },
         CoordinatorMessage::Unlink { peer: ContributorId(3) },
+        CoordinatorMessage::Lend { peer: ContributorId(6), blobs: vec!["bafkreishard".into()] },
         CoordinatorMessage::Error {
             code: ErrorCode::UnsupportedVersion,
             message: "x".into(),
@@ -213,14 +220,25 @@ fn wire_shape_is_stable() {
     let text = encode_control(&shadow);
     assert!(text.ends_with(r#""payload":{"stream":2,"bytes":2320},"shadow":true}"#), "{text}");
     assert_eq!(decode_control::<PeerMessage>(text.as_bytes(), 1024).unwrap(), shadow);
-    // A peer speaks only `forward`: a coordinator's message from a peer is refused by name.
+    // A lending peer is asked for blob ranges, and refuses by code.
+    for message in [
+        PeerMessage::BlobRequest { cid: "bafkreishard".into(), offset: 0, length: 0, stream: 1 },
+        PeerMessage::Error { code: ErrorCode::BlobNotFound, message: "not lent".into() },
+    ] {
+        assert_eq!(decode_control::<PeerMessage>(encode_control(&message).as_bytes(), 1024).unwrap(), message);
+    }
+    // A peer never speaks for the coordinator: its messages from a peer are refused by name.
     let err = decode_control::<PeerMessage>(br#"{"type":"load_span"}"#, 1024).unwrap_err();
     assert!(err.to_string().contains("load_span"), "{err}");
+    // A `LoadSpan` with no peers to fetch from, and an offer for `Forward`s, read as version 4's.
+    let offer = SignalPayload::Offer { sdp: "v=0".into(), purpose: ChannelPurpose::Forwards };
+    assert_eq!(serde_json::to_string(&offer).unwrap(), r#"{"kind":"offer","sdp":"v=0"}"#);
     let text = encode_control(&CoordinatorMessage::LoadSpan {
         model: "smollm2".into(),
         shard: "bafkreishard".into(),
         blocks: Blocks { start: 10, end: 20 },
         max_sessions: 8,
+        peers: vec![],
     });
     assert_eq!(
         text,
@@ -272,14 +290,14 @@ fn bad_control_messages_say_what_is_wrong() {
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": 1, \"capabilities\": {\"shape\": \"of the past\"}}",
-        "protocol version 1 is not supported: this peer speaks version 4",
+        "protocol version 1 is not supported: this peer speaks version 5",
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": \"3\"}",
-        "protocol version \"3\" is not supported: this peer speaks version 4",
+        "protocol version \"3\" is not supported: this peer speaks version 5",
     );
     check(
-        "{\"type\": \"hello\", \"protocol_version\": 4}",
+        "{\"type\": \"hello\", \"protocol_version\": 5}",
         "invalid \"hello\" message: missing field `capabilities`",
     );
     check(

@@ -37,7 +37,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use tessera_engine::stage::EXACT_BATCH_ROWS;
 use tessera_protocol::{
-    Capabilities, Chunk, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Forward, Incoming, JobId,
+    Capabilities, ChannelPurpose, Chunk, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Forward, Incoming, JobId,
     MAX_LINKS, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage, ProtocolError, Reassembler, ReassemblyLimits,
     SignalPayload, Tensor, UnitId, Work, decode, encode_control,
 };
@@ -475,7 +475,7 @@ impl Session {
         match result {
             Ok(()) => {
                 self.event(Event::SpanLoaded { shard: shard.clone(), start: blocks.start as u32, end: blocks.end as u32 });
-                self.send(&ContributorMessage::SpanReady { shard });
+                self.send(&ContributorMessage::SpanReady { shard, fetched_from: None });
             }
             Err(reason) => {
                 self.log(format!("span {}..{} ({shard}) failed to load: {reason}", blocks.start, blocks.end));
@@ -569,7 +569,7 @@ impl Session {
         let entry = &mut self.links[at];
         let (peer, payload) = if entry.offered {
             entry.state = LinkState::Offered;
-            (entry.peer, SignalPayload::Offer { sdp })
+            (entry.peer, SignalPayload::Offer { sdp, purpose: ChannelPurpose::Forwards })
         } else {
             entry.state = LinkState::Connecting;
             (entry.peer, SignalPayload::Answer { sdp })
@@ -623,6 +623,9 @@ impl Session {
             return self.bad_peer(at, "sent a message on the channel this side offered (only the upstream side sends)".into());
         }
         match decode::<PeerMessage>(incoming) {
+            Ok(Decoded::Control(PeerMessage::BlobRequest { .. } | PeerMessage::Error { .. })) => {
+                self.bad_peer(at, "sent a blob message on a channel for forwards".into());
+            }
             Ok(Decoded::Control(PeerMessage::Forward(forward))) => match self.links[at].inbox.hidden_states(&forward.payload) {
                 Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, Some(self.links[at].peer)),
                 // A shadow copy is answered to no one: the link closes, and only that is said.
@@ -743,7 +746,11 @@ impl Session {
             return self.log(format!("a signal from contributor {from} for contributor {to} ignored"));
         }
         match payload {
-            SignalPayload::Offer { sdp } => {
+            // A tab lends no shards (its volunteer's upload is spared), so takes no such channel.
+            SignalPayload::Offer { purpose: ChannelPurpose::Blobs, .. } => {
+                self.log(format!("an offer from contributor {from} to fetch blobs ignored: this tab lends none"));
+            }
+            SignalPayload::Offer { sdp, purpose: ChannelPurpose::Forwards } => {
                 let Some(at) = self.links.iter().position(|l| l.peer == from && !l.offered) else {
                     return self.log(format!("an offer from contributor {from}, which is not linked here as upstream, ignored"));
                 };
@@ -853,8 +860,9 @@ impl Session {
                 let message = format!("{cid} (stream {stream}): this contributor does not serve blobs");
                 self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
             }
-            // A tab does not prefetch shards it may never hold: that is its volunteer's bandwidth.
-            CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Prefetch { .. } => {}
+            // A tab does not prefetch shards it may never hold, nor lend the ones it holds: that
+            // is its volunteer's bandwidth.
+            CoordinatorMessage::BlobHave { .. } | CoordinatorMessage::Prefetch { .. } | CoordinatorMessage::Lend { .. } => {}
             CoordinatorMessage::Signal { from, to, payload } => self.signal(now, from, to, payload),
             CoordinatorMessage::Link { peer, offer } => self.link(now, peer, offer),
             CoordinatorMessage::Unlink { peer } => {

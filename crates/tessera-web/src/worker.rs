@@ -418,5 +418,7 @@ pub async fn capabilities(gpu: &Gpu, name: &str, memory_mib: Option<u64>) -> Res
         memory_budget_bytes: memory_mib.map_or(limits.max_buffer_size.min(MEMORY_BUDGET), |mib| mib << 20),
         benchmark_score: score,
         max_concurrent_units: 1,
+        // A tab spares its volunteer's upload: it lends no shards.
+        lends_blobs: false,
     })
 }

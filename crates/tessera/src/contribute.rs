@@ -25,6 +25,11 @@
 //! queue, as the coordinator's `Forward`s do; a channel to a downstream one is offered (SDP
 //! relayed by the coordinator as `Signal`s) and carries our outputs. Anything wrong on a channel
 //! closes that channel only; its hops go through the coordinator. Links end with the connection.
+//!
+//! Shards from peers (`shards.rs`): a contributor that loads a span fetches its shard from the
+//! peers the `LoadSpan` names, over a channel it offers them, before trying the coordinator; and
+//! it lends the shards it holds to the contributors a `Lend` names, from its verified cache.
+//! Whatever a peer sends is checked against the CID before it is used or kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -43,14 +48,16 @@ use tessera_engine::cid::Cid;
 use tessera_engine::llama::{Llama, Stages};
 use tessera_engine::stage::{EXACT_BATCH_ROWS, SpanStage, Step};
 use tessera_protocol::{
-    AdapterLimits, Architecture, Blocks, Capabilities, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode,
+    AdapterLimits, Architecture, Blocks, Capabilities, ChannelPurpose, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode,
     Forward, Incoming, MAX_LINKS, MAX_PREFETCH, ModelManifest, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage,
     Reassembler, ReassemblyLimits, SignalPayload, Standby, UnitId, Work,
 };
 use tessera_rtc::{Endpoint, Message, PeerEvent, PeerSender};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::links::{Links, Side};
+use crate::links::{Lends, Links, Side};
+
+mod shards;
 
 #[derive(clap::Args)]
 pub struct ContributeArgs {
@@ -114,7 +121,9 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
     let gpu = Arc::new(Gpu::request().await.context("this machine has no GPU adapter wgpu can use")?);
     let cache_dir = args.cache.clone().unwrap_or_else(|| tessera_engine::cache::model_cache_dir().join("blobs"));
     let blobs = Arc::new(BlobStore::open(&cache_dir).with_context(|| format!("opening the blob cache {}", cache_dir.display()))?);
-    let capabilities = capabilities(&gpu, args.memory_budget_mib, args.score).await?;
+    let mut capabilities = capabilities(&gpu, args.memory_budget_mib, args.score).await?;
+    // Lending takes the direct channels `--no-links` turns off.
+    capabilities.lends_blobs &= !args.no_links;
     eprintln!("tessera contribute: {} ({}), score {:.1} GFLOP/s", capabilities.adapter, capabilities.backend, capabilities.benchmark_score);
     let models = Arc::new(Mutex::new(HashMap::new()));
     let mut failures = 0;
@@ -162,7 +171,9 @@ enum Job {
 
 /// What the reader hands the span worker.
 enum SpanJob {
-    Load { shard: String, blocks: Blocks, max_sessions: u32 },
+    /// Load a span, fetching its shard from `peers` (which were told to lend it) or else
+    /// from the coordinator.
+    Load { shard: String, blocks: Blocks, max_sessions: u32, peers: Vec<ContributorId> },
     Forward { shard: String, step: ForwardStep },
     End { session: u64 },
     Unload { shard: String },
@@ -219,7 +230,7 @@ impl Session {
         let (jobs, job_queue) = mpsc::channel(64);
         let (span_jobs, span_queue) = mpsc::channel(256);
         // Shards to fetch ahead, in case this contributor is asked to take a span over.
-        let (prefetches, prefetch_queue) = mpsc::channel::<Cid>(MAX_PREFETCH);
+        let (prefetches, prefetch_queue) = mpsc::channel::<(Cid, Vec<ContributorId>)>(MAX_PREFETCH);
         let fetches = Arc::new(Mutex::new(Fetches::default()));
         let streams = Arc::new(AtomicU64::new(1));
         // Direct channels from upstream contributors are answered on this endpoint, at the
@@ -229,10 +240,12 @@ impl Session {
             false => Endpoint::bind(bind, tessera_rtc::Config { max_peers: MAX_LINKS, connect_timeout: ANSWER_TIMEOUT, ..Default::default() }).await.map_err(|e| e.to_string()),
         };
         let links: Arc<std::sync::Mutex<LinkTable>> = Arc::new(std::sync::Mutex::new(Links::new(MAX_LINKS)));
+        let lends: Arc<std::sync::Mutex<Lends<LinkTask>>> = Arc::new(std::sync::Mutex::new(Lends::new(shards::MAX_LENDS, shards::LEND_WINDOW)));
         // Set by the `Welcome` (which gives our id) when there is an endpoint.
         let mut link_context: Option<LinkContext> = None;
         let mut links_ignored = false;
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+        let cache = self.blobs.clone();
         let mut worker = Some(Worker { session: self, sender: sender.clone(), fetches: fetches.clone(), streams });
         let mut job_queue = Some(job_queue);
         let mut span_queue = Some(span_queue);
@@ -292,16 +305,17 @@ impl Session {
                         if let Ok(endpoint) = &endpoint {
                             let answers = Arc::new(std::sync::Mutex::new(HashMap::new()));
                             let (links, span_jobs) = (links.clone(), span_jobs.clone());
-                            link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, answers, span_jobs });
+                            let lends = lends.clone();
+                            link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, lends, blobs: cache.clone(), answers, span_jobs });
                         }
                         if let (Some(worker), Some(queue), Some(spans), Some(ahead)) = (worker.take(), job_queue.take(), span_queue.take(), prefetch_queue.take()) {
                             // Shadow copies go out from a task of their own, in order, so that a slow
                             // standby never holds up the span; it ends with the span worker.
                             let (shadows, copies) = mpsc::channel(SHADOW_QUEUE);
                             tokio::spawn(send_shadows(copies, links.clone(), worker.streams.clone()));
-                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new(), links: links.clone(), shadows };
+                            let span_worker = SpanWorker { worker: worker.clone(), spans: HashMap::new(), links: links.clone(), shadows, context: link_context.clone() };
                             span_task = Some(tokio::spawn(span_worker.run(spans)));
-                            prefetch_task = Some(tokio::spawn(worker.clone().prefetch(ahead)));
+                            prefetch_task = Some(tokio::spawn(worker.clone().prefetch(ahead, link_context.clone())));
                             worker_task = Some(tokio::spawn(worker.run(queue)));
                         }
                     }
@@ -348,15 +362,20 @@ impl Session {
                             context.unlink(other);
                         }
                     }
+                    CoordinatorMessage::Lend { peer: borrower, blobs } => match &link_context {
+                        Some(context) => context.lend(borrower, blobs),
+                        None => eprintln!("tessera contribute: not lending shards to contributor {borrower}: this connection takes no direct channels"),
+                    },
                     CoordinatorMessage::Signal { from, payload, .. } => match (payload, &link_context) {
-                        (SignalPayload::Offer { sdp }, Some(context)) => context.offered(from, sdp),
+                        (SignalPayload::Offer { sdp, purpose: ChannelPurpose::Forwards }, Some(context)) => context.offered(from, sdp),
+                        (SignalPayload::Offer { sdp, purpose: ChannelPurpose::Blobs }, Some(context)) => context.borrower_offered(from, sdp),
                         (SignalPayload::Answer { sdp }, Some(context)) => context.answered(from, sdp),
                         // Channels go by full SDP (host candidates inside), so candidates are not needed.
                         (SignalPayload::Candidate { .. }, _) => {}
                         (_, None) => eprintln!("tessera contribute: ignoring a signal from contributor {from}: this connection takes no direct channels"),
                     },
-                    CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, .. } => {
-                        if span_jobs.try_send(SpanJob::Load { shard: shard.clone(), blocks, max_sessions }).is_err() {
+                    CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, peers, .. } => {
+                        if span_jobs.try_send(SpanJob::Load { shard: shard.clone(), blocks, max_sessions, peers }).is_err() {
                             send(&sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message: format!("span {shard}: too many span jobs queued") }).await?;
                         }
                     }
@@ -379,11 +398,11 @@ impl Session {
                     CoordinatorMessage::UnloadSpan { shard } => {
                         let _ = span_jobs.try_send(SpanJob::Unload { shard });
                     }
-                    CoordinatorMessage::Prefetch { blobs } => {
+                    CoordinatorMessage::Prefetch { blobs, mut lenders } => {
                         for blob in blobs.iter().take(MAX_PREFETCH) {
                             match blob.parse::<Cid>() {
                                 // A full queue only means fetching this one when it is needed.
-                                Ok(cid) => drop(prefetches.try_send(cid)),
+                                Ok(cid) => drop(prefetches.try_send((cid, lenders.remove(blob).unwrap_or_default()))),
                                 Err(e) => eprintln!("tessera contribute: not prefetching {blob}: {e}"),
                             }
                         }
@@ -401,8 +420,9 @@ impl Session {
         for task in [span_task, prefetch_task].into_iter().flatten() {
             task.abort();
         }
-        // Links die with the connection: their tasks stop, dropping their channels.
+        // Links and lends die with the connection: their tasks stop, dropping their channels.
         lock(&links).clear();
+        lock(&lends).clear();
         outcome
     }
 }
@@ -498,19 +518,27 @@ impl Worker {
         self.download(&cid).await
     }
 
-    /// Fetches the shards the coordinator names ahead of need, one at a time; a failure only
-    /// means fetching that one when it is needed.
-    async fn prefetch(self, mut queue: mpsc::Receiver<Cid>) {
-        while let Some(cid) = queue.recv().await {
-            if let Err(e) = self.fetch(&cid).await {
+    /// Fetches the shards the coordinator names ahead of need, one at a time, from the peers
+    /// that lend each (through `context`) or the coordinator; a failure only means fetching that
+    /// one when it is needed.
+    async fn prefetch(self, mut queue: mpsc::Receiver<(Cid, Vec<ContributorId>)>, context: Option<LinkContext>) {
+        while let Some((cid, lenders)) = queue.recv().await {
+            if let Err(e) = self.fetch_from(&cid, &lenders, context.as_ref()).await {
                 eprintln!("tessera contribute: prefetching {cid}: {e:#}");
             }
         }
     }
 
-    /// Makes sure the cache holds `cid` intact, fetching it if not. A cached blob is re-hashed
-    /// first: a file altered on disk is fetched again, never used.
+    /// Makes sure the cache holds `cid` intact, fetching it from the coordinator if not.
     async fn fetch(&self, cid: &Cid) -> anyhow::Result<()> {
+        self.fetch_from(cid, &[], None).await.map(drop)
+    }
+
+    /// Makes sure the cache holds `cid` intact, fetching it if not: from each of `peers` in
+    /// turn (over a channel offered through `context`), then from the coordinator. A cached
+    /// blob is re-hashed first: a file altered on disk is fetched again, never used. The peer
+    /// it came from, if one did.
+    async fn fetch_from(&self, cid: &Cid, peers: &[ContributorId], context: Option<&LinkContext>) -> anyhow::Result<Option<ContributorId>> {
         let blobs = self.session.blobs.clone();
         let cached = *cid;
         let intact = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
@@ -521,10 +549,26 @@ impl Worker {
             Ok(Cid::of_reader(&cached.to_string(), &mut blob.file)? == cached)
         })
         .await??;
-        if !intact {
-            self.download(cid).await?;
+        if intact {
+            return Ok(None);
         }
-        Ok(())
+        for &peer in peers.iter().filter(|_| context.is_some()) {
+            let Some(context) = context else { break };
+            let started = Instant::now();
+            let fetched = match context.borrow(peer, cid).await {
+                Ok(bytes) => self.session.blobs.insert_expecting(cid, &cid.to_string(), &mut bytes.as_slice()).map(|()| bytes.len()).map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(len) => {
+                    eprintln!("tessera contribute: fetched {cid} from contributor {peer} ({len} bytes in {:.1} s)", started.elapsed().as_secs_f64());
+                    return Ok(Some(peer));
+                }
+                Err(e) => eprintln!("tessera contribute: fetching {cid} from contributor {peer} failed: {e:#}; trying elsewhere"),
+            }
+        }
+        self.download(cid).await?;
+        Ok(None)
     }
 
     /// Fetches `cid` from the coordinator into the cache, which checks it against the CID.
@@ -532,11 +576,11 @@ impl Worker {
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
         let (reply, bytes) = oneshot::channel();
         self.fetches.lock().await.waiting.insert(stream, reply);
+        let started = Instant::now();
         send(&self.sender, &ContributorMessage::BlobRequest { cid: cid.to_string(), offset: 0, length: 0, stream }).await?;
         let bytes = bytes.await.map_err(|_| anyhow!("the connection closed while fetching {cid}"))??;
-        let started = Instant::now();
         self.session.blobs.insert_expecting(cid, &cid.to_string(), &mut bytes.as_slice())?;
-        eprintln!("tessera contribute: fetched {cid} ({} bytes, stored in {:.1} s)", bytes.len(), started.elapsed().as_secs_f64());
+        eprintln!("tessera contribute: fetched {cid} from the coordinator ({} bytes in {:.1} s)", bytes.len(), started.elapsed().as_secs_f64());
         Ok(bytes)
     }
 }
@@ -553,6 +597,8 @@ struct SpanWorker {
     links: Arc<std::sync::Mutex<LinkTable>>,
     /// Copies of the steps passed on, for the next spans' standbys (`send_shadows`).
     shadows: mpsc::Sender<ShadowCopy>,
+    /// For fetching shards from peers; none without direct channels (`--no-links`).
+    context: Option<LinkContext>,
 }
 
 impl SpanWorker {
@@ -568,12 +614,12 @@ impl SpanWorker {
                 },
             };
             let outcome = match job {
-                SpanJob::Load { shard, blocks, max_sessions } => {
+                SpanJob::Load { shard, blocks, max_sessions, peers } => {
                     let started = Instant::now();
-                    match self.load(&shard, blocks, max_sessions).await {
-                        Ok(()) => {
+                    match self.load(&shard, blocks, max_sessions, &peers).await {
+                        Ok(fetched_from) => {
                             eprintln!("tessera contribute: span {}..{} ({shard}) loaded in {:.1} s", blocks.start, blocks.end, started.elapsed().as_secs_f64());
-                            send(&self.worker.sender, &ContributorMessage::SpanReady { shard }).await
+                            send(&self.worker.sender, &ContributorMessage::SpanReady { shard, fetched_from }).await
                         }
                         Err(e) => self.fail(format!("span {}..{} ({shard}): {e:#}", blocks.start, blocks.end)).await,
                     }
@@ -609,13 +655,14 @@ impl SpanWorker {
         send(&self.worker.sender, &ContributorMessage::Error { code: ErrorCode::SpanFailed, message }).await
     }
 
-    /// Fetches and checks the shard (or finds it in the cache) and loads its blocks.
-    async fn load(&mut self, shard: &str, blocks: Blocks, max_sessions: u32) -> anyhow::Result<()> {
+    /// Fetches and checks the shard (or finds it in the cache) and loads its blocks; the peer
+    /// the shard came from, if one of `peers` lent it.
+    async fn load(&mut self, shard: &str, blocks: Blocks, max_sessions: u32, peers: &[ContributorId]) -> anyhow::Result<Option<ContributorId>> {
         if self.spans.contains_key(shard) {
-            return Ok(());
+            return Ok(None);
         }
         let cid: Cid = shard.parse()?;
-        self.worker.fetch(&cid).await?;
+        let fetched_from = self.worker.fetch_from(&cid, peers, self.context.as_ref()).await?;
         let mut blob = self.worker.session.blobs.get(&cid)?;
         let gpu = self.worker.session.gpu.clone();
         let range = blocks.start as usize..blocks.end as usize;
@@ -626,7 +673,7 @@ impl SpanWorker {
         })
         .await??;
         self.spans.insert(shard.to_string(), Arc::new(std::sync::Mutex::new(stage)));
-        Ok(())
+        Ok(fetched_from)
     }
 
     /// Runs sessions' steps through a loaded span, as one batch, and sends each its states back
@@ -830,6 +877,7 @@ impl PeerInbox {
                 let (session, step) = (forward.session, forward.step);
                 forward_job(&mut self.tensors, forward, Some(self.peer)).map(Some).map_err(|e| format!("session {session} step {step}: {e}"))
             }
+            Decoded::Control(PeerMessage::BlobRequest { .. } | PeerMessage::Error { .. }) => Err("a blob message on a channel for forwards".into()),
         }
     }
 }
@@ -857,6 +905,10 @@ struct LinkContext {
     endpoint: Endpoint,
     coordinator: PeerSender,
     links: Arc<std::sync::Mutex<LinkTable>>,
+    /// The contributors that may fetch shards from here, and their channels' tasks.
+    lends: Arc<std::sync::Mutex<Lends<LinkTask>>>,
+    /// The verified cache lent shards are read from.
+    blobs: Arc<BlobStore>,
     /// Offers of ours waiting for the answer the coordinator relays, by the peer offered to.
     answers: Arc<std::sync::Mutex<HashMap<ContributorId, oneshot::Sender<String>>>>,
     /// The span worker's queue, for the `Forward`s upstream contributors send.
@@ -961,23 +1013,7 @@ impl LinkContext {
     }
 
     async fn serve_downstream(&self, peer: ContributorId, epoch: u64, open: &mut bool) -> anyhow::Result<Infallible> {
-        let (reply, answer) = oneshot::channel();
-        lock(&self.answers).insert(peer, reply);
-        let (coordinator, own) = (self.coordinator.clone(), self.own);
-        let signal = |sdp| async move {
-            send(&coordinator, &ContributorMessage::Signal { from: own, to: peer, payload: SignalPayload::Offer { sdp } }).await?;
-            match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
-                Ok(Ok(sdp)) => Ok(sdp),
-                Ok(Err(_)) => Err(anyhow!("the offer was forgotten")),
-                Err(_) => Err(anyhow!("no answer in {} s", ANSWER_TIMEOUT.as_secs())),
-            }
-        };
-        let config = tessera_rtc::Config { connect_timeout: ANSWER_TIMEOUT, ..Default::default() };
-        let channel = tessera_rtc::connect(SocketAddr::new(self.ip, 0), config, signal).await;
-        // Our offer's reply slot, answered or not.
-        lock(&self.answers).retain(|_, reply| !reply.is_closed());
-        let mut channel = channel?;
-        channel.opened().await?;
+        let mut channel = self.offer(peer, ChannelPurpose::Forwards, ANSWER_TIMEOUT).await?;
         if !lock(&self.links).opened(peer, epoch, channel.sender()) {
             bail!("unlinked");
         }
@@ -991,6 +1027,36 @@ impl LinkContext {
                 None => bail!("the transport stopped"),
             }
         }
+    }
+
+    /// Offers `peer` a direct channel for `purpose` (the SDP offer and answer relayed by the
+    /// coordinator) and waits until it is open, at most `timeout` for each. One offer to a peer at a time: the answer
+    /// names no offer, so a second would be refused rather than mistaken for the first.
+    async fn offer(&self, peer: ContributorId, purpose: ChannelPurpose, timeout: Duration) -> anyhow::Result<tessera_rtc::Peer> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut answers = lock(&self.answers);
+            if answers.get(&peer).is_some_and(|waiting| !waiting.is_closed()) {
+                bail!("another offer to contributor {peer} waits for its answer");
+            }
+            answers.insert(peer, reply);
+        }
+        let (coordinator, own) = (self.coordinator.clone(), self.own);
+        let signal = |sdp| async move {
+            send(&coordinator, &ContributorMessage::Signal { from: own, to: peer, payload: SignalPayload::Offer { sdp, purpose } }).await?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(sdp)) => Ok(sdp),
+                Ok(Err(_)) => Err(anyhow!("the offer was forgotten")),
+                Err(_) => Err(anyhow!("no answer in {} s", timeout.as_secs())),
+            }
+        };
+        let config = tessera_rtc::Config { connect_timeout: timeout, ..Default::default() };
+        let channel = tessera_rtc::connect(SocketAddr::new(self.ip, 0), config, signal).await;
+        // Our offer's reply slot, answered or not.
+        lock(&self.answers).retain(|_, reply| !reply.is_closed());
+        let mut channel = channel?;
+        channel.opened().await?;
+        Ok(channel)
     }
 
     /// A link's channel failed to open, or closed after `open`: logged, and the link marked
@@ -1087,6 +1153,7 @@ async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>, score: Option<f
             }
         },
         max_concurrent_units: 1,
+        lends_blobs: true,
     })
 }
 

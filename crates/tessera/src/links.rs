@@ -1,10 +1,13 @@
-//! A native contributor's direct channels (`Link`, `Unlink`), sans-IO: which contributors may
-//! offer this one a channel (upstream: they hold the span before ours, and we run the `Forward`s
-//! they send), which channels to downstream contributors are open (where our outputs go
-//! straight on, to the next stage and to its standbys' shadow copies), and the `MAX_LINKS` bound. `contribute.rs` owns the sockets and tasks; this
-//! table only decides, and holds each link's task handle so that forgetting a link stops it.
+//! A native contributor's direct channels, sans-IO. [`Links`] (`Link`, `Unlink`): which
+//! contributors may offer this one a channel (upstream: they hold the span before ours, and we
+//! run the `Forward`s they send), which channels to downstream contributors are open (where our
+//! outputs go straight on, to the next stage and to its standbys' shadow copies), and the
+//! `MAX_LINKS` bound. [`Lends`] (`Lend`): which contributors may offer a channel to fetch which
+//! shards from this one, for how long. `contribute.rs` owns the sockets and tasks; these tables
+//! only decide, and hold each channel's task handle so that forgetting it stops the task.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use tessera_protocol::{ContributorId, NextHop, Standby};
 
@@ -149,6 +152,98 @@ impl<S: Clone, T> Links<S, T> {
     }
 }
 
+/// The shards one contributor may fetch from this one (`Lend`) and has not been sent yet; it
+/// must offer a channel by `offer_by`.
+#[derive(Debug)]
+struct Lend<T> {
+    epoch: u64,
+    blobs: BTreeSet<String>,
+    offer_by: Instant,
+    /// The task serving its channel, once it offered one.
+    task: Option<T>,
+}
+
+/// The lends of one connection to the coordinator, at most `max` at once, by borrower. A lend
+/// ends once each blob lent was sent, or when its borrower has not offered a channel within
+/// `window` of the `Lend` (or of its last channel's close).
+#[derive(Debug)]
+pub struct Lends<T> {
+    max: usize,
+    window: Duration,
+    epochs: u64,
+    lends: HashMap<ContributorId, Lend<T>>,
+}
+
+impl<T> Lends<T> {
+    pub fn new(max: usize, window: Duration) -> Self {
+        Lends { max, window, epochs: 0, lends: HashMap::new() }
+    }
+
+    /// A `Lend` at `now`: `peer` may offer a channel and fetch `blobs` over it. A second `Lend`
+    /// to the same peer adds its blobs (to a channel already serving, too).
+    pub fn lend(&mut self, peer: ContributorId, blobs: Vec<String>, now: Instant) -> Result<(), Refused> {
+        self.lends.retain(|_, lend| lend.task.is_some() || lend.offer_by > now);
+        if let Some(lend) = self.lends.get_mut(&peer) {
+            lend.blobs.extend(blobs);
+            lend.offer_by = now + self.window;
+            return Ok(());
+        }
+        if self.lends.len() >= self.max {
+            return Err(Refused::Full { max: self.max });
+        }
+        self.epochs += 1;
+        self.lends.insert(peer, Lend { epoch: self.epochs, blobs: blobs.into_iter().collect(), offer_by: now + self.window, task: None });
+        Ok(())
+    }
+
+    /// An offer from `peer` of a channel to fetch over, at `now`: the epoch to answer it under,
+    /// if a lend to `peer` stands and no channel serves it yet.
+    pub fn offer(&self, peer: ContributorId, now: Instant) -> Option<u64> {
+        self.lends.get(&peer).filter(|lend| lend.task.is_none() && lend.offer_by > now).map(|lend| lend.epoch)
+    }
+
+    /// Hands the lend its task. False when that lend is gone (or has a task): `task` is dropped.
+    pub fn start(&mut self, peer: ContributorId, epoch: u64, task: T) -> bool {
+        match self.lends.get_mut(&peer) {
+            Some(lend) if lend.epoch == epoch && lend.task.is_none() => {
+                lend.task = Some(task);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `peer`, over the channel of lend `epoch`, may fetch `cid`.
+    pub fn lends(&self, peer: ContributorId, epoch: u64, cid: &str) -> bool {
+        self.lends.get(&peer).is_some_and(|lend| lend.epoch == epoch && lend.blobs.contains(cid))
+    }
+
+    /// Blob `cid` was sent to `peer` over the channel of lend `epoch`: it is no longer lent.
+    pub fn sent(&mut self, peer: ContributorId, epoch: u64, cid: &str) {
+        if let Some(lend) = self.lends.get_mut(&peer).filter(|lend| lend.epoch == epoch) {
+            lend.blobs.remove(cid);
+        }
+    }
+
+    /// The channel of lend `epoch` closed (or never opened), at `now`: the lend ends if every
+    /// blob was sent; otherwise the borrower may offer another channel, under a new epoch,
+    /// within the window.
+    pub fn ended(&mut self, peer: ContributorId, epoch: u64, now: Instant) {
+        let Some(lend) = self.lends.get_mut(&peer).filter(|lend| lend.epoch == epoch) else { return };
+        if lend.blobs.is_empty() {
+            self.lends.remove(&peer);
+            return;
+        }
+        self.epochs += 1;
+        (lend.epoch, lend.task, lend.offer_by) = (self.epochs, None, now + self.window);
+    }
+
+    /// Ends every lend (the connection ended), stopping their tasks.
+    pub fn clear(&mut self) {
+        self.lends.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -237,6 +332,50 @@ mod tests {
         assert_eq!(links.pass(&hops(&[7])), Some(("new", new)));
         links.clear();
         assert_eq!((links.len(), stopped.get()), (0, 3));
+    }
+
+    /// A lend lets its borrower offer a channel at a time, within the window, and fetch only
+    /// the blobs lent, each once; and the table holds at most `max` lends.
+    #[test]
+    fn lends_allow_one_channel_for_the_blobs_lent() {
+        let stopped = Rc::new(Cell::new(0));
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut lends: Lends<Task> = Lends::new(2, window);
+        assert_eq!(lends.offer(id(1), t0), None, "nothing lent");
+        lends.lend(id(1), vec!["a".into()], t0).unwrap();
+        let epoch = lends.offer(id(1), t0).unwrap();
+        assert_eq!(lends.offer(id(1), t0 + window), None, "offered too late");
+        assert!(lends.start(id(1), epoch, Task(stopped.clone())));
+        assert_eq!(lends.offer(id(1), t0), None, "one channel at a time");
+        assert!(lends.lends(id(1), epoch, "a"));
+        assert!(!lends.lends(id(1), epoch, "b"), "not lent");
+        assert!(!lends.lends(id(2), epoch, "a"), "another peer");
+        // A second `Lend` adds to the channel already serving.
+        lends.lend(id(1), vec!["b".into()], t0).unwrap();
+        assert!(lends.lends(id(1), epoch, "b"));
+        lends.lend(id(2), vec!["a".into()], t0).unwrap();
+        assert_eq!(lends.lend(id(3), vec!["a".into()], t0), Err(Refused::Full { max: 2 }));
+        // A lend never taken up makes room once its window is over; a serving one does not.
+        lends.lend(id(3), vec!["a".into()], t0 + window).unwrap();
+        assert!(lends.lends(id(1), epoch, "a"));
+        assert_eq!(lends.offer(id(2), t0), None, "expired and gone");
+        lends.ended(id(1), epoch + 1, t0);
+        assert!(lends.lends(id(1), epoch, "a"), "another channel's end changes nothing");
+        // "a" sent, "b" not: the channel's end leaves the lend of "b", for another channel.
+        lends.sent(id(1), epoch, "a");
+        assert!(!lends.lends(id(1), epoch, "a"), "sent once");
+        let later = t0 + window;
+        lends.ended(id(1), epoch, later);
+        assert_eq!(stopped.get(), 1, "the channel's end stops its task");
+        assert!(!lends.lends(id(1), epoch, "b"), "the old channel's epoch is over");
+        let again = lends.offer(id(1), later).expect("the borrower may offer again");
+        assert!(lends.start(id(1), again, Task(stopped.clone())));
+        assert!(lends.lends(id(1), again, "b"));
+        lends.sent(id(1), again, "b");
+        lends.ended(id(1), again, later);
+        assert_eq!(stopped.get(), 2);
+        assert_eq!(lends.offer(id(1), later), None, "everything lent was sent: the lend is over");
     }
 
     /// A table with an upstream link from 1, an open downstream channel to 2 (its sender "to 2")

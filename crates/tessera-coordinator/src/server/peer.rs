@@ -16,7 +16,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_engine::cid::Cid;
 use tessera_protocol::{
     Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Incoming, Payload,
     PayloadKind, ProtocolError, Reassembler, ReassemblyLimits, SignalPayload, Tensor, decode, encode_control,
@@ -46,8 +45,6 @@ const MAX_WAITING_PAYLOADS: usize = 8;
 /// Largest result accepted: a unit's embeddings are `inputs x hidden` f32s, far less; a span's
 /// hidden states for a whole 8k context of a 576-wide model are 19 MB.
 const MAX_RESULT_BYTES: u64 = 32 << 20;
-/// Largest blob range served in one request (a whole model file fits).
-const MAX_BLOB_RANGE: u64 = 1 << 30;
 /// How long a closed-for-errors peer has to go before we stop waiting for its close.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long a peer whose channel opened may take to say hello (a contributor sends it at once).
@@ -134,7 +131,7 @@ impl RelayBudget {
 /// The text a signal carries, in bytes.
 fn signal_bytes(payload: &SignalPayload) -> usize {
     match payload {
-        SignalPayload::Offer { sdp } | SignalPayload::Answer { sdp } => sdp.len(),
+        SignalPayload::Offer { sdp, .. } | SignalPayload::Answer { sdp } => sdp.len(),
         SignalPayload::Candidate { candidate, sdp_mid, .. } => candidate.len() + sdp_mid.as_ref().map_or(0, String::len),
     }
 }
@@ -326,8 +323,8 @@ impl State {
                 Some(from) => self.serve(serving::Command::Passed { from, session, step, to, ms }).await,
                 None => Ok(()),
             },
-            ContributorMessage::SpanReady { shard } => match id {
-                Some(from) => self.serve(serving::Command::SpanReady { from, shard }).await,
+            ContributorMessage::SpanReady { shard, fetched_from } => match id {
+                Some(from) => self.serve(serving::Command::SpanReady { from, shard, fetched_from }).await,
                 None => Ok(()),
             },
             ContributorMessage::BlobRequest { cid, offset, length, stream } => {
@@ -384,7 +381,7 @@ async fn write(sender: PeerSender, mut outbox: mpsc::Receiver<Outbound>, blobs: 
             Outbound::Tensor { stream, bytes } => send_frames(&sender, stream, PayloadKind::Tensor, &bytes).await,
             Outbound::Blob { cid, offset, length, stream } => {
                 let blobs = Arc::clone(&blobs);
-                let read = tokio::task::spawn_blocking(move || read_blob(&blobs, &cid, offset, length)).await;
+                let read = tokio::task::spawn_blocking(move || blobs.request(&cid, offset, length)).await;
                 match read {
                     Ok(Ok(bytes)) => send_blob(&sender, stream, &bytes, &counters).await,
                     Ok(Err((code, message))) => sender.send(text(&CoordinatorMessage::Error { code, message })).await,
@@ -417,18 +414,4 @@ async fn send_blob(sender: &PeerSender, stream: u64, bytes: &[u8], counters: &Co
     send_frames(sender, stream, PayloadKind::Blob, bytes).await?;
     Counters::add(&counters.blob_bytes_sent, bytes.len() as u64);
     Ok(())
-}
-
-/// Bytes `[offset, offset + length)` of a blob (`length` 0: to the end), or the error to send.
-fn read_blob(blobs: &BlobStore, cid: &str, offset: u64, length: u64) -> Result<Vec<u8>, (ErrorCode, String)> {
-    let parsed: Cid = cid.parse().map_err(|e| (ErrorCode::BlobNotFound, format!("{cid:?} is not a CID: {e}")))?;
-    let mut blob = blobs.get(&parsed).map_err(|e| (ErrorCode::BlobNotFound, e.to_string()))?;
-    let end = if length == 0 { blob.len } else { offset.saturating_add(length) };
-    if offset > blob.len || end > blob.len || (offset == blob.len && blob.len > 0) {
-        return Err((ErrorCode::Malformed, format!("blob {cid}: range {offset}+{length} is outside its {} bytes", blob.len)));
-    }
-    if end - offset > MAX_BLOB_RANGE {
-        return Err((ErrorCode::TooLarge, format!("blob {cid}: {} bytes asked at once; at most {MAX_BLOB_RANGE}", end - offset)));
-    }
-    blob.read_range(offset..end).map_err(|e| (ErrorCode::Internal, format!("blob {cid}: {e}")))
 }

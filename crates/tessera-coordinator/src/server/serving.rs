@@ -59,6 +59,8 @@ const OWN_STREAMS: u64 = 1 << 63;
 const DROPS_REMEMBERED_MS: u64 = 10 * 60 * 1000;
 /// Finished requests remembered for `/api/requests/{id}`.
 const REQUESTS_KEPT: usize = 1024;
+/// The most contributors named to lend a shard to one that loads it.
+const MAX_LENDERS: usize = 2;
 
 /// How generation is served.
 #[derive(Debug, Clone)]
@@ -109,7 +111,7 @@ pub struct Started {
 pub enum Command {
     Joined { id: ContributorId, capabilities: Capabilities, outbox: mpsc::Sender<Outbound> },
     Left(ContributorId),
-    SpanReady { from: ContributorId, shard: String },
+    SpanReady { from: ContributorId, shard: String, fetched_from: Option<ContributorId> },
     /// `ms`: how long the step took at `from`, as it says (for the hop figures only).
     Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor, ms: f64 },
     /// `from` sent its output of `step` straight to `to`.
@@ -326,13 +328,15 @@ impl Task {
                     self.lost(id, "left");
                 }
             }
-            Command::SpanReady { from, shard } => {
+            Command::SpanReady { from, shard, fetched_from } => {
                 let Some(holding) = self.holdings.get_mut(&from) else { return };
                 if holding.shard.as_deref() != Some(shard.as_str()) || holding.ready {
                     return;
                 }
                 holding.ready = true;
-                log(format_args!("contributor {from} holds blocks {}..{}", holding.blocks.start, holding.blocks.end));
+                let source = fetched_from.map_or("the coordinator or its cache".to_string(), |peer| format!("contributor {peer}"));
+                log(format_args!("contributor {from} holds blocks {}..{} (shard from {source})", holding.blocks.start, holding.blocks.end));
+                self.swarm.shard_loaded(fetched_from.is_some());
                 let waiting = std::mem::take(&mut holding.waiting);
                 for waiting in waiting {
                     self.send_hop(waiting.session, waiting.step, waiting.hidden);
@@ -544,31 +548,68 @@ impl Task {
     }
 
     /// Names to each contributor that holds no span the published shards it could take over
-    /// (`placement::prefetches`), each once a connection.
+    /// (`placement::prefetches`), each once a connection, with the peers that can lend each
+    /// (told to first, with `Lend`).
     fn prefetch(&mut self) {
         let (Some(plan), Some(model)) = (&self.plan, self.model()) else { return };
         for (id, spans) in placement::prefetches(&self.shape(&model), plan, &self.candidates(&model)) {
             let Some(member) = self.members.get_mut(&id) else { continue };
             let blobs: Vec<String> = spans.iter().filter_map(|blocks| model.shard_cid(blocks)).filter(|cid| member.prefetched.insert(cid.clone())).collect();
-            if !blobs.is_empty() {
-                log(format_args!("contributor {id}: prefetch {} shard(s)", blobs.len()));
-                self.send(id, Outbound::Control(CoordinatorMessage::Prefetch { blobs }));
+            if blobs.is_empty() {
+                continue;
             }
+            let lenders: BTreeMap<String, Vec<ContributorId>> = blobs.iter().map(|cid| (cid.clone(), self.lenders(id, cid))).filter(|(_, peers)| !peers.is_empty()).collect();
+            let mut lent: BTreeMap<ContributorId, Vec<String>> = BTreeMap::new();
+            for (cid, peers) in &lenders {
+                for &peer in peers {
+                    lent.entry(peer).or_default().push(cid.clone());
+                }
+            }
+            for (peer, blobs) in lent {
+                self.send(peer, Outbound::Control(CoordinatorMessage::Lend { peer: id, blobs }));
+            }
+            log(format_args!("contributor {id}: prefetch {} shard(s), {} from peers", blobs.len(), lenders.len()));
+            self.send(id, Outbound::Control(CoordinatorMessage::Prefetch { blobs, lenders }));
         }
     }
 
+    /// Tells `id` to load the shard `cid` of the span it holds or stands by for, naming the
+    /// contributors that can lend it the shard (each told to first, with `Lend`).
     fn load(&mut self, id: ContributorId, cid: &str) {
         let Some(holding) = self.holdings.get_mut(&id) else { return };
         holding.shard = Some(cid.to_string());
         let blocks = Blocks { start: holding.blocks.start, end: holding.blocks.end };
+        let peers = self.lenders(id, cid);
+        for &peer in &peers {
+            self.send(peer, Outbound::Control(CoordinatorMessage::Lend { peer: id, blobs: vec![cid.to_string()] }));
+        }
         let message = CoordinatorMessage::LoadSpan {
             model: self.serving.name.clone().unwrap_or_default(),
             shard: cid.to_string(),
             blocks,
             max_sessions: self.config.max_sessions as u32,
+            peers: peers.clone(),
         };
-        log(format_args!("contributor {id}: load blocks {}..{} ({cid})", blocks.start, blocks.end));
+        log(format_args!("contributor {id}: load blocks {}..{} ({cid}; peers that lend it: {peers:?})", blocks.start, blocks.end));
         self.send(id, Outbound::Control(message));
+    }
+
+    /// Who can lend `fetcher` the shard `cid`: at most `MAX_LENDERS` other contributors that
+    /// lend blobs and hold that shard loaded (so verified), those with fewer recent drops
+    /// first. None for a browser tab, which fetches from the coordinator only.
+    fn lenders(&self, fetcher: ContributorId, cid: &str) -> Vec<ContributorId> {
+        let native = |id: &ContributorId| self.members.get(id).is_some_and(|m| swarm::kind(&m.capabilities.backend) == Some("native"));
+        if !native(&fetcher) {
+            return Vec::new();
+        }
+        let mut lenders: Vec<(usize, ContributorId)> = self
+            .holdings
+            .iter()
+            .filter(|&(&id, holding)| id != fetcher && holding.ready && holding.shard.as_deref() == Some(cid))
+            .filter_map(|(&id, _)| self.members.get(&id).filter(|m| m.capabilities.lends_blobs && !m.failed).map(|m| (m.drops.len(), id)))
+            .collect();
+        lenders.sort();
+        lenders.into_iter().take(MAX_LENDERS).map(|(_, id)| id).collect()
     }
 
     /// Queues a message for a member; one whose queue is full or gone is lost.

@@ -127,6 +127,10 @@ pub struct Swarm {
     /// The latest hops' overheads in ms (time between stages, less the stages' own), direct
     /// and relayed, at most `OVERHEADS_KEPT` each.
     overheads: [VecDeque<f64>; 2],
+    /// Spans loaded from a shard another contributor lent, and from the coordinator (or the
+    /// loader's own cache).
+    shards_from_peers: u64,
+    shards_from_coordinator: u64,
 }
 
 /// Hop overheads kept for the medians.
@@ -152,7 +156,16 @@ pub fn kind(backend: &str) -> Option<&'static str> {
 
 impl Swarm {
     pub fn new(epoch_unix_ms: u64) -> Swarm {
-        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0, overheads: Default::default() }
+        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0, overheads: Default::default(), shards_from_peers: 0, shards_from_coordinator: 0 }
+    }
+
+    /// A contributor loaded a span, from a shard a peer lent it or not.
+    pub fn shard_loaded(&mut self, from_peer: bool) {
+        if from_peer {
+            self.shards_from_peers += 1;
+        } else {
+            self.shards_from_coordinator += 1;
+        }
     }
 
     /// A hop (direct or relayed) cost `ms` beyond the stages' own time.
@@ -295,6 +308,7 @@ impl Swarm {
                 "direct_overhead_ms": median(&self.overheads[1]),
                 "relayed_overhead_ms": median(&self.overheads[0]),
             },
+            "shards_loaded": { "from_peers": self.shards_from_peers, "from_coordinator": self.shards_from_coordinator },
         })
     }
 }
@@ -364,6 +378,7 @@ mod tests {
             memory_budget_bytes: 1 << 30,
             benchmark_score: 100.0,
             max_concurrent_units: 1,
+            lends_blobs: false,
         }
     }
 
@@ -398,6 +413,9 @@ mod tests {
         for ms in [0.5, 0.9, 0.7] {
             swarm.hop_overhead(true, ms);
         }
+        swarm.shard_loaded(false);
+        swarm.shard_loaded(true);
+        swarm.shard_loaded(false);
         swarm.started(Millis(1_000), 1, 12, "0-10=3,10-30=5");
         for t in [2_000, 2_500, 3_000] {
             swarm.token(Millis(t), 1);
@@ -429,6 +447,7 @@ mod tests {
             ],
             "links": [[3, 5]],
             "hops": { "direct": 2, "relayed": 1, "direct_overhead_ms": 0.7, "relayed_overhead_ms": null },
+            "shards_loaded": { "from_peers": 1, "from_coordinator": 2 },
         });
         assert_eq!(got, expected, "{got:#}");
     }

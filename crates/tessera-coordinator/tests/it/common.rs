@@ -16,6 +16,7 @@ pub fn caps(slots: u32) -> Capabilities {
         memory_budget_bytes: 1 << 30,
         benchmark_score: 10.0,
         max_concurrent_units: slots,
+        lends_blobs: false,
     }
 }
 

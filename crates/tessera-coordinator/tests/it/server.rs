@@ -327,7 +327,7 @@ async fn each_contributor_that_reported_on_a_unit_gets_its_verdict() {
 async fn signals_are_relayed_between_contributors_within_bounds() {
     let coordinator = start(2).await;
     let addr = coordinator.addr;
-    let offer = |sdp: &str| SignalPayload::Offer { sdp: sdp.into() };
+    let offer = |sdp: &str| SignalPayload::Offer { sdp: sdp.into(), purpose: Default::default() };
 
     let mut stranger = channel(addr).await;
     let from_stranger = ContributorMessage::Signal {

@@ -21,6 +21,7 @@ fn capabilities() -> Capabilities {
         memory_budget_bytes: 1 << 28,
         benchmark_score: 3.5,
         max_concurrent_units: 1,
+        lends_blobs: false,
     }
 }
 
@@ -234,7 +235,7 @@ fn coordinator_messages_that_need_no_work() {
     let message = "bafkx (stream 4): this contributor does not serve blobs".to_string();
     assert_eq!(out.iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Error { code: ErrorCode::BlobNotFound, message }]);
     assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::BlobHave { cids: vec!["bafkx".into()] }), []);
-    assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafkx".into()] }), []);
+    assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafkx".into()], lenders: Default::default() }), []);
     let verdict = CoordinatorMessage::Verdict { unit: UnitId(3), accepted: false };
     assert_eq!(handle(&mut session, 0.0, &verdict), [Output::Event(Event::Verdict { unit: UnitId(3), accepted: false })]);
     let error = CoordinatorMessage::Error { code: ErrorCode::UnknownUnit, message: "unit 5".into() };
@@ -358,13 +359,14 @@ fn spans_load_and_report_ready_or_failed() {
         shard: "bafkshard".into(),
         blocks: tessera_protocol::Blocks { start, end },
         max_sessions,
+        peers: Vec::new(),
     };
     let out = handle(&mut session, 10.0, &load(0, 10, 4));
     assert_eq!(out, [Output::Span(SpanJob::Load { shard: "bafkshard".into(), blocks: 0..10, max_sessions: 4 })]);
     session.span_loaded("bafkshard".into(), 0..10, Ok(()));
     let out = drain(&mut session);
     assert_eq!(out[0], Output::Event(Event::SpanLoaded { shard: "bafkshard".into(), start: 0, end: 10 }));
-    assert_eq!(sent(&out[1]), ContributorMessage::SpanReady { shard: "bafkshard".into() });
+    assert_eq!(sent(&out[1]), ContributorMessage::SpanReady { shard: "bafkshard".into(), fetched_from: None });
 
     session.span_loaded("bafkother".into(), 10..20, Err("the GPU is out of memory".into()));
     let out = drain(&mut session);
@@ -531,7 +533,7 @@ fn signal(from: u64, payload: SignalPayload) -> CoordinatorMessage {
 }
 
 fn offer_from(from: u64) -> CoordinatorMessage {
-    signal(from, SignalPayload::Offer { sdp: format!("v=0 offer of {from}") })
+    signal(from, SignalPayload::Offer { sdp: format!("v=0 offer of {from}"), purpose: ChannelPurpose::Forwards })
 }
 
 fn answer_from(from: u64) -> CoordinatorMessage {
@@ -563,7 +565,7 @@ fn open_link(session: &mut Session, peer: u64, offer: bool, max_message: usize) 
         (link, "v=0 our answer")
     };
     session.described(link, Ok(sdp.into()));
-    let payload = if offer { SignalPayload::Offer { sdp: sdp.into() } } else { SignalPayload::Answer { sdp: sdp.into() } };
+    let payload = if offer { SignalPayload::Offer { sdp: sdp.into(), purpose: ChannelPurpose::Forwards } } else { SignalPayload::Answer { sdp: sdp.into() } };
     assert_eq!(drain(session).iter().map(sent).collect::<Vec<_>>(), [ContributorMessage::Signal { from: own, to: ContributorId(peer), payload }]);
     if offer {
         assert_eq!(handle(session, 0.0, &answer_from(peer)), [Output::Accept { link, sdp: format!("v=0 answer of {peer}") }]);
@@ -574,6 +576,24 @@ fn open_link(session: &mut Session, peer: u64, offer: bool, max_message: usize) 
     assert!(logged(&out[0], &format!("contributor {peer} open")), "{out:?}");
     assert_eq!(out[1..], [links_open(before + 1)]);
     link
+}
+
+/// A tab lends no shards: a `Lend` changes nothing, an offer of a channel to fetch blobs is not
+/// answered (even from its upstream peer), and a blob request on a link closes that link.
+#[test]
+fn a_tab_lends_no_shards() {
+    let mut session = joined(1.0, BIG);
+    assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(3), blobs: vec!["bafkshard".into()] }), []);
+    assert_eq!(handle(&mut session, 0.0, &link(3, false)), []);
+    let blobs = SignalPayload::Offer { sdp: "v=0".into(), purpose: ChannelPurpose::Blobs };
+    let out = handle(&mut session, 0.0, &signal(3, blobs));
+    assert!(matches!(&out[..], [output] if logged(output, "lends none")), "{out:?}");
+    let up = open_link(&mut session, 3, false, BIG);
+    let request = PeerMessage::BlobRequest { cid: "bafkshard".into(), offset: 0, length: 0, stream: 1 };
+    session.link_message(up, Incoming::Text(&encode_control(&request)));
+    let out = drain(&mut session);
+    assert!(out.contains(&Output::Close { link: up }), "{out:?}");
+    assert_eq!(session.open_links(), 0);
 }
 
 #[test]
@@ -615,7 +635,7 @@ fn check_signal(links: &[(u64, bool)], message: &CoordinatorMessage, expected: &
 
 #[test]
 fn signals_from_contributors_not_linked_so_are_ignored() {
-    let to_another = CoordinatorMessage::Signal { from: ContributorId(3), to: ContributorId(2), payload: SignalPayload::Offer { sdp: "v=0".into() } };
+    let to_another = CoordinatorMessage::Signal { from: ContributorId(3), to: ContributorId(2), payload: SignalPayload::Offer { sdp: "v=0".into(), purpose: ChannelPurpose::Forwards } };
     let candidate = signal(3, SignalPayload::Candidate { candidate: "candidate:1".into(), sdp_mid: None, sdp_m_line_index: Some(0) });
     check_signal(&[], &offer_from(2), "an offer from contributor 2, which is not linked here as upstream, ignored");
     // Linked, but downstream: this side offers to it, never answers it.
@@ -986,7 +1006,7 @@ fn a_pass_sends_a_shadow_copy_to_each_standby_linked_and_open_after_the_real_one
     let (values, real) = reassemble(&messages[..messages.len() - 1]);
     assert_eq!(values, output);
     let Some(Outgoing::Text(text)) = messages.last() else { panic!("{messages:?}") };
-    let PeerMessage::Forward(forward) = decode_control::<PeerMessage>(text.as_bytes(), usize::MAX).unwrap();
+    let Ok(PeerMessage::Forward(forward)) = decode_control::<PeerMessage>(text.as_bytes(), usize::MAX) else { panic!("{text}") };
     assert_eq!((forward.shard.as_str(), forward.then, forward.shadow, forward.payload), ("bafknext", vec![hop(9, "bafklast")], false, real));
     let (values, payload) = reassemble(&copy[..copy.len() - 1]);
     assert_eq!(values, output);

@@ -188,7 +188,10 @@ fn chat_completions_across_three_contributors() {
     // stream completes with the same text.
     // Its score is a quarter of the others': a fresh plan with it would not be worth moving to
     // (`Policy::replan_gain`), so it joins the plan as a standby even though no session runs.
-    contributors.push((SPARE_MIB, contribute(addr, &cache, &["--memory-budget-mib", &SPARE_MIB.to_string(), "--score", "0.25"])));
+    // It has a cache of its own, so its shard comes from the span's holder, which the
+    // coordinator names to lend it (`Lend`), checked against the CID as from the coordinator.
+    let spare_cache = dir.path().join("spare-cache");
+    contributors.push((SPARE_MIB, contribute(addr, &spare_cache, &["--memory-budget-mib", &SPARE_MIB.to_string(), "--score", "0.25"])));
     let mut standing_by = None;
     wait_until("the fourth contributor to stand by, its span loaded", Duration::from_secs(120), || {
         let swarm = get_json(addr, "/api/swarm");
@@ -197,6 +200,9 @@ fn chat_completions_across_three_contributors() {
         standing_by.is_some()
     });
     let (victim, standby) = standing_by.expect("a standby");
+    let shards = get_json(addr, "/api/swarm")["shards_loaded"].clone();
+    assert!(shards["from_peers"].as_u64() >= Some(1), "the standby's shard came from the coordinator, not the holder: {shards}");
+    println!("shards loaded: {shards}");
     let holders: Vec<(u64, u64)> = get_json(addr, "/api/contributors")["contributors"]
         .as_array()
         .expect("contributors")
