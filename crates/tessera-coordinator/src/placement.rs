@@ -403,6 +403,29 @@ pub fn prefetches(shape: &ModelShape, plan: &Plan, candidates: &[Candidate]) -> 
         .collect()
 }
 
+/// The spans contributors would be given if a holder were lost when [`repair`] can only place
+/// the model afresh (the span has no standby and no free contributor can hold it): for each
+/// holder in turn, the roles of the plan made without it that differ from what their
+/// contributors have now. What those contributors should fetch ahead, so that such a re-plan,
+/// the slowest recovery there is, loads from disk instead of publishing and downloading. Per
+/// contributor, in the order of the holders.
+pub fn contingencies(shape: &ModelShape, plan: &Plan, candidates: &[Candidate], policy: &Policy) -> Vec<(ContributorId, Vec<Range<u32>>)> {
+    let now: BTreeMap<ContributorId, Range<u32>> = plan.roles().into_iter().map(|r| (r.contributor, r.blocks)).collect();
+    let mut ahead: Vec<(ContributorId, Vec<Range<u32>>)> = Vec::new();
+    for lost in plan.stages.iter().map(|s| s.contributor) {
+        let others: Vec<Candidate> = candidates.iter().filter(|c| c.contributor != lost).cloned().collect();
+        let Ok(Repair { plan: fresh, replanned: true, .. }) = repair(shape, plan, &others, policy) else { continue };
+        for role in fresh.roles().into_iter().filter(|r| now.get(&r.contributor) != Some(&r.blocks)) {
+            match ahead.iter_mut().find(|(id, _)| *id == role.contributor) {
+                Some((_, spans)) if !spans.contains(&role.blocks) => spans.push(role.blocks),
+                Some(_) => {}
+                None => ahead.push((role.contributor, vec![role.blocks])),
+            }
+        }
+    }
+    ahead
+}
+
 fn replan(shape: &ModelShape, current: &Plan, candidates: &[Candidate], policy: &Policy) -> Result<Repair, PlacementError> {
     let fresh = plan(shape, candidates, policy)?;
     Ok(Repair { moves: moves_between(current, &fresh), plan: fresh, replanned: true })
@@ -672,6 +695,41 @@ mod tests {
         // With nobody standing by, a free contributor fetches every span it can hold.
         let alone = Plan { stages: plan.stages.iter().map(|s| Stage { standby: None, ..s.clone() }).collect() };
         assert_eq!(prefetches(&shape(30), &alone, &candidates), vec![(ContributorId(4), vec![0..10, 10..20, 20..30])]);
+    }
+
+    /// Three holders of 15 blocks at most, no spare: losing any one places the model afresh on
+    /// the other two, and each holder fetches ahead the spans it would get then. With a standby
+    /// for every span, no loss re-plans, and nothing is fetched for it.
+    #[test]
+    fn holders_fetch_ahead_the_spans_a_fresh_plan_would_give_them() {
+        let policy = Policy::default();
+        let candidates = [candidate(1, 10.0, 15), candidate(2, 10.0, 15), candidate(3, 10.0, 15)];
+        let current = plan(&shape(30), &candidates, &policy).unwrap();
+        assert_eq!(current.stages.iter().map(|s| (s.contributor.0, s.blocks.clone())).collect::<Vec<_>>(), [(1, 0..10), (2, 10..20), (3, 20..30)]);
+        let ahead = contingencies(&shape(30), &current, &candidates, &policy);
+        // Each fresh plan of two holders splits the model 0..15, 15..30; every holder may get
+        // either half, and each half is listed once per holder.
+        for (id, spans) in &ahead {
+            let (lost_first, lost_last): (Vec<_>, Vec<_>) = (spans.iter().filter(|b| **b == (0..15)).collect(), spans.iter().filter(|b| **b == (15..30)).collect());
+            assert!(lost_first.len() <= 1 && lost_last.len() <= 1 && spans.len() == lost_first.len() + lost_last.len(), "{id}: {spans:?}");
+        }
+        let holders: BTreeSet<u64> = ahead.iter().map(|(id, _)| id.0).collect();
+        assert_eq!(holders, BTreeSet::from([1, 2, 3]), "{ahead:?}");
+        // Each such plan is what `repair` gives when that holder is lost.
+        for lost in 1..=3 {
+            let others: Vec<Candidate> = candidates.iter().filter(|c| c.contributor.0 != lost).cloned().collect();
+            let fresh = repair(&shape(30), &current, &others, &policy).unwrap();
+            assert!(fresh.replanned);
+            for role in fresh.plan.roles() {
+                let spans = &ahead.iter().find(|(id, _)| *id == role.contributor).expect("a survivor fetches ahead").1;
+                assert!(spans.contains(&role.blocks), "losing {lost}: {role:?} not fetched ahead ({ahead:?})");
+            }
+        }
+        // A spare that can stand by for any span: every loss goes to it, no re-plan.
+        let with_spare = [candidate(1, 10.0, 15), candidate(2, 10.0, 15), candidate(3, 10.0, 15), candidate(4, 5.0, 15)];
+        let current = plan(&shape(30), &with_spare, &policy).unwrap();
+        let ahead = contingencies(&shape(30), &current, &with_spare, &policy);
+        assert!(ahead.is_empty(), "{current:?}: {ahead:?}");
     }
 
     #[test]

@@ -336,11 +336,13 @@ impl Task {
                 holding.ready = true;
                 let source = fetched_from.map_or("the coordinator or its cache".to_string(), |peer| format!("contributor {peer}"));
                 log(format_args!("contributor {from} holds blocks {}..{} (shard from {source})", holding.blocks.start, holding.blocks.end));
-                self.swarm.shard_loaded(fetched_from.is_some());
                 let waiting = std::mem::take(&mut holding.waiting);
+                self.swarm.shard_loaded(fetched_from.is_some());
                 for waiting in waiting {
                     self.send_hop(waiting.session, waiting.step, waiting.hidden);
                 }
+                // The last span loaded lets holders fetch ahead (`prefetch`).
+                self.prefetch();
             }
             Command::SpanFailed { from, message } => {
                 log(format_args!("contributor {from}: span failed: {message}"));
@@ -398,7 +400,12 @@ impl Task {
                         }
                         self.prefetch();
                     }
-                    Err(e) => self.fail_all(ApiError::internal(format!("writing the shard of blocks {}..{} failed: {e}", blocks.start, blocks.end))),
+                    // Sessions fail only when a holder waits for the shard (not for one only to
+                    // fetch ahead).
+                    Err(e) if self.holdings.values().any(|h| h.blocks == blocks) => {
+                        self.fail_all(ApiError::internal(format!("writing the shard of blocks {}..{} failed: {e}", blocks.start, blocks.end)))
+                    }
+                    Err(e) => log(format_args!("writing the shard of blocks {}..{} to fetch ahead failed: {e}", blocks.start, blocks.end)),
                 }
             }
         }
@@ -503,23 +510,27 @@ impl Task {
                 continue;
             }
             self.holdings.insert(id, Holding { blocks: blocks.clone(), shard: None, ready: false, waiting: Vec::new() });
-            let published = model.shard_cid(&blocks);
-            if let Some(cid) = published {
-                self.load(id, &cid);
-                continue;
+            match model.shard_cid(&blocks) {
+                Some(cid) => self.load(id, &cid),
+                None => self.publish(model, blocks),
             }
-            if !self.publishing.insert((blocks.start, blocks.end)) {
-                continue;
-            }
-            let (model, blobs, own) = (Arc::clone(model), Arc::clone(&self.blobs), self.own.clone());
-            tokio::spawn(async move {
-                let range = blocks.clone();
-                let result = tokio::task::spawn_blocking(move || model.shard(&blobs, range)).await.unwrap_or_else(|e| Err(e.to_string()));
-                let _ = own.send(Command::Published { blocks, result }).await;
-            });
         }
         self.prefetch();
         self.link();
+    }
+
+    /// Writes the shard of `blocks` into the blob store in the background (once at a time);
+    /// `Published` follows.
+    fn publish(&mut self, model: &Arc<ServedLlama>, blocks: Range<u32>) {
+        if !self.publishing.insert((blocks.start, blocks.end)) {
+            return;
+        }
+        let (model, blobs, own) = (Arc::clone(model), Arc::clone(&self.blobs), self.own.clone());
+        tokio::spawn(async move {
+            let range = blocks.clone();
+            let result = tokio::task::spawn_blocking(move || model.shard(&blobs, range)).await.unwrap_or_else(|e| Err(e.to_string()));
+            let _ = own.send(Command::Published { blocks, result }).await;
+        });
     }
 
     /// Asks each pair of consecutive holders for a direct channel (the downstream one first, so
@@ -547,12 +558,27 @@ impl Task {
         self.links = wanted;
     }
 
-    /// Names to each contributor that holds no span the published shards it could take over
-    /// (`placement::prefetches`), each once a connection, with the peers that can lend each
-    /// (told to first, with `Lend`).
+    /// Names to each native contributor the shards it should fetch ahead, each once a
+    /// connection, with the peers that can lend each (told to first, with `Lend`): to one that
+    /// holds no span, the spans it could take over (`placement::prefetches`); to a holder, the
+    /// spans a fresh plan would give it if another holder were lost with nobody to take over
+    /// (`placement::contingencies`). Shards not written yet are published first, and named
+    /// once they are. Tabs fetch nothing ahead, so nothing is named to them.
     fn prefetch(&mut self) {
         let (Some(plan), Some(model)) = (&self.plan, self.model()) else { return };
-        for (id, spans) in placement::prefetches(&self.shape(&model), plan, &self.candidates(&model)) {
+        let (shape, candidates) = (self.shape(&model), self.candidates(&model));
+        let mut ahead = placement::prefetches(&shape, plan, &candidates);
+        // Holders fetch ahead only once every span is loaded: the plan's own shards come first.
+        if self.holdings.values().all(|h| h.ready) {
+            ahead.extend(placement::contingencies(&shape, plan, &candidates, &Policy::default()));
+        }
+        ahead.retain(|(id, _)| self.native(*id));
+        let unpublished: Vec<Range<u32>> = ahead.iter().flat_map(|(_, spans)| spans).filter(|blocks| model.shard_cid(blocks).is_none()).cloned().collect();
+        for blocks in unpublished {
+            // Once a block range (`publish` ignores a range being written already).
+            self.publish(&model, blocks);
+        }
+        for (id, spans) in ahead {
             let Some(member) = self.members.get_mut(&id) else { continue };
             let blobs: Vec<String> = spans.iter().filter_map(|blocks| model.shard_cid(blocks)).filter(|cid| member.prefetched.insert(cid.clone())).collect();
             if blobs.is_empty() {
@@ -598,8 +624,7 @@ impl Task {
     /// lend blobs and hold that shard loaded (so verified), those with fewer recent drops
     /// first. None for a browser tab, which fetches from the coordinator only.
     fn lenders(&self, fetcher: ContributorId, cid: &str) -> Vec<ContributorId> {
-        let native = |id: &ContributorId| self.members.get(id).is_some_and(|m| swarm::kind(&m.capabilities.backend) == Some("native"));
-        if !native(&fetcher) {
+        if !self.native(fetcher) {
             return Vec::new();
         }
         let mut lenders: Vec<(usize, ContributorId)> = self
@@ -610,6 +635,11 @@ impl Task {
             .collect();
         lenders.sort();
         lenders.into_iter().take(MAX_LENDERS).map(|(_, id)| id).collect()
+    }
+
+    /// Whether `id` is a native contributor (not a browser tab).
+    fn native(&self, id: ContributorId) -> bool {
+        self.members.get(&id).is_some_and(|m| swarm::kind(&m.capabilities.backend) == Some("native"))
     }
 
     /// Queues a message for a member; one whose queue is full or gone is lost.
