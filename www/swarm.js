@@ -85,7 +85,8 @@ function renderRate(swarm) {
     : `${integer.format(direct)} of ${integer.format(direct + relayed)}` + (overhead === null ? '' : ` (${decimal.format(overhead)} ms each)`);
   // Spans loaded from a shard another contributor lent, or from the coordinator (or a cache).
   const { from_peers: peers, from_coordinator: coordinator } = swarm.shards_loaded;
-  $('shards').textContent = peers + coordinator === 0 ? '–' : `${integer.format(peers)} of ${integer.format(peers + coordinator)}`;
+  const ahead = swarm.fetching_ahead > 0 ? ` (${integer.format(swarm.fetching_ahead)} being fetched ahead)` : '';
+  $('shards').textContent = (peers + coordinator === 0 ? '–' : `${integer.format(peers)} of ${integer.format(peers + coordinator)}`) + ahead;
 }
 
 function renderPlan(swarm) {

@@ -15,6 +15,11 @@
 //! re-planned. Whether a better plan is worth moving sessions for is the caller's choice
 //! ([`Plan::worth_replacing_with`]); a join alone never disturbs a stage.
 //!
+//! What can be fetched ahead is placement's call too: [`prefetches`] names the spans a free
+//! contributor could take over, and [`contingencies`] the spans each holder would get in the
+//! fresh plan that losing another holder would force, so that even that slowest recovery loads
+//! its shards from disk.
+//!
 //! A contributor that keeps dropping its span (`recent_drops >= Policy::max_drops`) holds no
 //! stage while steadier contributors can hold the model; it may still stand by.
 //!

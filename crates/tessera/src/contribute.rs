@@ -519,12 +519,18 @@ impl Worker {
     }
 
     /// Fetches the shards the coordinator names ahead of need, one at a time, from the peers
-    /// that lend each (through `context`) or the coordinator; a failure only means fetching that
-    /// one when it is needed.
+    /// that lend each (through `context`) or the coordinator, and says so (`BlobHave`: this
+    /// contributor may be named to lend them); a failure only means fetching that one when it
+    /// is needed.
     async fn prefetch(self, mut queue: mpsc::Receiver<(Cid, Vec<ContributorId>)>, context: Option<LinkContext>) {
         while let Some((cid, lenders)) = queue.recv().await {
-            if let Err(e) = self.fetch_from(&cid, &lenders, context.as_ref()).await {
-                eprintln!("tessera contribute: prefetching {cid}: {e:#}");
+            match self.fetch_from(&cid, &lenders, context.as_ref()).await {
+                Ok(_) => {
+                    if send(&self.sender, &ContributorMessage::BlobHave { cids: vec![cid.to_string()] }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => eprintln!("tessera contribute: prefetching {cid}: {e:#}"),
             }
         }
     }

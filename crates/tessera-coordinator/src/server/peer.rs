@@ -294,8 +294,15 @@ impl State {
                 let welcome = CoordinatorMessage::Welcome { protocol_version: tessera_protocol::PROTOCOL_VERSION, contributor: id, heartbeat_interval_ms };
                 self.outbox.send(Outbound::Control(welcome)).await.map_err(|_| Fault::fatal(ErrorCode::Internal, "closed"))
             }
-            ContributorMessage::Heartbeat | ContributorMessage::BlobHave { .. } => match id {
+            ContributorMessage::Heartbeat => match id {
                 Some(id) => tell(Command::Heartbeat(id)).await,
+                None => Ok(()),
+            },
+            ContributorMessage::BlobHave { cids } => match id {
+                Some(from) => {
+                    tell(Command::Heartbeat(from)).await?;
+                    self.serve(serving::Command::BlobHave { from, cids }).await
+                }
                 None => Ok(()),
             },
             ContributorMessage::Leave => {

@@ -112,6 +112,8 @@ pub enum Command {
     Joined { id: ContributorId, capabilities: Capabilities, outbox: mpsc::Sender<Outbound> },
     Left(ContributorId),
     SpanReady { from: ContributorId, shard: String, fetched_from: Option<ContributorId> },
+    /// A contributor holds these blobs, verified (shards it was told to prefetch).
+    BlobHave { from: ContributorId, cids: Vec<String> },
     /// `ms`: how long the step took at `from`, as it says (for the hop figures only).
     Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor, ms: f64 },
     /// `from` sent its output of `step` straight to `to`.
@@ -148,6 +150,8 @@ struct Member {
     drops: Vec<Millis>,
     /// The shards it was told to prefetch.
     prefetched: BTreeSet<String>,
+    /// Those of them it says it has fetched (`BlobHave`), verified: it can lend them.
+    fetched: BTreeSet<String>,
 }
 
 /// A hop waiting for its holder's span to load.
@@ -317,7 +321,7 @@ impl Task {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Joined { id, capabilities, outbox } => {
-                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new(), prefetched: BTreeSet::new() });
+                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new(), prefetched: BTreeSet::new(), fetched: BTreeSet::new() });
                 self.admit(id);
             }
             Command::Left(id) => {
@@ -343,6 +347,13 @@ impl Task {
                 }
                 // The last span loaded lets holders fetch ahead (`prefetch`).
                 self.prefetch();
+            }
+            Command::BlobHave { from, cids } => {
+                if let Some(member) = self.members.get_mut(&from) {
+                    // Only what it was asked to fetch: a contributor cannot grow this set.
+                    let named: Vec<String> = cids.into_iter().filter(|cid| member.prefetched.contains(cid)).collect();
+                    member.fetched.extend(named);
+                }
             }
             Command::SpanFailed { from, message } => {
                 log(format_args!("contributor {from}: span failed: {message}"));
@@ -370,6 +381,7 @@ impl Task {
                     plan: self.plan.as_ref(),
                     ready: self.holdings.iter().filter(|(_, h)| h.ready).map(|(&id, _)| id).collect(),
                     links: &self.links,
+                    fetching_ahead: self.members.values().map(|m| m.prefetched.difference(&m.fetched).count()).sum(),
                 };
                 let _ = reply.send(self.swarm.json(self.now(), &view));
             }
@@ -621,20 +633,22 @@ impl Task {
     }
 
     /// Who can lend `fetcher` the shard `cid`: at most `MAX_LENDERS` other contributors that
-    /// lend blobs and hold that shard loaded (so verified), those with fewer recent drops
-    /// first. None for a browser tab, which fetches from the coordinator only.
+    /// lend blobs and hold that shard verified: loaded, or fetched ahead (`BlobHave`); those
+    /// with it loaded first, then those with fewer recent drops. None for a browser tab, which
+    /// fetches from the coordinator only.
     fn lenders(&self, fetcher: ContributorId, cid: &str) -> Vec<ContributorId> {
         if !self.native(fetcher) {
             return Vec::new();
         }
-        let mut lenders: Vec<(usize, ContributorId)> = self
-            .holdings
+        let loaded = |id: &ContributorId| self.holdings.get(id).is_some_and(|h| h.ready && h.shard.as_deref() == Some(cid));
+        let mut lenders: Vec<(bool, usize, ContributorId)> = self
+            .members
             .iter()
-            .filter(|&(&id, holding)| id != fetcher && holding.ready && holding.shard.as_deref() == Some(cid))
-            .filter_map(|(&id, _)| self.members.get(&id).filter(|m| m.capabilities.lends_blobs && !m.failed).map(|m| (m.drops.len(), id)))
+            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && (loaded(&id) || m.fetched.contains(cid)))
+            .map(|(&id, m)| (!loaded(&id), m.drops.len(), id))
             .collect();
         lenders.sort();
-        lenders.into_iter().take(MAX_LENDERS).map(|(_, id)| id).collect()
+        lenders.into_iter().take(MAX_LENDERS).map(|(_, _, id)| id).collect()
     }
 
     /// Whether `id` is a native contributor (not a browser tab).

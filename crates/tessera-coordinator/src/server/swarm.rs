@@ -110,6 +110,8 @@ pub struct View<'a> {
     pub ready: BTreeSet<ContributorId>,
     /// The direct channels asked for: (upstream, downstream) holders of consecutive spans.
     pub links: &'a BTreeSet<(ContributorId, ContributorId)>,
+    /// Shards contributors were told to fetch ahead and have not reported fetched yet.
+    pub fetching_ahead: usize,
 }
 
 /// The swarm's live figures and recent requests.
@@ -309,6 +311,7 @@ impl Swarm {
                 "relayed_overhead_ms": median(&self.overheads[0]),
             },
             "shards_loaded": { "from_peers": self.shards_from_peers, "from_coordinator": self.shards_from_coordinator },
+            "fetching_ahead": view.fetching_ahead,
         })
     }
 }
@@ -405,6 +408,7 @@ mod tests {
             plan: Some(&plan),
             ready: BTreeSet::from([ContributorId(3)]),
             links: &BTreeSet::from([(ContributorId(3), ContributorId(5))]),
+            fetching_ahead: 2,
         };
         let mut swarm = Swarm::new(1_700_000_000_000);
         swarm.hop(true);
@@ -448,6 +452,7 @@ mod tests {
             "links": [[3, 5]],
             "hops": { "direct": 2, "relayed": 1, "direct_overhead_ms": 0.7, "relayed_overhead_ms": null },
             "shards_loaded": { "from_peers": 1, "from_coordinator": 2 },
+            "fetching_ahead": 2,
         });
         assert_eq!(got, expected, "{got:#}");
     }
@@ -455,7 +460,7 @@ mod tests {
     #[test]
     fn no_model_and_no_plan_before_any_request() {
         let native = caps("vulkan");
-        let view = View { name: None, model: None, members: vec![(ContributorId(1), &native, false)], plan: None, ready: BTreeSet::new(), links: &BTreeSet::new() };
+        let view = View { name: None, model: None, members: vec![(ContributorId(1), &native, false)], plan: None, ready: BTreeSet::new(), links: &BTreeSet::new(), fetching_ahead: 0 };
         let got = Swarm::new(0).json(Millis(0), &view);
         assert_eq!(got["model"], Value::Null);
         assert_eq!(got["plan"], Value::Null);
@@ -474,7 +479,7 @@ mod tests {
         }
         // A token for a request no longer shown still counts towards the rate.
         swarm.token(Millis(200), 1);
-        let view = View { name: None, model: None, members: Vec::new(), plan: None, ready: BTreeSet::new(), links: &BTreeSet::new() };
+        let view = View { name: None, model: None, members: Vec::new(), plan: None, ready: BTreeSet::new(), links: &BTreeSet::new(), fetching_ahead: 0 };
         let got = swarm.json(Millis(200), &view);
         let ids: Vec<u64> = got["requests"].as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect();
         assert_eq!(ids, (21..=shown + 20).rev().collect::<Vec<_>>());

@@ -217,10 +217,12 @@ fn decode_of(sent: Instant, times: &[Instant]) -> anyhow::Result<Decode> {
     })
 }
 
-/// One session at a time: a warm-up (placement, span loads), then the timed repetitions.
+/// One session at a time: a warm-up (placement, span loads, shards fetched ahead), then the
+/// timed repetitions.
 fn single_session(swarm: &Swarm, expected_spans: usize, args: &PipelineArgs) -> anyhow::Result<SpanRow> {
     let warm = swarm.chat(args.max_tokens, |_| {})?;
     ensure!(warm.spans() == expected_spans, "budgets {:?} gave spans {:?}, not {expected_spans}", swarm.budgets(), warm.spans);
+    swarm.settle()?;
     let mut rates = Vec::new();
     let mut firsts = Vec::new();
     for _ in 0..args.repetitions {
@@ -266,6 +268,7 @@ fn concurrent(swarm: &Swarm, args: &PipelineArgs) -> anyhow::Result<Concurrent> 
 fn stall(swarm: &mut Swarm, spare: Option<u64>, args: &PipelineArgs) -> anyhow::Result<Stall> {
     let reference = swarm.chat(args.max_tokens, |_| {})?;
     ensure!(reference.spans() == 3, "budgets {:?} gave spans {:?}, not 3", swarm.budgets(), reference.spans);
+    swarm.settle()?;
     let mut holders = parse_spans(&reference.spans)?;
     holders.sort_unstable();
     // Without a spare, the middle span's holder; with one, the holder of the span it stands by
@@ -494,6 +497,13 @@ impl Swarm {
         let (_, mib) = self.listed()?.into_iter().find(|(c, _)| *c == id).with_context(|| format!("contributor {id} is not listed"))?;
         let at = self.contributors.iter().position(|(m, _)| *m == mib).with_context(|| format!("no process with a budget of {mib} MiB"))?;
         Ok(self.contributors.remove(at).1)
+    }
+
+    /// Waits until no contributor is fetching shards ahead (`fetching_ahead` in `/api/swarm`):
+    /// a one-time background download after placement that would otherwise share the CPU with
+    /// the timed steps, and that a stall without a spare counts on.
+    fn settle(&self) -> anyhow::Result<()> {
+        self.wait_until("contributors to fetch their shards ahead", || Ok(get_json(self.addr, "/api/swarm")?["fetching_ahead"] == 0))
     }
 
     fn wait_until(&self, what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {

@@ -25,6 +25,10 @@ const MAX_REQUESTS: usize = 16;
 const MAX_REQUEST_BYTES: usize = 1024;
 /// How long a borrower waits for the next part of a blob before trying elsewhere.
 const BORROW_IDLE: Duration = Duration::from_secs(20);
+/// After `BORROW_GRACE`, a lender sending slower than `MIN_BORROW_RATE` bytes a second on
+/// average is left for the next source: a trickle would hold the span's load up for good.
+const BORROW_GRACE: Duration = Duration::from_secs(10);
+const MIN_BORROW_RATE: f64 = 256.0 * 1024.0;
 /// How long a borrower waits for a lender to answer its offer and open the channel (a lender
 /// is native, so quick; one that refused the `Lend` never answers).
 const BORROW_ANSWER: Duration = Duration::from_secs(10);
@@ -111,7 +115,12 @@ impl LinkContext {
         let request = PeerMessage::BlobRequest { cid: cid.to_string(), offset: 0, length: 0, stream: STREAM };
         channel.send(Message::Text(encode_control(&request))).await?;
         let mut reassembler = Reassembler::new(ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 1, max_buffered_bytes: MAX_BLOB_BYTES });
+        let (started, mut received) = (Instant::now(), 0usize);
         let outcome = loop {
+            let elapsed = started.elapsed();
+            if elapsed > BORROW_GRACE && (received as f64) < MIN_BORROW_RATE * elapsed.as_secs_f64() {
+                break Err(anyhow!("{received} bytes in {:.0} s is too slow", elapsed.as_secs_f64()));
+            }
             let message = match tokio::time::timeout(BORROW_IDLE, channel.recv()).await {
                 Ok(Some(PeerEvent::Message(message))) => message,
                 Ok(Some(PeerEvent::Connected | PeerEvent::Open)) => continue,
@@ -119,6 +128,7 @@ impl LinkContext {
                 Ok(None) => break Err(anyhow!("the transport stopped")),
                 Err(_) => break Err(anyhow!("nothing arrived for {} s", BORROW_IDLE.as_secs())),
             };
+            received += message.len();
             let decoded = match &message {
                 Message::Text(text) => tessera_protocol::decode::<PeerMessage>(Incoming::Text(text)),
                 Message::Binary(bytes) => tessera_protocol::decode::<PeerMessage>(Incoming::Binary(bytes)),
