@@ -634,21 +634,26 @@ impl Task {
 
     /// Who can lend `fetcher` the shard `cid`: at most `MAX_LENDERS` other contributors that
     /// lend blobs and hold that shard verified: loaded, or fetched ahead (`BlobHave`); those
-    /// with it loaded first, then those with fewer recent drops. None for a browser tab, which
-    /// fetches from the coordinator only.
+    /// with it loaded first. None that dropped a span lately (`DROPS_REMEMBERED_MS`: a holder
+    /// that went silent may be gone, and a borrower would wait for its answer in vain), and
+    /// none for a browser tab,
+    /// which fetches from the coordinator only.
     fn lenders(&self, fetcher: ContributorId, cid: &str) -> Vec<ContributorId> {
         if !self.native(fetcher) {
             return Vec::new();
         }
         let loaded = |id: &ContributorId| self.holdings.get(id).is_some_and(|h| h.ready && h.shard.as_deref() == Some(cid));
-        let mut lenders: Vec<(bool, usize, ContributorId)> = self
+        let now = self.now();
+        let steady = |m: &Member| m.drops.iter().all(|&at| now.since(at) >= DROPS_REMEMBERED_MS);
+        let mut lenders: Vec<(bool, ContributorId)> = self
             .members
             .iter()
-            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && (loaded(&id) || m.fetched.contains(cid)))
-            .map(|(&id, m)| (!loaded(&id), m.drops.len(), id))
+            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && steady(m))
+            .filter(|&(id, m)| loaded(id) || m.fetched.contains(cid))
+            .map(|(&id, _)| (!loaded(&id), id))
             .collect();
         lenders.sort();
-        lenders.into_iter().take(MAX_LENDERS).map(|(_, _, id)| id).collect()
+        lenders.into_iter().take(MAX_LENDERS).map(|(_, id)| id).collect()
     }
 
     /// Whether `id` is a native contributor (not a browser tab).
