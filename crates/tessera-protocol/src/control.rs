@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 /// Version 2 added span serving (`LoadSpan`, `Forward`, `EndSession`; `SpanReady`, `Forwarded`);
 /// version 3 `UnloadSpan` and `Prefetch`; version 4 direct contributor-to-contributor hops
 /// (`Link`, `Unlink`, `Forward::then`, `Passed`, `PeerMessage`); version 5 shards from peers
-/// (`Lend`, `LoadSpan::peers`, `PeerMessage::BlobRequest`, `SignalPayload::Offer::purpose`).
+/// (`Lend`, `LoadSpan::peers`, `PeerMessage::BlobRequest`, `SignalPayload::Offer::purpose`,
+/// `BorrowFailed`).
 pub const PROTOCOL_VERSION: u32 = 5;
 /// The most direct channels a contributor keeps open at once; `Link`s beyond are refused.
 pub const MAX_LINKS: usize = 16;
@@ -260,6 +261,10 @@ pub enum ContributorMessage {
         #[serde(default)]
         ms: f64,
     },
+    /// Fetching blob `cid` from `lender` (named in a `LoadSpan` or `Prefetch`) failed; `corrupt`:
+    /// what it sent does not match the CID, which a lender that holds the blob verified cannot
+    /// send by accident (the coordinator names it as a lender no more).
+    BorrowFailed { lender: ContributorId, cid: String, corrupt: bool, message: String },
     /// Something the contributor received was rejected.
     Error { code: ErrorCode, message: String },
 }
@@ -384,6 +389,7 @@ impl Message for ContributorMessage {
         "span_ready",
         "forwarded",
         "passed",
+        "borrow_failed",
         "error",
     ];
 }

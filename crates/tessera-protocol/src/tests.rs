@@ -85,6 +85,12 @@ fn contributor_messages() -> Vec<ContributorMessage> {
             to: ContributorId(3),
             ms: 4.5,
         },
+        ContributorMessage::BorrowFailed {
+            lender: ContributorId(2),
+            cid: "bafkreishard".into(),
+            corrupt: true,
+            message: "content does not match its CID".into(),
+        },
         ContributorMessage::Error {
             code: ErrorCode::SpanFailed,
             message: "bad".into(),
@@ -282,11 +288,11 @@ fn bad_control_messages_say_what_is_wrong() {
     );
     check(
         "{\"type\": \"welcome\"}",
-        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"error\"]",
+        "unknown message type \"welcome\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"borrow_failed\", \"error\"]",
     );
     check(
         "{\"type\": \"forward\"}",
-        "unknown message type \"forward\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"error\"]",
+        "unknown message type \"forward\"; expected one of [\"hello\", \"heartbeat\", \"leave\", \"unit_result\", \"blob_request\", \"blob_have\", \"signal\", \"span_ready\", \"forwarded\", \"passed\", \"borrow_failed\", \"error\"]",
     );
     check(
         "{\"type\": \"hello\", \"protocol_version\": 1, \"capabilities\": {\"shape\": \"of the past\"}}",

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use tessera_coordinator::blobs::BlobStore;
+use tessera_coordinator::blobs::{BlobError, BlobStore};
 use tessera_engine::Gpu;
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::checks::Rng;
@@ -67,8 +67,9 @@ pub struct ContributeArgs {
     /// Where verified model files are kept (default: the user's cache folder).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Testing only: add noise to every result, as a dishonest contributor would. The
-    /// coordinator must never accept these results.
+    /// Testing only: add noise to every result and corrupt every shard lent, as a dishonest
+    /// contributor would. The coordinator must never accept these results, nor a borrower
+    /// those shards.
     #[arg(long, hide = true)]
     perturb: bool,
     /// GPU memory the coordinator may use here, in MiB (default: what the adapter allows, at
@@ -245,7 +246,7 @@ impl Session {
         let mut link_context: Option<LinkContext> = None;
         let mut links_ignored = false;
         let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
-        let cache = self.blobs.clone();
+        let (cache, perturb) = (self.blobs.clone(), self.perturb);
         let mut worker = Some(Worker { session: self, sender: sender.clone(), fetches: fetches.clone(), streams });
         let mut job_queue = Some(job_queue);
         let mut span_queue = Some(span_queue);
@@ -306,7 +307,7 @@ impl Session {
                             let answers = Arc::new(std::sync::Mutex::new(HashMap::new()));
                             let (links, span_jobs) = (links.clone(), span_jobs.clone());
                             let lends = lends.clone();
-                            link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, lends, blobs: cache.clone(), answers, span_jobs });
+                            link_context = Some(LinkContext { own: contributor, ip, endpoint: endpoint.clone(), coordinator: sender.clone(), links, lends, blobs: cache.clone(), answers, span_jobs, perturb });
                         }
                         if let (Some(worker), Some(queue), Some(spans), Some(ahead)) = (worker.take(), job_queue.take(), span_queue.take(), prefetch_queue.take()) {
                             // Shadow copies go out from a task of their own, in order, so that a slow
@@ -558,19 +559,29 @@ impl Worker {
         if intact {
             return Ok(None);
         }
-        for &peer in peers.iter().filter(|_| context.is_some()) {
+        // Without direct channels (`--no-links`), no peer can be asked.
+        for &peer in peers {
             let Some(context) = context else { break };
             let started = Instant::now();
+            // The error, and whether the bytes arrived but do not match the CID.
             let fetched = match context.borrow(peer, cid).await {
-                Ok(bytes) => self.session.blobs.insert_expecting(cid, &cid.to_string(), &mut bytes.as_slice()).map(|()| bytes.len()).map_err(anyhow::Error::from),
-                Err(e) => Err(e),
+                Ok(bytes) => match self.session.blobs.insert_expecting(cid, &cid.to_string(), &mut bytes.as_slice()) {
+                    Ok(()) => Ok(bytes.len()),
+                    Err(e @ BlobError::Cid(_)) => Err((anyhow::Error::from(e), true)),
+                    Err(e) => Err((e.into(), false)),
+                },
+                Err(e) => Err((e, false)),
             };
             match fetched {
                 Ok(len) => {
                     eprintln!("tessera contribute: fetched {cid} from contributor {peer} ({len} bytes in {:.1} s)", started.elapsed().as_secs_f64());
                     return Ok(Some(peer));
                 }
-                Err(e) => eprintln!("tessera contribute: fetching {cid} from contributor {peer} failed: {e:#}; trying elsewhere"),
+                Err((e, corrupt)) => {
+                    eprintln!("tessera contribute: fetching {cid} from contributor {peer} failed: {e:#}; trying elsewhere");
+                    let report = ContributorMessage::BorrowFailed { lender: peer, cid: cid.to_string(), corrupt, message: format!("{e:#}") };
+                    send(&self.sender, &report).await?;
+                }
             }
         }
         self.download(cid).await?;
@@ -919,6 +930,8 @@ struct LinkContext {
     answers: Arc<std::sync::Mutex<HashMap<ContributorId, oneshot::Sender<String>>>>,
     /// The span worker's queue, for the `Forward`s upstream contributors send.
     span_jobs: mpsc::Sender<SpanJob>,
+    /// `--perturb`: lend corrupted shards, as a dishonest contributor would.
+    perturb: bool,
 }
 
 impl LinkContext {

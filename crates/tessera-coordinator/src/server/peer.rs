@@ -298,6 +298,10 @@ impl State {
                 Some(id) => tell(Command::Heartbeat(id)).await,
                 None => Ok(()),
             },
+            ContributorMessage::BorrowFailed { lender, cid, corrupt, message } => match id {
+                Some(from) => self.serve(serving::Command::BorrowFailed { from, lender, cid, corrupt, message }).await,
+                None => Ok(()),
+            },
             ContributorMessage::BlobHave { cids } => match id {
                 Some(from) => {
                     tell(Command::Heartbeat(from)).await?;

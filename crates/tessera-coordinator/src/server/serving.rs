@@ -114,6 +114,9 @@ pub enum Command {
     SpanReady { from: ContributorId, shard: String, fetched_from: Option<ContributorId> },
     /// A contributor holds these blobs, verified (shards it was told to prefetch).
     BlobHave { from: ContributorId, cids: Vec<String> },
+    /// A contributor could not fetch blob `cid` from `lender`; `corrupt`: the bytes did not
+    /// match the CID.
+    BorrowFailed { from: ContributorId, lender: ContributorId, cid: String, corrupt: bool, message: String },
     /// `ms`: how long the step took at `from`, as it says (for the hop figures only).
     Forwarded { from: ContributorId, session: u64, step: u64, hidden: Tensor, ms: f64 },
     /// `from` sent its output of `step` straight to `to`.
@@ -152,6 +155,10 @@ struct Member {
     prefetched: BTreeSet<String>,
     /// Those of them it says it has fetched (`BlobHave`), verified: it can lend them.
     fetched: BTreeSet<String>,
+    /// A borrower reported bytes from it that do not match their CID: it is named as a lender
+    /// no more. (The report cannot be checked here; at worst an honest lender stops lending,
+    /// and the coordinator's copy serves instead.)
+    barred: bool,
 }
 
 /// A hop waiting for its holder's span to load.
@@ -321,7 +328,7 @@ impl Task {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Joined { id, capabilities, outbox } => {
-                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new(), prefetched: BTreeSet::new(), fetched: BTreeSet::new() });
+                self.members.insert(id, Member { capabilities, outbox, failed: false, drops: Vec::new(), prefetched: BTreeSet::new(), fetched: BTreeSet::new(), barred: false });
                 self.admit(id);
             }
             Command::Left(id) => {
@@ -353,6 +360,14 @@ impl Task {
                     // Only what it was asked to fetch: a contributor cannot grow this set.
                     let named: Vec<String> = cids.into_iter().filter(|cid| member.prefetched.contains(cid)).collect();
                     member.fetched.extend(named);
+                }
+            }
+            Command::BorrowFailed { from, lender, cid, corrupt, message } => {
+                log(format_args!("contributor {from} could not fetch {cid} from contributor {lender}: {message}"));
+                if corrupt && let Some(member) = self.members.get_mut(&lender) {
+                    log(format_args!("contributor {lender} lent bytes that do not match their CID: it lends no more"));
+                    member.barred = true;
+                    self.swarm.corrupt_lend();
                 }
             }
             Command::SpanFailed { from, message } => {
@@ -648,7 +663,7 @@ impl Task {
         let mut lenders: Vec<(bool, ContributorId)> = self
             .members
             .iter()
-            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && steady(m))
+            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && !m.barred && steady(m))
             .filter(|&(id, m)| loaded(id) || m.fetched.contains(cid))
             .map(|(&id, _)| (!loaded(&id), id))
             .collect();

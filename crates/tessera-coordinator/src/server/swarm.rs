@@ -133,6 +133,8 @@ pub struct Swarm {
     /// loader's own cache).
     shards_from_peers: u64,
     shards_from_coordinator: u64,
+    /// Lenders reported for bytes that did not match their CID.
+    corrupt_lends: u64,
 }
 
 /// Hop overheads kept for the medians.
@@ -158,7 +160,12 @@ pub fn kind(backend: &str) -> Option<&'static str> {
 
 impl Swarm {
     pub fn new(epoch_unix_ms: u64) -> Swarm {
-        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0, overheads: Default::default(), shards_from_peers: 0, shards_from_coordinator: 0 }
+        Swarm { epoch_unix_ms, rate: RateMeter::new(RATE_WINDOW_MS), requests: VecDeque::new(), started_total: 0, hops_direct: 0, hops_relayed: 0, overheads: Default::default(), shards_from_peers: 0, shards_from_coordinator: 0, corrupt_lends: 0 }
+    }
+
+    /// A lender was reported for bytes that did not match their CID.
+    pub fn corrupt_lend(&mut self) {
+        self.corrupt_lends += 1;
     }
 
     /// A contributor loaded a span, from a shard a peer lent it or not.
@@ -310,7 +317,7 @@ impl Swarm {
                 "direct_overhead_ms": median(&self.overheads[1]),
                 "relayed_overhead_ms": median(&self.overheads[0]),
             },
-            "shards_loaded": { "from_peers": self.shards_from_peers, "from_coordinator": self.shards_from_coordinator },
+            "shards_loaded": { "from_peers": self.shards_from_peers, "from_coordinator": self.shards_from_coordinator, "corrupt_lends": self.corrupt_lends },
             "fetching_ahead": view.fetching_ahead,
         })
     }
@@ -420,6 +427,7 @@ mod tests {
         swarm.shard_loaded(false);
         swarm.shard_loaded(true);
         swarm.shard_loaded(false);
+        swarm.corrupt_lend();
         swarm.started(Millis(1_000), 1, 12, "0-10=3,10-30=5");
         for t in [2_000, 2_500, 3_000] {
             swarm.token(Millis(t), 1);
@@ -451,7 +459,7 @@ mod tests {
             ],
             "links": [[3, 5]],
             "hops": { "direct": 2, "relayed": 1, "direct_overhead_ms": 0.7, "relayed_overhead_ms": null },
-            "shards_loaded": { "from_peers": 1, "from_coordinator": 2 },
+            "shards_loaded": { "from_peers": 1, "from_coordinator": 2, "corrupt_lends": 1 },
             "fetching_ahead": 2,
         });
         assert_eq!(got, expected, "{got:#}");

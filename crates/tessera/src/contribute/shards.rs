@@ -94,7 +94,12 @@ impl LinkContext {
                 Err((ErrorCode::BlobNotFound, format!("{cid} is not lent to contributor {borrower}")))
             };
             match read {
-                Ok(bytes) => {
+                Ok(mut bytes) => {
+                    if self.perturb
+                        && let Some(byte) = bytes.first_mut()
+                    {
+                        *byte ^= 0xff;
+                    }
                     send_payload(&sender, stream, PayloadKind::Blob, &bytes).await?;
                     // Each blob is lent once (whole, or the range asked for).
                     lock(&self.lends).sent(borrower, epoch, &cid);

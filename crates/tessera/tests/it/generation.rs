@@ -5,8 +5,9 @@
 //! text of `tessera run --chat` on this machine, the hops going straight from one contributor to
 //! the next; then a fourth contributor stands by for a span, that span's holder is killed
 //! mid-stream, and the stream still completes with the same text (the standby takes over, the
-//! sessions replay). Bad requests get OpenAI-shaped 4xx errors and the coordinator keeps
-//! serving.
+//! sessions replay; its shard came from the holder, not the coordinator). Bad requests get
+//! OpenAI-shaped 4xx errors and the coordinator keeps serving. A contributor that lends a
+//! corrupted shard is caught by its borrower's CID check and lends no more.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -246,4 +247,25 @@ fn chat_completions_across_three_contributors() {
     println!("failover: {:?} in {:?} ({})", record["x_tessera_spans"], t.elapsed(), record);
     drop(killed);
     println!("total {:?}", started.elapsed());
+}
+
+/// A lender that sends a corrupted shard is caught: the borrower checks the bytes against the
+/// CID, keeps none of them, loads the shard from the coordinator instead and reports the lender,
+/// which the coordinator names as a lender no more.
+#[test]
+fn a_lender_of_a_corrupted_shard_is_caught() {
+    let _heavy = heavy();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (_server, addr) = serve(&dir.path().join("data"), &[]);
+    // The whole model on one dishonest contributor: `--perturb` corrupts every shard it lends.
+    let _liar = contribute(addr, &dir.path().join("liar-cache"), &["--memory-budget-mib", "1000", "--score", "1", "--perturb"]);
+    wait_until("the contributor", Duration::from_secs(120), || crate::contributor_ids(addr).len() == 1);
+    let request = chat(2, false).to_string();
+    wait_until("the model placed and answering", Duration::from_secs(180), || post(addr, "/v1/chat/completions", request.as_bytes()).0 == 200);
+    // An honest contributor with a cache of its own stands by for the span: its `LoadSpan`
+    // names the liar as the lender.
+    let _honest = contribute(addr, &dir.path().join("honest-cache"), &["--memory-budget-mib", "1001", "--score", "0.25"]);
+    wait_until("the standby's span loaded", Duration::from_secs(120), || get_json(addr, "/api/swarm")["plan"]["spans"][0]["standby_ready"] == true);
+    let swarm = get_json(addr, "/api/swarm");
+    assert_eq!(swarm["shards_loaded"], json!({ "from_peers": 0, "from_coordinator": 2, "corrupt_lends": 1 }), "{swarm}");
 }
