@@ -650,9 +650,9 @@ impl Task {
     /// Who can lend `fetcher` the shard `cid`: at most `MAX_LENDERS` other contributors that
     /// lend blobs and hold that shard verified: loaded, or fetched ahead (`BlobHave`); those
     /// with it loaded first. None that dropped a span lately (`DROPS_REMEMBERED_MS`: a holder
-    /// that went silent may be gone, and a borrower would wait for its answer in vain), and
-    /// none for a browser tab,
-    /// which fetches from the coordinator only.
+    /// that went silent may be gone, and a borrower would wait for its answer in vain), none
+    /// reported for corrupt bytes, and none for a browser tab, which fetches from the
+    /// coordinator only.
     fn lenders(&self, fetcher: ContributorId, cid: &str) -> Vec<ContributorId> {
         if !self.native(fetcher) {
             return Vec::new();
