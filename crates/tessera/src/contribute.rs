@@ -787,7 +787,6 @@ impl SpanWorker {
         send(&self.worker.sender, &ContributorMessage::Forwarded { session, step, payload: PayloadRef { stream, bytes: bytes.len() as u64 }, ms }).await?;
         Ok(None)
     }
-
 }
 
 /// Sends the steps passed on directly, in order, to the next spans' standbys that have an open
@@ -1049,8 +1048,9 @@ impl LinkContext {
     }
 
     /// Offers `peer` a direct channel for `purpose` (the SDP offer and answer relayed by the
-    /// coordinator) and waits until it is open, at most `timeout` for each. One offer to a peer at a time: the answer
-    /// names no offer, so a second would be refused rather than mistaken for the first.
+    /// coordinator) and waits until it is open, at most `timeout` for each. One offer to a peer
+    /// at a time: the answer names no offer, so a second is refused rather than mistaken for
+    /// the first.
     async fn offer(&self, peer: ContributorId, purpose: ChannelPurpose, timeout: Duration) -> anyhow::Result<tessera_rtc::Peer> {
         let (reply, answer) = oneshot::channel();
         {

@@ -161,6 +161,13 @@ struct Member {
     barred: bool,
 }
 
+impl Member {
+    /// Spans it dropped within `DROPS_REMEMBERED_MS` of `now`.
+    fn recent_drops(&self, now: Millis) -> usize {
+        self.drops.iter().filter(|&&at| now.since(at) < DROPS_REMEMBERED_MS).count()
+    }
+}
+
 /// A hop waiting for its holder's span to load.
 struct Waiting {
     session: u64,
@@ -447,7 +454,7 @@ impl Task {
                 contributor: id,
                 blocks_per_second: m.capabilities.benchmark_score * 1e9 / model.block_flops.max(1.0),
                 memory_bytes: m.capabilities.memory_budget_bytes,
-                recent_drops: m.drops.iter().filter(|&&at| now.since(at) < DROPS_REMEMBERED_MS).count() as u32,
+                recent_drops: m.recent_drops(now) as u32,
             })
             .collect()
     }
@@ -659,11 +666,10 @@ impl Task {
         }
         let loaded = |id: &ContributorId| self.holdings.get(id).is_some_and(|h| h.ready && h.shard.as_deref() == Some(cid));
         let now = self.now();
-        let steady = |m: &Member| m.drops.iter().all(|&at| now.since(at) >= DROPS_REMEMBERED_MS);
         let mut lenders: Vec<(bool, ContributorId)> = self
             .members
             .iter()
-            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && !m.barred && steady(m))
+            .filter(|&(&id, m)| id != fetcher && m.capabilities.lends_blobs && !m.failed && !m.barred && m.recent_drops(now) == 0)
             .filter(|&(id, m)| loaded(id) || m.fetched.contains(cid))
             .map(|(&id, _)| (!loaded(&id), id))
             .collect();

@@ -73,8 +73,8 @@ impl LinkContext {
         send(&self.coordinator, &ContributorMessage::Signal { from: self.own, to: borrower, payload: SignalPayload::Answer { sdp: answer } }).await?;
         channel.opened().await?;
         let sender = channel.sender();
-        let mut served = 0;
-        for _ in 0..MAX_REQUESTS {
+        let (mut served, mut requests) = (0, 0);
+        loop {
             let text = match channel.recv().await {
                 Some(PeerEvent::Message(Message::Text(text))) => text,
                 Some(PeerEvent::Message(Message::Binary(_))) => bail!("it sent binary data, and a borrower sends requests only"),
@@ -87,6 +87,10 @@ impl LinkContext {
                 Ok(_) => bail!("it sent a message other than a blob request"),
                 Err(e) => bail!("it sent a request that does not decode: {e}"),
             };
+            requests += 1;
+            if requests > MAX_REQUESTS {
+                bail!("it asked for more than {MAX_REQUESTS} blobs over one channel");
+            }
             let read = if lock(&self.lends).lends(borrower, epoch, &cid) {
                 let (blobs, cid) = (self.blobs.clone(), cid.clone());
                 tokio::task::spawn_blocking(move || blobs.request(&cid, offset, length)).await.map_err(|e| (ErrorCode::Internal, e.to_string())).and_then(identity)
@@ -108,7 +112,6 @@ impl LinkContext {
                 Err((code, message)) => sender.send(Message::Text(encode_control(&PeerMessage::Error { code, message }))).await?,
             }
         }
-        bail!("it asked for more than {MAX_REQUESTS} blobs over one channel")
     }
 
     /// Fetches blob `cid` whole from `lender`, which was told to lend it to us: offers it a
