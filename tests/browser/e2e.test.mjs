@@ -40,6 +40,9 @@ describe('the browser contributor, end to end', { timeout: 30 * 60_000 }, () => 
   /** A page in a context of its own (its own storage: each is another volunteer). */
   async function open(name, url, viewport = { width: 1000, height: 900 }) {
     const context = await browser.newContext({ viewport });
+    // Playwright's own 30 s for a page to load, a button to show or a click: too little for a
+    // busy machine; an event still ends each wait.
+    context.setDefaultTimeout(JOIN_TIMEOUT);
     const page = await context.newPage();
     page.on('console', (m) => console.push(`${name} ${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => console.push(`${name} pageerror: ${e.message}`));
@@ -115,6 +118,7 @@ describe('the browser contributor, end to end', { timeout: 30 * 60_000 }, () => 
 
   test('without WebGPU, the page and the widget say so and offer no button', async () => {
     const context = await browser.newContext({ viewport: { width: 1000, height: 900 } });
+    context.setDefaultTimeout(JOIN_TIMEOUT);
     await context.addInitScript(() => {
       delete Navigator.prototype.gpu;
     });
@@ -137,7 +141,7 @@ describe('the browser contributor, end to end', { timeout: 30 * 60_000 }, () => 
     for (const name of ['volunteerA', 'volunteerB']) {
       const page = await open(name, `${coordinator.url}/`);
       const start = page.getByRole('button', { name: 'Start contributing' });
-      await start.waitFor({ timeout: 30_000 });
+      await start.waitFor();
       if (name === 'volunteerA') {
         await page.screenshot({ path: join(shots, 'volunteer-before-start.png'), fullPage: true });
         await start.click();
@@ -236,7 +240,7 @@ describe('the browser contributor, end to end', { timeout: 30 * 60_000 }, () => 
     const started = await count('started');
     await setVisibility('hidden');
     await waitFor('the widget to pause', async () => (await widgetEvents()).some((e) => e.type === 'paused' && e.detail.reason === 'hidden'), { explain });
-    await waitFor('the paused widget to leave the network', async () => !(await getJson('/api/contributors')).contributors.some((c) => c.id === widget), { timeoutMs: 60_000, explain });
+    await waitFor('the paused widget to leave the network', async () => !(await getJson('/api/contributors')).contributors.some((c) => c.id === widget), { timeoutMs: JOIN_TIMEOUT, explain });
     await setVisibility('visible');
     await waitFor('the widget to join again', async () => (await count('started')) > started, { timeoutMs: JOIN_TIMEOUT, explain });
     ids[2] = (await widgetEvents()).filter((e) => e.type === 'started').at(-1).detail.contributor;
@@ -250,7 +254,7 @@ describe('the browser contributor, end to end', { timeout: 30 * 60_000 }, () => 
     assert.equal(await page.evaluate(() => window.tessera.state), 'stopped');
     assert.equal(await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith('tessera.consent')).length), 0);
     assert.ok((await widgetEvents()).some((e) => e.type === 'stopped'));
-    await waitFor('the widget to leave the network', async () => !(await getJson('/api/contributors')).contributors.some((c) => c.id === widget), { timeoutMs: 60_000, explain });
+    await waitFor('the widget to leave the network', async () => !(await getJson('/api/contributors')).contributors.some((c) => c.id === widget), { timeoutMs: JOIN_TIMEOUT, explain });
     await page.getByRole('button', { name: 'Contribute my GPU' }).waitFor();
   });
 

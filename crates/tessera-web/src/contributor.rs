@@ -1,6 +1,6 @@
 //! `Contributor`: the page's volunteer. It opens the GPU, then in the background connects to the
-//! coordinator (`rtc`), feeds what arrives to the session machine (`session`), runs the units it
-//! hands out (`worker`) and reports to the page through `onEvent`. Failure is a state: a lost
+//! coordinator (`rtc`), feeds what arrives to the session machine (`tessera_contributor`), runs
+//! the units it hands out (`worker`) and reports to the page through `onEvent`. Failure is a state: a lost
 //! connection or refused signalling shows as status `error` and reconnects with back-off, a lost
 //! GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop is. The direct
 //! channels to other contributors that the session asks for are made, fed and closed here too;
@@ -22,7 +22,8 @@ use wasm_bindgen::prelude::*;
 
 use crate::lifecycle::{Backoff, Options, Stats, check_budget};
 use crate::rtc::{self, Channel, Received};
-use crate::session::{Event, Outgoing, Output, Session, SpanJob, Status, next_span_jobs};
+use tessera_contributor::{Event, Outgoing, Output, Policy, Session, SpanJob, Status, next_span_jobs};
+use tessera_engine::stage::EXACT_BATCH_ROWS;
 use crate::worker::{self, Finished, SpanDone, Worker};
 use crate::{js_error, log, now_ms, to_json};
 
@@ -251,7 +252,7 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
     for shard in worker.drop_spans() {
         shared.emit(Event::SpanDropped { shard });
     }
-    let mut session = Session::new(capabilities, shared.budget.get(), channel.max_message());
+    let mut session = Session::new(capabilities, Policy::TAB, shared.budget.get(), channel.max_message());
     let mut unit: Fuse<LocalBoxFuture<'static, Finished>> = Fuse::terminated();
     // Span jobs run one at a time, in the order the session gave them.
     let mut span_jobs: VecDeque<SpanJob> = VecDeque::new();
@@ -284,25 +285,27 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                 }
                 Output::Accept { link, sdp } => match links.get(&link) {
                     Some(channel) => setups.push(channel.accept(&sdp).map(move |result| Setup::Accepted { link, result }).boxed_local()),
-                    None => session.link_closed(link, "its connection is gone".into()),
+                    None => session.link_closed(now_ms(), link, "its connection is gone".into()),
                 },
                 Output::Close { link } => drop(links.remove(&link)),
                 Output::Pass { link, session: id, step, messages } => {
                     let result = pass(links.get_mut(&link), messages).await;
-                    session.passed(link, id, step, result);
+                    session.passed(now_ms(), link, id, step, result);
                 }
-                Output::Shadow { link, messages } => {
+                Output::SendOn { link, messages } => {
                     if let Err(reason) = pass(links.get_mut(&link), messages).await {
-                        session.link_closed(link, format!("a shadow copy was not sent: {reason}"));
+                        session.link_closed(now_ms(), link, format!("sending on it failed: {reason}"));
                     }
                 }
+                // A tab's policy neither fetches blobs over its channel nor lends them.
+                Output::Blob(_) | Output::Fetched { .. } => log("a blob job, which a tab does not take, ignored"),
                 Output::Event(event) => shared.emit(event),
                 Output::Log(line) => log(&line),
                 Output::Restart(reason) => return Ended::Failed(reason),
             }
         }
         if span.is_terminated() && !span_jobs.is_empty() {
-            span = worker.clone().span(next_span_jobs(&mut span_jobs)).boxed_local().fuse();
+            span = worker.clone().span(next_span_jobs(&mut span_jobs, EXACT_BATCH_ROWS)).boxed_local().fuse();
         }
         if leaving {
             channel.close_after_sending().await;
@@ -331,21 +334,21 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
             Woke::Link(link, received) => match received {
                 Received::Open => {
                     if let Some(max_message) = links.get_mut(&link).map(Channel::opened) {
-                        session.link_open(link, max_message);
+                        session.link_open(now_ms(), link, max_message);
                     }
                 }
-                Received::Text(text) => session.link_message(link, Incoming::Text(&text)),
-                Received::Binary(bytes) => session.link_message(link, Incoming::Binary(&bytes)),
-                Received::Closed(reason) => session.link_closed(link, reason),
+                Received::Text(text) => session.link_message(now_ms(), link, Incoming::Text(&text)),
+                Received::Binary(bytes) => session.link_message(now_ms(), link, Incoming::Binary(&bytes)),
+                Received::Closed(reason) => session.link_closed(now_ms(), link, reason),
             },
             Woke::Setup(Setup::Described { link, result }) => {
                 let result = result.map(|(channel, sdp)| {
                     links.insert(link, channel);
                     sdp
                 });
-                session.described(link, result);
+                session.described(now_ms(), link, result);
             }
-            Woke::Setup(Setup::Accepted { link, result: Err(reason) }) => session.link_closed(link, reason),
+            Woke::Setup(Setup::Accepted { link, result: Err(reason) }) => session.link_closed(now_ms(), link, reason),
             Woke::Setup(Setup::Accepted { result: Ok(()), .. }) => {}
             Woke::Unit(finished) => {
                 if finished.gpu_lost
@@ -356,7 +359,7 @@ async fn connection(shared: &Shared, worker: &Rc<Worker>, capabilities: &mut Opt
                 session.finished(now_ms(), finished.unit, finished.busy_ms, finished.result);
             }
             Woke::Span(done) => match done {
-                SpanDone::Loaded { shard, blocks, result } => session.span_loaded(shard, blocks, result),
+                SpanDone::Loaded { shard, blocks, result } => session.span_loaded(now_ms(), shard, blocks, result),
                 SpanDone::Forwarded(steps) => {
                     for done in steps {
                         session.forwarded(now_ms(), done.session, done.step, done.busy_ms, done.result);

@@ -1,10 +1,11 @@
 //! The browser contributor, compiled to WebAssembly: Tessera's engine on the page's WebGPU adapter.
 //!
 //! - [`Contributor`]: a volunteer's page joins a coordinator over a WebRTC DataChannel, speaking
-//!   the native contributor's protocol, and computes the units it is given (and the steps of the
-//!   spans it holds, passed to and from its neighbours on direct channels). `session.rs` and
-//!   `lifecycle.rs` hold the protocol and the bookkeeping without I/O (tested natively);
-//!   `contributor.rs`, `rtc.rs`, `worker.rs` and `blobs.rs` are the browser glue.
+//!   the contributor's protocol (`tessera_contributor::Session`, the one the native contributor
+//!   runs, with `Policy::TAB`), and computes the units it is given (and the steps of the spans
+//!   it holds, passed to and from its neighbours on direct channels). `lifecycle.rs` holds the
+//!   page's bookkeeping without I/O (tested natively); `contributor.rs`, `rtc.rs`, `signal.rs`,
+//!   `worker.rs` and `blobs.rs` are the browser glue.
 //! - [`self_test`]: the kernel self-test a volunteer's page runs to show that this browser
 //!   computes every kernel as the CPU reference does (the same cases the native tests run).
 //! - [`Engine`]: the page's GPU; it loads models from bytes the page fetched
@@ -23,7 +24,7 @@ mod contributor;
 mod lifecycle;
 mod llama;
 mod rtc;
-mod session;
+mod signal;
 mod worker;
 
 use std::rc::Rc;

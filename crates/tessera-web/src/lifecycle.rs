@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tessera_protocol::ContributorId;
 
-use crate::session::{Event, Millis, Status};
+use tessera_contributor::{Event, Millis, Status};
 
 /// Waits before reconnecting, in seconds, one more step per failure in a row.
 pub const BACKOFF_S: [u64; 6] = [1, 2, 4, 8, 15, 30];

@@ -1,9 +1,9 @@
 //! The browser's WebRTC transport: an `RTCPeerConnection` with one ordered, reliable DataChannel,
 //! to the coordinator (WebSocket signalling: one offer out, one answer back) or to another
-//! contributor (a direct link: this side's offer or answer, whose SDP `session.rs` relays through
+//! contributor (a direct link: this side's offer or answer, whose SDP the session relays through
 //! the coordinator). What arrives comes out of a bounded queue; `send` keeps to the channel's
 //! `maxMessageSize` and waits on `bufferedamountlow` while too much is buffered (for a while: a
-//! channel that takes nothing fails). No protocol logic: that is `session.rs`.
+//! channel that takes nothing fails). No protocol logic: that is `tessera_contributor`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -23,7 +23,9 @@ use web_sys::{
 };
 
 use crate::js_detail;
-use crate::session::{self, CHANNEL_LABEL, Outgoing};
+use tessera_contributor::Outgoing;
+
+use crate::signal::{self, CHANNEL_LABEL};
 
 /// Messages off the channel waiting for the session; a peer that floods past this is cut off.
 const INCOMING: usize = 256;
@@ -372,7 +374,7 @@ async fn signal(url: &str, sdp: &str) -> Result<String, String> {
     let socket = WebSocket::new(url).map_err(|e| format!("opening the signalling WebSocket {url}: {}", js_detail(&e)))?;
     let (sender, mut replies) = mpsc::channel::<Result<String, String>>(2);
     let on_open = Closure::<dyn FnMut(JsValue)>::new({
-        let (socket, offer, mut sender) = (socket.clone(), session::offer(sdp), sender.clone());
+        let (socket, offer, mut sender) = (socket.clone(), signal::offer(sdp), sender.clone());
         move |_| {
             if let Err(e) = socket.send_with_str(&offer) {
                 let _ = sender.try_send(Err(format!("sending the offer: {}", js_detail(&e))));
@@ -411,7 +413,7 @@ async fn signal(url: &str, sdp: &str) -> Result<String, String> {
         reply = replies.next() => reply.unwrap_or_else(|| Err("the signalling WebSocket's handlers are gone".into())),
         _ = TimeoutFuture::new(SIGNAL_TIMEOUT_MS).fuse() => Err(format!("no signalling answer within {} s", SIGNAL_TIMEOUT_MS / 1000)),
     };
-    session::answer(&reply?)
+    signal::answer(&reply?)
 }
 
 /// The signalling socket: its handlers are removed and it is closed when this is dropped.

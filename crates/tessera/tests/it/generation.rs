@@ -26,6 +26,14 @@ const MAX_TOKENS: usize = 16;
 const BUDGETS_MIB: [u64; 3] = [420, 421, 422];
 /// The fourth contributor's, which joins as a standby.
 const SPARE_MIB: u64 = 423;
+/// `serve --stage-floor-ms` and `--stage-deadline-ms` for the swarm of three: a holder is late
+/// only after 10 s at least (2 minutes before its time for a step is measured), not after the
+/// default 1 s, which a busy machine's pauses reach. A late hop is not a harmless delay here: it
+/// moves spans, and it counts as a drop, so the coordinator names that holder to lend its shard
+/// to nobody for ten minutes (`serving.rs`: `lenders`). A killed holder is still noticed in
+/// about 10 s, by its missed deadline or by its missing heartbeats.
+const STAGE_FLOOR_MS: &str = "10000";
+const STAGE_DEADLINE_MS: &str = "120000";
 
 /// `tessera run --chat` on this machine: the text greedy decoding gives.
 fn reference() -> String {
@@ -107,7 +115,7 @@ fn chat_completions_across_three_contributors() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("a temporary folder");
     let cache = dir.path().join("contributor-cache");
-    let (_server, addr) = serve(&dir.path().join("data"), &[]);
+    let (_server, addr) = serve(&dir.path().join("data"), &["--stage-floor-ms", STAGE_FLOOR_MS, "--stage-deadline-ms", STAGE_DEADLINE_MS]);
 
     // No contributor: a 503 in OpenAI's shape, naming the model.
     let (status, _, error) = post(addr, "/v1/chat/completions", chat(4, false).to_string().as_bytes());
@@ -123,12 +131,12 @@ fn chat_completions_across_three_contributors() {
         BUDGETS_MIB.iter().map(|&mib| (mib, contribute(addr, &cache, &["--memory-budget-mib", &mib.to_string(), "--score", "1"]))).collect();
     let expected = reference();
     println!("reference: {expected:?} at {:?}", started.elapsed());
-    wait_until("three contributors", Duration::from_secs(120), || crate::contributor_ids(addr).len() == 3);
+    wait_until("three contributors", DEADLINE, || crate::contributor_ids(addr).len() == 3);
 
     // Bad requests: 4xx, and the coordinator goes on. (The model loads in the background; a
     // check of the context needs it.)
     let too_long = chat(10_000_000, false).to_string();
-    wait_until("the model to load", Duration::from_secs(120), || post(addr, "/v1/chat/completions", too_long.as_bytes()).0 != 503);
+    wait_until("the model to load", DEADLINE, || post(addr, "/v1/chat/completions", too_long.as_bytes()).0 != 503);
     let long_prompt = json!({ "model": "smollm2", "prompt": "sea ".repeat(9000), "max_tokens": 1 }).to_string();
     let cases: [(&str, &[u8], u16, &str); 5] = [
         ("/v1/chat/completions", b"{\"model\": ", 400, "not a JSON object"),
@@ -194,7 +202,7 @@ fn chat_completions_across_three_contributors() {
     let spare_cache = dir.path().join("spare-cache");
     contributors.push((SPARE_MIB, contribute(addr, &spare_cache, &["--memory-budget-mib", &SPARE_MIB.to_string(), "--score", "0.25"])));
     let mut standing_by = None;
-    wait_until("the fourth contributor to stand by, its span loaded", Duration::from_secs(120), || {
+    wait_until("the fourth contributor to stand by, its span loaded", DEADLINE, || {
         let swarm = get_json(addr, "/api/swarm");
         let spans = swarm["plan"]["spans"].as_array().cloned().unwrap_or_default();
         standing_by = spans.iter().find(|s| s["standby_ready"] == true).map(|s| (s["holder"].as_u64().expect("a holder"), s["standby"][0].as_u64().expect("a standby")));
@@ -256,16 +264,21 @@ fn chat_completions_across_three_contributors() {
 fn a_lender_of_a_corrupted_shard_is_caught() {
     let _heavy = heavy();
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let (_server, addr) = serve(&dir.path().join("data"), &[]);
+    // No step may be late, however slow: a late one would count as a drop against the liar, and
+    // the coordinator names no holder that dropped a span lately as a lender (`serving.rs`:
+    // `lenders`), so the honest contributor would never borrow from it. With one holder, no
+    // deadline has anything to recover.
+    let patience = DEADLINE.as_millis().to_string();
+    let (_server, addr) = serve(&dir.path().join("data"), &["--stage-floor-ms", &patience, "--stage-deadline-ms", &patience]);
     // The whole model on one dishonest contributor: `--perturb` corrupts every shard it lends.
     let _liar = contribute(addr, &dir.path().join("liar-cache"), &["--memory-budget-mib", "1000", "--score", "1", "--perturb"]);
-    wait_until("the contributor", Duration::from_secs(120), || crate::contributor_ids(addr).len() == 1);
+    wait_until("the contributor", DEADLINE, || crate::contributor_ids(addr).len() == 1);
     let request = chat(2, false).to_string();
-    wait_until("the model placed and answering", Duration::from_secs(180), || post(addr, "/v1/chat/completions", request.as_bytes()).0 == 200);
+    wait_until("the model placed and answering", DEADLINE, || post(addr, "/v1/chat/completions", request.as_bytes()).0 == 200);
     // An honest contributor with a cache of its own stands by for the span: its `LoadSpan`
     // names the liar as the lender.
     let _honest = contribute(addr, &dir.path().join("honest-cache"), &["--memory-budget-mib", "1001", "--score", "0.25"]);
-    wait_until("the standby's span loaded", Duration::from_secs(120), || get_json(addr, "/api/swarm")["plan"]["spans"][0]["standby_ready"] == true);
+    wait_until("the standby's span loaded", DEADLINE, || get_json(addr, "/api/swarm")["plan"]["spans"][0]["standby_ready"] == true);
     let swarm = get_json(addr, "/api/swarm");
     assert_eq!(swarm["shards_loaded"], json!({ "from_peers": 0, "from_coordinator": 2, "corrupt_lends": 1 }), "{swarm}");
 }
