@@ -17,7 +17,6 @@
 mod session;
 
 pub use session::{
-    Assignment, BlobJob, Event, LINK_TIMEOUT_MS, MAX_BLOB_BYTES, MAX_HIDDEN_BYTES, MAX_LENDS,
-    MAX_QUEUED_UNITS, Millis, Outgoing, Output, Policy, Session, SpanJob, Status, StoreError,
-    next_span_jobs,
+    Assignment, BlobJob, Event, LINK_TIMEOUT_MS, MAX_BLOB_BYTES, MAX_HIDDEN_BYTES, MAX_LENDS, MAX_QUEUED_UNITS, Millis, Outgoing, Output, Policy, Session,
+    SpanJob, Status, StoreError, next_span_jobs,
 };

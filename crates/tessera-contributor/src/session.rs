@@ -42,10 +42,9 @@ use std::ops::Range;
 
 use serde::Serialize;
 use tessera_protocol::{
-    Capabilities, ChannelPurpose, Chunk, Chunker, ContributorId, ContributorMessage,
-    CoordinatorMessage, Decoded, ErrorCode, Forward, Incoming, JobId, MAX_LINKS, NextHop,
-    PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage, Reassembler, ReassemblyLimits,
-    SignalPayload, Tensor, UnitId, Work, decode, encode_control,
+    Capabilities, ChannelPurpose, Chunk, Chunker, ContributorId, ContributorMessage, CoordinatorMessage, Decoded, ErrorCode, Forward, Incoming, JobId,
+    MAX_LINKS, NextHop, PROTOCOL_VERSION, Payload, PayloadKind, PayloadRef, PeerMessage, Reassembler, ReassemblyLimits, SignalPayload, Tensor, UnitId, Work,
+    decode, encode_control,
 };
 
 mod blobs;
@@ -101,35 +100,23 @@ pub struct Policy {
 
 impl Policy {
     /// A browser tab: direct channels for steps, and nothing else of its volunteer's network.
-    pub const TAB: Policy = Policy {
-        links: true,
-        fetches_blobs: false,
-        fetches_ahead: false,
-        lends_blobs: false,
-    };
+    pub const TAB: Policy = Policy { links: true, fetches_blobs: false, fetches_ahead: false, lends_blobs: false };
     /// A native process: everything.
-    pub const NATIVE: Policy = Policy {
-        links: true,
-        fetches_blobs: true,
-        fetches_ahead: true,
-        lends_blobs: true,
-    };
+    pub const NATIVE: Policy = Policy { links: true, fetches_blobs: true, fetches_ahead: true, lends_blobs: true };
 }
 
 /// What the page or the log hears (`onEvent`), as plain objects with a `type`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(
-    tag = "type",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Event {
     Status {
         status: Status,
         detail: Option<String>,
     },
     /// The coordinator welcomed us under this id.
-    Joined { contributor: ContributorId },
+    Joined {
+        contributor: ContributorId,
+    },
     /// A blob a unit needed: `bytes` long, from Cache Storage (`cached`) or the network.
     Download {
         cid: String,
@@ -144,17 +131,33 @@ pub enum Event {
         ms: f64,
     },
     /// The coordinator decided a unit we reported on.
-    Verdict { unit: UnitId, accepted: bool },
+    Verdict {
+        unit: UnitId,
+        accepted: bool,
+    },
     /// A span of a language model is loaded here: blocks `start..end`.
-    SpanLoaded { shard: String, start: u32, end: u32 },
+    SpanLoaded {
+        shard: String,
+        start: u32,
+        end: u32,
+    },
     /// One step of a conversation went through a span here: `rows` positions in `ms`.
-    Forwarded { rows: usize, ms: f64 },
+    Forwarded {
+        rows: usize,
+        ms: f64,
+    },
     /// A span was dropped: the coordinator moved it, or its load failed.
-    SpanDropped { shard: String },
+    SpanDropped {
+        shard: String,
+    },
     /// Direct channels to other contributors open now.
-    Links { open: usize },
+    Links {
+        open: usize,
+    },
     /// A step's output went straight to contributor `to`, over a direct channel.
-    Passed { to: ContributorId },
+    Passed {
+        to: ContributorId,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -184,22 +187,10 @@ pub enum SpanJob {
     /// Load `blocks` from shard `shard` (a blob, checked against its CID: with
     /// `Policy::fetches_blobs` it is in the cache already) and keep KV caches for up to
     /// `max_sessions` sessions; report with [`Session::span_loaded`].
-    Load {
-        shard: String,
-        blocks: Range<usize>,
-        max_sessions: usize,
-    },
+    Load { shard: String, blocks: Range<usize>, max_sessions: usize },
     /// Run `hidden` (`[rows, dim]` row-major, positions `start..start + rows` of `session`)
     /// through span `shard`; report with [`Session::forwarded`].
-    Forward {
-        shard: String,
-        session: u64,
-        step: u64,
-        start: usize,
-        capacity: usize,
-        rows: usize,
-        hidden: Vec<f32>,
-    },
+    Forward { shard: String, session: u64, step: u64, start: usize, capacity: usize, rows: usize, hidden: Vec<f32> },
     /// Free `session`'s caches in every span.
     End { session: u64 },
     /// Drop span `shard` and its caches.
@@ -220,17 +211,9 @@ pub fn next_span_jobs(queue: &mut VecDeque<SpanJob>, max_rows: usize) -> Vec<Spa
     };
     let (shard, mut total) = (shard.clone(), *rows);
     let mut jobs = vec![first];
-    while let Some(SpanJob::Forward {
-        shard: next,
-        session,
-        rows,
-        ..
-    }) = queue.front()
-    {
+    while let Some(SpanJob::Forward { shard: next, session, rows, .. }) = queue.front() {
         let fits = *next == shard && total.saturating_add(*rows) <= max_rows;
-        let another_session = !jobs
-            .iter()
-            .any(|j| matches!(j, SpanJob::Forward { session: s, .. } if s == session));
+        let another_session = !jobs.iter().any(|j| matches!(j, SpanJob::Forward { session: s, .. } if s == session));
         if !(fits && another_session) {
             break;
         }
@@ -341,25 +324,17 @@ struct Inbox {
 
 impl Inbox {
     fn new() -> Inbox {
-        let limits = ReassemblyLimits {
-            max_message_bytes: MAX_HIDDEN_BYTES,
-            max_partial_messages: 4,
-            max_buffered_bytes: 2 * MAX_HIDDEN_BYTES,
-        };
-        Inbox {
-            reassembler: Reassembler::new(limits),
-            tensors: VecDeque::new(),
-        }
+        let limits = ReassemblyLimits { max_message_bytes: MAX_HIDDEN_BYTES, max_partial_messages: 4, max_buffered_bytes: 2 * MAX_HIDDEN_BYTES };
+        Inbox { reassembler: Reassembler::new(limits), tensors: VecDeque::new() }
     }
 
     /// One frame of a tensor; an error (what the sender sent) when it is bad, or completes a
     /// tensor while too many wait for their forwards already.
     fn push(&mut self, chunk: Chunk<'_>) -> Result<(), String> {
         match self.reassembler.push(chunk) {
-            Ok(Some(payload)) if self.tensors.len() >= MAX_WAITING_TENSORS => Err(format!(
-                "tensor {} with {MAX_WAITING_TENSORS} others waiting for their forward",
-                payload.stream
-            )),
+            Ok(Some(payload)) if self.tensors.len() >= MAX_WAITING_TENSORS => {
+                Err(format!("tensor {} with {MAX_WAITING_TENSORS} others waiting for their forward", payload.stream))
+            }
             Ok(Some(payload)) => {
                 self.tensors.push_back(payload);
                 Ok(())
@@ -372,30 +347,17 @@ impl Inbox {
     /// The tensor a `Forward` names, taken from those received: F32 `[rows, dim]` with
     /// `payload.bytes` bytes.
     fn hidden_states(&mut self, payload: &PayloadRef) -> Result<(usize, Vec<f32>), String> {
-        let at = self
-            .tensors
-            .iter()
-            .position(|t| t.stream == payload.stream)
-            .ok_or_else(|| format!("no tensor arrived on stream {}", payload.stream))?;
+        let at = self.tensors.iter().position(|t| t.stream == payload.stream).ok_or_else(|| format!("no tensor arrived on stream {}", payload.stream))?;
         let received = self.tensors.remove(at).ok_or("the tensor went missing")?;
         if received.bytes.len() as u64 != payload.bytes {
-            return Err(format!(
-                "stream {} carried {} bytes, the forward says {}",
-                payload.stream,
-                received.bytes.len(),
-                payload.bytes
-            ));
+            return Err(format!("stream {} carried {} bytes, the forward says {}", payload.stream, received.bytes.len(), payload.bytes));
         }
-        let tensor = Tensor::decode(&received.bytes, MAX_HIDDEN_BYTES as usize)
-            .map_err(|e| e.to_string())?;
+        let tensor = Tensor::decode(&received.bytes, MAX_HIDDEN_BYTES as usize).map_err(|e| e.to_string())?;
         let rows = match tensor.dims() {
             &[rows, dim] if rows > 0 && dim > 0 => rows as usize,
             dims => return Err(format!("hidden states of dims {dims:?}, not [rows, dim]")),
         };
-        let values = tensor
-            .f32_values()
-            .ok_or_else(|| format!("hidden states of {:?}, not F32", tensor.dtype()))?
-            .collect();
+        let values = tensor.f32_values().ok_or_else(|| format!("hidden states of {:?}, not F32", tensor.dtype()))?.collect();
         Ok((rows, values))
     }
 }
@@ -527,18 +489,9 @@ pub struct Session {
 impl Session {
     /// A session on a channel that just opened: its first output is the `Hello`. What the
     /// capabilities say of lending follows `policy`.
-    pub fn new(
-        mut capabilities: Capabilities,
-        policy: Policy,
-        budget: f64,
-        max_message: usize,
-    ) -> Session {
+    pub fn new(mut capabilities: Capabilities, policy: Policy, budget: f64, max_message: usize) -> Session {
         capabilities.lends_blobs = policy.lends_blobs && policy.links;
-        let blob_limits = ReassemblyLimits {
-            max_message_bytes: MAX_BLOB_BYTES,
-            max_partial_messages: 4,
-            max_buffered_bytes: MAX_BLOB_BYTES,
-        };
+        let blob_limits = ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 4, max_buffered_bytes: MAX_BLOB_BYTES };
         let mut session = Session {
             policy,
             max_message,
@@ -566,10 +519,7 @@ impl Session {
             ended: false,
             refused: false,
         };
-        session.send(&ContributorMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            capabilities,
-        });
+        session.send(&ContributorMessage::Hello { protocol_version: PROTOCOL_VERSION, capabilities });
         session
     }
 
@@ -582,19 +532,11 @@ impl Session {
         if self.ended {
             return None;
         }
-        let next_unit =
-            (self.contributor.is_some() && self.running.is_none() && !self.queue.is_empty())
-                .then(|| self.rest_until());
+        let next_unit = (self.contributor.is_some() && self.running.is_none() && !self.queue.is_empty()).then(|| self.rest_until());
         let links = self.links.iter().filter_map(|l| l.deadline);
         let passing = self.passing.iter().map(|p| p.deadline);
         let fetches = self.fetches.iter().filter_map(Fetch::deadline);
-        [self.next_heartbeat, next_unit]
-            .into_iter()
-            .flatten()
-            .chain(links)
-            .chain(passing)
-            .chain(fetches)
-            .min_by(f64::total_cmp)
+        [self.next_heartbeat, next_unit].into_iter().flatten().chain(links).chain(passing).chain(fetches).min_by(f64::total_cmp)
     }
 
     /// The compute budget: the share of time the GPU may be busy, in (0, 1].
@@ -636,22 +578,12 @@ impl Session {
                     self.restart(format!("the coordinator sent {e}"));
                 }
             }
-            Ok(Decoded::Chunk(chunk))
-                if chunk.header.kind == PayloadKind::Blob
-                    && self.downloading(chunk.header.stream) =>
-            {
-                self.blob_frame(chunk)
-            }
+            Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Blob && self.downloading(chunk.header.stream) => self.blob_frame(chunk),
             Ok(Decoded::Chunk(chunk)) => {
                 let h = chunk.header;
-                self.log(format!(
-                    "ignoring an unrequested {:?} frame (stream {}, chunk {} of {})",
-                    h.kind, h.stream, h.index, h.count
-                ));
+                self.log(format!("ignoring an unrequested {:?} frame (stream {}, chunk {} of {})", h.kind, h.stream, h.index, h.count));
             }
-            Err(e) => self.restart(format!(
-                "the coordinator sent a message that does not decode: {e}"
-            )),
+            Err(e) => self.restart(format!("the coordinator sent a message that does not decode: {e}")),
         }
     }
 
@@ -670,12 +602,8 @@ impl Session {
             // One beat however late we are; the next one an interval from now.
             self.next_heartbeat = Some(now + self.heartbeat_ms as f64);
         }
-        let late: Vec<(u64, LinkState, Purpose)> = self
-            .links
-            .iter()
-            .filter(|l| l.deadline.is_some_and(|d| now >= d))
-            .map(|l| (l.number, l.state, l.purpose))
-            .collect();
+        let late: Vec<(u64, LinkState, Purpose)> =
+            self.links.iter().filter(|l| l.deadline.is_some_and(|d| now >= d)).map(|l| (l.number, l.state, l.purpose)).collect();
         for (number, state, purpose) in late {
             match (state, purpose) {
                 (LinkState::Queued, _) => {
@@ -683,41 +611,17 @@ impl Session {
                         link.deadline = None;
                     }
                 }
-                (_, Purpose::Lend) => self.close_link(
-                    number,
-                    format!(
-                        "lent for {} s, the most a borrower gets",
-                        blobs::LEND_TIME_MS / 1000.0
-                    ),
-                ),
+                (_, Purpose::Lend) => self.close_link(number, format!("lent for {} s, the most a borrower gets", blobs::LEND_TIME_MS / 1000.0)),
                 _ => {
-                    let timeout = if purpose == Purpose::Borrow {
-                        blobs::BORROW_ANSWER_MS
-                    } else {
-                        LINK_TIMEOUT_MS
-                    };
-                    self.close_link(
-                        number,
-                        format!("did not open within {} s", timeout / 1000.0),
-                    );
+                    let timeout = if purpose == Purpose::Borrow { blobs::BORROW_ANSWER_MS } else { LINK_TIMEOUT_MS };
+                    self.close_link(number, format!("did not open within {} s", timeout / 1000.0));
                 }
             }
         }
         self.start_offers();
-        let slow: Vec<(u64, u64, u64)> = self
-            .passing
-            .iter()
-            .filter(|p| now >= p.deadline)
-            .map(|p| (p.link, p.session, p.step))
-            .collect();
+        let slow: Vec<(u64, u64, u64)> = self.passing.iter().filter(|p| now >= p.deadline).map(|p| (p.link, p.session, p.step)).collect();
         for (link, session, step) in slow {
-            self.passed(
-                now,
-                link,
-                session,
-                step,
-                Err(format!("it took more than {} s", PASS_TIMEOUT_MS / 1000.0)),
-            );
+            self.passed(now, link, session, step, Err(format!("it took more than {} s", PASS_TIMEOUT_MS / 1000.0)));
         }
         self.check_borrows(now);
         self.start_next(now);
@@ -725,13 +629,7 @@ impl Session {
 
     /// The unit from the last `Output::Run` is done: its L2-normalised rows, or why it failed;
     /// `busy_ms` is how long it kept the GPU busy.
-    pub fn finished(
-        &mut self,
-        now: Millis,
-        unit: UnitId,
-        busy_ms: f64,
-        result: Result<Vec<Vec<f32>>, String>,
-    ) {
+    pub fn finished(&mut self, now: Millis, unit: UnitId, busy_ms: f64, result: Result<Vec<Vec<f32>>, String>) {
         self.tick(now);
         let Some(running) = self.running.take_if(|r| r.unit == unit) else {
             return;
@@ -741,29 +639,17 @@ impl Session {
             return;
         }
         if running.cancelled {
-            self.log(format!(
-                "unit {unit}: cancelled while it ran; its result is dropped"
-            ));
+            self.log(format!("unit {unit}: cancelled while it ran; its result is dropped"));
         } else {
             match result.and_then(|rows| self.result_messages(&running, rows)) {
                 Ok(messages) => {
                     self.outputs.extend(messages.into_iter().map(Output::Send));
-                    let Running {
-                        job, unit, inputs, ..
-                    } = running;
-                    self.event(Event::Unit {
-                        unit,
-                        job,
-                        inputs,
-                        ms: busy_ms,
-                    });
+                    let Running { job, unit, inputs, .. } = running;
+                    self.event(Event::Unit { unit, job, inputs, ms: busy_ms });
                 }
                 Err(reason) => {
                     self.log(format!("unit {unit} failed: {reason}"));
-                    self.send(&ContributorMessage::Error {
-                        code: ErrorCode::Internal,
-                        message: format!("unit {unit}: {reason}"),
-                    });
+                    self.send(&ContributorMessage::Error { code: ErrorCode::Internal, message: format!("unit {unit}: {reason}") });
                 }
             }
         }
@@ -775,13 +661,7 @@ impl Session {
     }
 
     /// The `SpanJob::Load` of `shard` is done: loaded, or why not.
-    pub fn span_loaded(
-        &mut self,
-        now: Millis,
-        shard: String,
-        blocks: Range<usize>,
-        result: Result<(), String>,
-    ) {
+    pub fn span_loaded(&mut self, now: Millis, shard: String, blocks: Range<usize>, result: Result<(), String>) {
         self.tick(now);
         self.span_jobs = self.span_jobs.saturating_sub(1);
         let fetched_from = self.fetched_from.remove(&shard);
@@ -790,15 +670,8 @@ impl Session {
         }
         match result {
             Ok(()) => {
-                self.event(Event::SpanLoaded {
-                    shard: shard.clone(),
-                    start: blocks.start as u32,
-                    end: blocks.end as u32,
-                });
-                self.send(&ContributorMessage::SpanReady {
-                    shard,
-                    fetched_from,
-                });
+                self.event(Event::SpanLoaded { shard: shard.clone(), start: blocks.start as u32, end: blocks.end as u32 });
+                self.send(&ContributorMessage::SpanReady { shard, fetched_from });
             }
             Err(reason) => self.span_failed(&shard, &blocks, &reason),
         }
@@ -808,59 +681,37 @@ impl Session {
     /// (row-major), or why it failed; `busy_ms` is how long it kept the GPU busy. The output
     /// goes to the next stage directly when its `then` names one linked and open here, and to
     /// the coordinator otherwise; a shadow step's goes nowhere, and its failure is only logged.
-    pub fn forwarded(
-        &mut self,
-        now: Millis,
-        session: u64,
-        step: u64,
-        busy_ms: f64,
-        result: Result<(Vec<f32>, usize), String>,
-    ) {
+    pub fn forwarded(&mut self, now: Millis, session: u64, step: u64, busy_ms: f64, result: Result<(Vec<f32>, usize), String>) {
         self.tick(now);
         self.span_jobs = self.span_jobs.saturating_sub(1);
         self.add_busy(now, busy_ms);
         // Steps are reported in the order they were handed out, so the first route that matches
         // is this one's (a shadow step and a real one may share a session and step).
-        let route = self
-            .routes
-            .iter()
-            .position(|r| (r.session, r.step) == (session, step))
-            .and_then(|at| self.routes.remove(at));
+        let route = self.routes.iter().position(|r| (r.session, r.step) == (session, step)).and_then(|at| self.routes.remove(at));
         let from = route.as_ref().and_then(|r| r.from);
         if self.ended {
             return;
         }
         let rows = result.and_then(|(values, dim)| {
             if dim == 0 || values.is_empty() || !values.len().is_multiple_of(dim) {
-                return Err(format!(
-                    "the span gave {} values, not rows of {dim}",
-                    values.len()
-                ));
+                return Err(format!("the span gave {} values, not rows of {dim}", values.len()));
             }
             Ok((values.len() / dim, dim, values))
         });
         if route.as_ref().is_some_and(|r| r.shadow) {
             return match rows {
                 Ok((rows, ..)) => self.event(Event::Forwarded { rows, ms: busy_ms }),
-                Err(reason) => self.log(format!(
-                    "session {session} step {step} (a shadow copy) failed: {reason}"
-                )),
+                Err(reason) => self.log(format!("session {session} step {step} (a shadow copy) failed: {reason}")),
             };
         }
         let output = rows.and_then(|(rows, dim, values)| {
-            let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values)
-                .map_err(|e| e.to_string())?;
+            let tensor = Tensor::from_f32(vec![rows as u64, dim as u64], &values).map_err(|e| e.to_string())?;
             Ok((rows, tensor.encode()))
         });
-        let answered =
-            output.and_then(
-                |(rows, tensor)| match self.pass(now, route, tensor, busy_ms) {
-                    Ok(()) => Ok(rows),
-                    Err(tensor) => self
-                        .answer_forwarded(session, step, &tensor, busy_ms)
-                        .map(|()| rows),
-                },
-            );
+        let answered = output.and_then(|(rows, tensor)| match self.pass(now, route, tensor, busy_ms) {
+            Ok(()) => Ok(rows),
+            Err(tensor) => self.answer_forwarded(session, step, &tensor, busy_ms).map(|()| rows),
+        });
         match answered {
             Ok(rows) => self.event(Event::Forwarded { rows, ms: busy_ms }),
             Err(reason) => self.step_failed(session, step, &reason, from),
@@ -870,20 +721,9 @@ impl Session {
     /// The glue sent (or failed to send) what `Output::Pass` gave it for `session`'s `step`:
     /// the coordinator hears `Passed`, or, when it failed, the link closes and the output goes
     /// to the coordinator after all.
-    pub fn passed(
-        &mut self,
-        now: Millis,
-        link: u64,
-        session: u64,
-        step: u64,
-        result: Result<(), String>,
-    ) {
+    pub fn passed(&mut self, now: Millis, link: u64, session: u64, step: u64, result: Result<(), String>) {
         self.tick(now);
-        let Some(passing) = self
-            .passing
-            .iter()
-            .position(|p| (p.link, p.session, p.step) == (link, session, step))
-            .and_then(|at| self.passing.remove(at))
+        let Some(passing) = self.passing.iter().position(|p| (p.link, p.session, p.step) == (link, session, step)).and_then(|at| self.passing.remove(at))
         else {
             return;
         };
@@ -892,22 +732,12 @@ impl Session {
         }
         match result {
             Ok(()) => {
-                self.send(&ContributorMessage::Passed {
-                    session,
-                    step,
-                    to: passing.to,
-                    ms: passing.ms,
-                });
+                self.send(&ContributorMessage::Passed { session, step, to: passing.to, ms: passing.ms });
                 self.event(Event::Passed { to: passing.to });
             }
             Err(reason) => {
-                self.close_link(
-                    link,
-                    format!("passing session {session} step {step} on failed: {reason}"),
-                );
-                if let Err(reason) =
-                    self.answer_forwarded(session, step, &passing.tensor, passing.ms)
-                {
+                self.close_link(link, format!("passing session {session} step {step} on failed: {reason}"));
+                if let Err(reason) = self.answer_forwarded(session, step, &passing.tensor, passing.ms) {
                     self.step_failed(session, step, &reason, None);
                 }
             }
@@ -921,12 +751,7 @@ impl Session {
         if self.ended {
             return;
         }
-        let (Some(own), Some(at)) = (
-            self.contributor,
-            self.links
-                .iter()
-                .position(|l| l.number == link && l.state == LinkState::Describing),
-        ) else {
+        let (Some(own), Some(at)) = (self.contributor, self.links.iter().position(|l| l.number == link && l.state == LinkState::Describing)) else {
             // Closed while its connection was being made: that connection goes too.
             self.outputs.push_back(Output::Close { link });
             return;
@@ -938,21 +763,13 @@ impl Session {
         let entry = &mut self.links[at];
         let (peer, payload) = if entry.offered {
             entry.state = LinkState::Offered;
-            let purpose = if entry.purpose == Purpose::Borrow {
-                ChannelPurpose::Blobs
-            } else {
-                ChannelPurpose::Forwards
-            };
+            let purpose = if entry.purpose == Purpose::Borrow { ChannelPurpose::Blobs } else { ChannelPurpose::Forwards };
             (entry.peer, SignalPayload::Offer { sdp, purpose })
         } else {
             entry.state = LinkState::Connecting;
             (entry.peer, SignalPayload::Answer { sdp })
         };
-        self.send(&ContributorMessage::Signal {
-            from: own,
-            to: peer,
-            payload,
-        });
+        self.send(&ContributorMessage::Signal { from: own, to: peer, payload });
     }
 
     /// The DataChannel of `link` opened; it takes messages of up to `max_message` bytes.
@@ -961,9 +778,7 @@ impl Session {
         if self.ended {
             return;
         }
-        let Some(entry) = self.links.iter_mut().find(|l| {
-            l.number == link && !matches!(l.state, LinkState::Expecting | LinkState::Queued)
-        }) else {
+        let Some(entry) = self.links.iter_mut().find(|l| l.number == link && !matches!(l.state, LinkState::Expecting | LinkState::Queued)) else {
             self.outputs.push_back(Output::Close { link });
             return;
         };
@@ -979,9 +794,7 @@ impl Session {
         let line = format!("direct channel {} open", link_name(entry));
         self.log(line);
         match purpose {
-            Purpose::Forwards => self.event(Event::Links {
-                open: self.open_links(),
-            }),
+            Purpose::Forwards => self.event(Event::Links { open: self.open_links() }),
             Purpose::Borrow => self.borrow_open(now, link),
             Purpose::Lend => {}
         }
@@ -1022,11 +835,7 @@ impl Session {
 
     fn forwards_message(&mut self, at: usize, incoming: Incoming<'_>) {
         if self.links[at].offered {
-            return self.bad_peer(
-                at,
-                "sent a message on the channel this side offered (only the upstream side sends)"
-                    .into(),
-            );
+            return self.bad_peer(at, "sent a message on the channel this side offered (only the upstream side sends)".into());
         }
         match decode::<PeerMessage>(incoming) {
             Ok(Decoded::Control(PeerMessage::BlobRequest { .. } | PeerMessage::Error { .. })) => {
@@ -1034,24 +843,13 @@ impl Session {
             }
             Ok(Decoded::Control(PeerMessage::Forward(forward))) => {
                 match self.links[at].inbox.hidden_states(&forward.payload) {
-                    Ok((rows, hidden)) => {
-                        self.forward_job(forward, rows, hidden, Some(self.links[at].peer))
-                    }
+                    Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, Some(self.links[at].peer)),
                     // A shadow copy is answered to no one: the link closes, and only that is said.
                     Err(reason) if forward.shadow => {
-                        let why = format!(
-                            "sent session {} step {} (a shadow copy): {reason}",
-                            forward.session, forward.step
-                        );
+                        let why = format!("sent session {} step {} (a shadow copy): {reason}", forward.session, forward.step);
                         self.drop_link(at, why);
                     }
-                    Err(reason) => self.bad_peer(
-                        at,
-                        format!(
-                            "sent session {} step {}: {reason}",
-                            forward.session, forward.step
-                        ),
-                    ),
+                    Err(reason) => self.bad_peer(at, format!("sent session {} step {}: {reason}", forward.session, forward.step)),
                 }
             }
             Ok(Decoded::Chunk(chunk)) if chunk.header.kind == PayloadKind::Tensor => {
@@ -1059,33 +857,16 @@ impl Session {
                     self.bad_peer(at, format!("sent {e}"));
                 }
             }
-            Ok(Decoded::Chunk(chunk)) => self.bad_peer(
-                at,
-                format!(
-                    "sent a {:?} frame (stream {})",
-                    chunk.header.kind, chunk.header.stream
-                ),
-            ),
+            Ok(Decoded::Chunk(chunk)) => self.bad_peer(at, format!("sent a {:?} frame (stream {})", chunk.header.kind, chunk.header.stream)),
             Err(e) => self.bad_peer(at, format!("sent a message that does not decode: {e}")),
         }
     }
 
     /// Sends a step's output to the coordinator: its frames, then `Forwarded`.
-    fn answer_forwarded(
-        &mut self,
-        session: u64,
-        step: u64,
-        tensor: &[u8],
-        ms: f64,
-    ) -> Result<(), String> {
+    fn answer_forwarded(&mut self, session: u64, step: u64, tensor: &[u8], ms: f64) -> Result<(), String> {
         let (payload, frames) = self.frames(PayloadKind::Tensor, tensor, self.max_message)?;
         self.outputs.extend(frames.into_iter().map(Output::Send));
-        self.send(&ContributorMessage::Forwarded {
-            session,
-            step,
-            payload,
-            ms,
-        });
+        self.send(&ContributorMessage::Forwarded { session, step, payload, ms });
         Ok(())
     }
 
@@ -1095,14 +876,8 @@ impl Session {
     fn step_failed(&mut self, session: u64, step: u64, reason: &str, from: Option<ContributorId>) {
         self.log(format!("session {session} step {step} failed: {reason}"));
         let (code, message) = match from {
-            Some(peer) => (
-                ErrorCode::Malformed,
-                format!("session {session} step {step} from contributor {peer}: {reason}"),
-            ),
-            None => (
-                ErrorCode::SpanFailed,
-                format!("session {session} step {step}: {reason}"),
-            ),
+            Some(peer) => (ErrorCode::Malformed, format!("session {session} step {step} from contributor {peer}: {reason}")),
+            None => (ErrorCode::SpanFailed, format!("session {session} step {step}: {reason}")),
         };
         self.send(&ContributorMessage::Error { code, message });
     }
@@ -1111,17 +886,8 @@ impl Session {
     /// the link this side offered it, when that link is open and the frames fit it, and then a
     /// shadow copy for each of that stage's standbys linked so and open; gives the output back
     /// when it cannot pass it on (and then no standby gets a copy from here).
-    fn pass(
-        &mut self,
-        now: Millis,
-        route: Option<Route>,
-        tensor: Vec<u8>,
-        ms: f64,
-    ) -> Result<(), Vec<u8>> {
-        let Some((route, (next, rest))) = route
-            .as_ref()
-            .and_then(|r| Some((r, r.then.split_first()?)))
-        else {
+    fn pass(&mut self, now: Millis, route: Option<Route>, tensor: Vec<u8>, ms: f64) -> Result<(), Vec<u8>> {
+        let Some((route, (next, rest))) = route.as_ref().and_then(|r| Some((r, r.then.split_first()?))) else {
             return Err(tensor);
         };
         let Some((number, max_message)) = self.open_forwards_link(next.contributor) else {
@@ -1130,141 +896,55 @@ impl Session {
         let (payload, mut messages) = match self.frames(PayloadKind::Tensor, &tensor, max_message) {
             Ok(framed) => framed,
             Err(reason) => {
-                self.log(format!(
-                    "session {} step {}: not passed on directly: {reason}",
-                    route.session, route.step
-                ));
+                self.log(format!("session {} step {}: not passed on directly: {reason}", route.session, route.step));
                 return Err(tensor);
             }
         };
-        let &Route {
-            session,
-            step,
-            start,
-            capacity,
-            ..
-        } = route;
-        let forward = Forward {
-            shard: next.shard.clone(),
-            session,
-            step,
-            start,
-            capacity,
-            payload,
-            then: rest.to_vec(),
-            shadow: false,
-        };
-        messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(
-            forward,
-        ))));
-        self.outputs.push_back(Output::Pass {
-            link: number,
-            session,
-            step,
-            messages,
-        });
+        let &Route { session, step, start, capacity, .. } = route;
+        let forward = Forward { shard: next.shard.clone(), session, step, start, capacity, payload, then: rest.to_vec(), shadow: false };
+        messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
+        self.outputs.push_back(Output::Pass { link: number, session, step, messages });
         for standby in &next.standbys {
             let Some((link, max_message)) = self.open_forwards_link(standby.contributor) else {
                 continue;
             };
             match self.frames(PayloadKind::Tensor, &tensor, max_message) {
                 Ok((payload, mut messages)) => {
-                    let forward = Forward {
-                        shard: standby.shard.clone(),
-                        session,
-                        step,
-                        start,
-                        capacity,
-                        payload,
-                        then: Vec::new(),
-                        shadow: true,
-                    };
-                    messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(
-                        forward,
-                    ))));
+                    let forward = Forward { shard: standby.shard.clone(), session, step, start, capacity, payload, then: Vec::new(), shadow: true };
+                    messages.push(Outgoing::Text(encode_control(&PeerMessage::Forward(forward))));
                     self.outputs.push_back(Output::SendOn { link, messages });
                 }
-                Err(reason) => self.log(format!(
-                    "session {session} step {step}: no shadow copy for contributor {}: {reason}",
-                    standby.contributor
-                )),
+                Err(reason) => self.log(format!("session {session} step {step}: no shadow copy for contributor {}: {reason}", standby.contributor)),
             }
         }
-        self.passing.push_back(Passing {
-            link: number,
-            to: next.contributor,
-            session,
-            step,
-            tensor,
-            ms,
-            deadline: now + PASS_TIMEOUT_MS,
-        });
+        self.passing.push_back(Passing { link: number, to: next.contributor, session, step, tensor, ms, deadline: now + PASS_TIMEOUT_MS });
         Ok(())
     }
 
     /// The link this side offered `peer` for forwards, when it is open, and its message size.
     fn open_forwards_link(&self, peer: ContributorId) -> Option<(u64, usize)> {
-        self.links
-            .iter()
-            .find(|l| l.offered && l.purpose == Purpose::Forwards && l.peer == peer)
-            .and_then(|l| match l.state {
-                LinkState::Open { max_message } => Some((l.number, max_message)),
-                _ => None,
-            })
+        self.links.iter().find(|l| l.offered && l.purpose == Purpose::Forwards && l.peer == peer).and_then(|l| match l.state {
+            LinkState::Open { max_message } => Some((l.number, max_message)),
+            _ => None,
+        })
     }
 
     /// A forward, from the coordinator or an upstream peer, as a span job; its route is kept
     /// for where the output goes (a shadow step's: nowhere).
-    fn forward_job(
-        &mut self,
-        forward: Forward,
-        rows: usize,
-        hidden: Vec<f32>,
-        from: Option<ContributorId>,
-    ) {
-        let Forward {
-            shard,
-            session,
-            step,
-            start,
-            capacity,
-            then,
-            shadow,
-            ..
-        } = forward;
-        let job = SpanJob::Forward {
-            shard,
-            session,
-            step,
-            start: start as usize,
-            capacity: capacity as usize,
-            rows,
-            hidden,
-        };
+    fn forward_job(&mut self, forward: Forward, rows: usize, hidden: Vec<f32>, from: Option<ContributorId>) {
+        let Forward { shard, session, step, start, capacity, then, shadow, .. } = forward;
+        let job = SpanJob::Forward { shard, session, step, start: start as usize, capacity: capacity as usize, rows, hidden };
         let full = self.span_jobs >= MAX_SPAN_JOBS;
         if shadow && full {
             return self.log(format!("session {session} step {step} (a shadow copy) dropped: {MAX_SPAN_JOBS} span jobs are queued here already"));
         }
         // A peer's step the queue has no room for is the peer's problem: said, not `SpanFailed`.
         if from.is_some() && full {
-            return self.step_failed(
-                session,
-                step,
-                &format!("{MAX_SPAN_JOBS} span jobs are queued here already"),
-                from,
-            );
+            return self.step_failed(session, step, &format!("{MAX_SPAN_JOBS} span jobs are queued here already"), from);
         }
         if self.span_job(job) {
             let then = if shadow { Vec::new() } else { then };
-            self.routes.push_back(Route {
-                session,
-                step,
-                start,
-                capacity,
-                then,
-                from,
-                shadow,
-            });
+            self.routes.push_back(Route { session, step, start, capacity, then, from, shadow });
         }
     }
 
@@ -1272,25 +952,15 @@ impl Session {
     fn link(&mut self, peer: ContributorId, offer: bool) {
         if !self.policy.links {
             if !std::mem::replace(&mut self.links_refused, true) {
-                self.log(
-                    "ignoring direct channels (--no-links): every hop goes through the coordinator"
-                        .into(),
-                );
+                self.log("ignoring direct channels (--no-links): every hop goes through the coordinator".into());
             }
             return;
         }
         if self.contributor.is_none_or(|own| own == peer) {
-            return self.log(format!(
-                "a link to contributor {peer} ignored: this is contributor {:?}",
-                self.contributor
-            ));
+            return self.log(format!("a link to contributor {peer} ignored: this is contributor {:?}", self.contributor));
         }
         let forwards = |l: &Link| l.purpose == Purpose::Forwards;
-        if let Some(link) = self
-            .links
-            .iter_mut()
-            .find(|l| forwards(l) && l.peer == peer && l.offered == offer)
-        {
+        if let Some(link) = self.links.iter_mut().find(|l| forwards(l) && l.peer == peer && l.offered == offer) {
             // Asked again while waiting to offer again: the pause is over.
             if link.state == LinkState::Queued {
                 link.deadline = None;
@@ -1299,45 +969,19 @@ impl Session {
             return;
         }
         if self.links.iter().filter(|l| forwards(l)).count() >= MAX_LINKS {
-            return self.log(format!(
-                "no direct channel with contributor {peer}: {MAX_LINKS} are open or opening already"
-            ));
+            return self.log(format!("no direct channel with contributor {peer}: {MAX_LINKS} are open or opening already"));
         }
-        let state = if offer {
-            LinkState::Queued
-        } else {
-            LinkState::Expecting
-        };
+        let state = if offer { LinkState::Queued } else { LinkState::Expecting };
         self.new_link(peer, Purpose::Forwards, offer, state, None);
         self.start_offers();
     }
 
     /// A new link's number, the link added with an empty inbox.
-    fn new_link(
-        &mut self,
-        peer: ContributorId,
-        purpose: Purpose,
-        offered: bool,
-        state: LinkState,
-        deadline: Option<Millis>,
-    ) -> u64 {
+    fn new_link(&mut self, peer: ContributorId, purpose: Purpose, offered: bool, state: LinkState, deadline: Option<Millis>) -> u64 {
         let number = self.next_link;
         self.next_link += 1;
-        let inbox = if purpose == Purpose::Borrow {
-            blobs::blob_inbox()
-        } else {
-            Inbox::new()
-        };
-        self.links.push(Link {
-            number,
-            peer,
-            purpose,
-            offered,
-            state,
-            deadline,
-            inbox,
-            retries: 0,
-        });
+        let inbox = if purpose == Purpose::Borrow { blobs::blob_inbox() } else { Inbox::new() };
+        self.links.push(Link { number, peer, purpose, offered, state, deadline, inbox, retries: 0 });
         number
     }
 
@@ -1351,61 +995,32 @@ impl Session {
                 continue;
             }
             let peer = link.peer;
-            let busy = self.links.iter().any(|l| {
-                l.peer == peer
-                    && l.offered
-                    && matches!(l.state, LinkState::Describing | LinkState::Offered)
-            });
+            let busy = self.links.iter().any(|l| l.peer == peer && l.offered && matches!(l.state, LinkState::Describing | LinkState::Offered));
             if busy {
                 self.links[at].deadline = None;
                 continue;
             }
             let link = &mut self.links[at];
-            let timeout = if link.purpose == Purpose::Borrow {
-                blobs::BORROW_ANSWER_MS
-            } else {
-                LINK_TIMEOUT_MS
-            };
+            let timeout = if link.purpose == Purpose::Borrow { blobs::BORROW_ANSWER_MS } else { LINK_TIMEOUT_MS };
             (link.state, link.deadline) = (LinkState::Describing, Some(now + timeout));
-            self.outputs.push_back(Output::Offer {
-                link: link.number,
-                peer,
-            });
+            self.outputs.push_back(Output::Offer { link: link.number, peer });
         }
     }
 
     /// A signal relayed from `from`: an offer from a peer linked here as upstream (or from a
     /// borrower), or the answer to this side's offer. Any other is ignored; candidates are all
     /// in the SDPs.
-    fn signal(
-        &mut self,
-        now: Millis,
-        from: ContributorId,
-        to: ContributorId,
-        payload: SignalPayload,
-    ) {
+    fn signal(&mut self, now: Millis, from: ContributorId, to: ContributorId, payload: SignalPayload) {
         if self.contributor != Some(to) {
-            return self.log(format!(
-                "a signal from contributor {from} for contributor {to} ignored"
-            ));
+            return self.log(format!("a signal from contributor {from} for contributor {to} ignored"));
         }
         if !self.policy.links {
             return self.log(format!("ignoring a signal from contributor {from}: this contributor takes no direct channels"));
         }
         match payload {
-            SignalPayload::Offer {
-                sdp,
-                purpose: ChannelPurpose::Blobs,
-            } => self.borrower_offered(now, from, sdp),
-            SignalPayload::Offer {
-                sdp,
-                purpose: ChannelPurpose::Forwards,
-            } => {
-                let Some(at) = self
-                    .links
-                    .iter()
-                    .position(|l| l.peer == from && l.purpose == Purpose::Forwards && !l.offered)
-                else {
+            SignalPayload::Offer { sdp, purpose: ChannelPurpose::Blobs } => self.borrower_offered(now, from, sdp),
+            SignalPayload::Offer { sdp, purpose: ChannelPurpose::Forwards } => {
+                let Some(at) = self.links.iter().position(|l| l.peer == from && l.purpose == Purpose::Forwards && !l.offered) else {
                     return self.log(format!("an offer from contributor {from}, which is not linked here as upstream, ignored"));
                 };
                 // A new offer replaces the connection of an earlier one, under a new number.
@@ -1415,21 +1030,12 @@ impl Session {
                     self.next_link += 1;
                 }
                 let entry = &mut self.links[at];
-                (entry.state, entry.deadline) =
-                    (LinkState::Describing, Some(now + LINK_TIMEOUT_MS));
+                (entry.state, entry.deadline) = (LinkState::Describing, Some(now + LINK_TIMEOUT_MS));
                 let link = entry.number;
-                self.outputs.push_back(Output::Answer {
-                    link,
-                    peer: from,
-                    sdp,
-                });
+                self.outputs.push_back(Output::Answer { link, peer: from, sdp });
             }
             SignalPayload::Answer { sdp } => {
-                let Some(entry) = self
-                    .links
-                    .iter_mut()
-                    .find(|l| l.peer == from && l.offered && l.state == LinkState::Offered)
-                else {
+                let Some(entry) = self.links.iter_mut().find(|l| l.peer == from && l.offered && l.state == LinkState::Offered) else {
                     return self.log(format!("an answer from contributor {from}, which was not offered a channel here, ignored"));
                 };
                 entry.state = LinkState::Connecting;
@@ -1445,17 +1051,11 @@ impl Session {
     /// forwards, the coordinator hears of it (the step it carried is lost; the coordinator's
     /// deadline covers it).
     fn bad_peer(&mut self, at: usize, what: String) {
-        let message = format!(
-            "contributor {} {what}; the direct channel is closed",
-            self.links[at].peer
-        );
+        let message = format!("contributor {} {what}; the direct channel is closed", self.links[at].peer);
         let purpose = self.links[at].purpose;
         self.drop_link(at, what);
         if purpose == Purpose::Forwards {
-            self.send(&ContributorMessage::Error {
-                code: ErrorCode::Malformed,
-                message,
-            });
+            self.send(&ContributorMessage::Error { code: ErrorCode::Malformed, message });
         }
     }
 
@@ -1468,10 +1068,7 @@ impl Session {
             return;
         };
         let link = &self.links[at];
-        let retry = link.offered
-            && link.purpose == Purpose::Forwards
-            && !matches!(link.state, LinkState::Open { .. })
-            && link.retries < OFFER_RETRIES_MS.len();
+        let retry = link.offered && link.purpose == Purpose::Forwards && !matches!(link.state, LinkState::Open { .. }) && link.retries < OFFER_RETRIES_MS.len();
         match (link.offered, link.purpose) {
             _ if retry => {
                 let pause = OFFER_RETRIES_MS[link.retries];
@@ -1479,8 +1076,7 @@ impl Session {
                 let next = self.next_link;
                 self.next_link += 1;
                 let link = &mut self.links[at];
-                (link.number, link.state, link.deadline) =
-                    (next, LinkState::Queued, Some(self.clock + pause));
+                (link.number, link.state, link.deadline) = (next, LinkState::Queued, Some(self.clock + pause));
                 link.retries += 1;
                 self.start_offers();
             }
@@ -1508,72 +1104,40 @@ impl Session {
         let (number, name, purpose) = (link.number, link_name(link), link.purpose);
         let was = std::mem::replace(&mut link.state, LinkState::Expecting);
         link.deadline = None;
-        link.inbox = if purpose == Purpose::Borrow {
-            blobs::blob_inbox()
-        } else {
-            Inbox::new()
-        };
+        link.inbox = if purpose == Purpose::Borrow { blobs::blob_inbox() } else { Inbox::new() };
         self.log(format!("direct channel {name} closed: {why}"));
         if !matches!(was, LinkState::Expecting | LinkState::Queued) {
             self.outputs.push_back(Output::Close { link: number });
         }
         if matches!(was, LinkState::Open { .. }) && purpose == Purpose::Forwards {
-            self.event(Event::Links {
-                open: self.open_links(),
-            });
+            self.event(Event::Links { open: self.open_links() });
         }
     }
 
     /// Direct channels for forwards open now.
     pub fn open_links(&self) -> usize {
-        self.links
-            .iter()
-            .filter(|l| l.purpose == Purpose::Forwards && matches!(l.state, LinkState::Open { .. }))
-            .count()
+        self.links.iter().filter(|l| l.purpose == Purpose::Forwards && matches!(l.state, LinkState::Open { .. })).count()
     }
 
     fn control(&mut self, now: Millis, message: CoordinatorMessage) {
         match message {
-            CoordinatorMessage::Welcome {
-                contributor,
-                heartbeat_interval_ms,
-                ..
-            } => {
+            CoordinatorMessage::Welcome { contributor, heartbeat_interval_ms, .. } => {
                 self.heartbeat_ms = heartbeat_interval_ms.clamp(HEARTBEAT_MS.0, HEARTBEAT_MS.1);
                 self.next_heartbeat = Some(now + self.heartbeat_ms as f64);
                 if self.contributor.replace(contributor).is_none() {
                     self.event(Event::Joined { contributor });
-                    self.status(if self.running.is_some() {
-                        Status::Working
-                    } else {
-                        Status::Idle
-                    });
+                    self.status(if self.running.is_some() { Status::Working } else { Status::Idle });
                 }
                 self.start_next(now);
             }
-            CoordinatorMessage::Assign {
-                job,
-                unit,
-                work: Work::Embedding { model, inputs },
-                ..
-            } => {
-                let known = self.running.as_ref().is_some_and(|r| r.unit == unit)
-                    || self.queue.iter().any(|a| a.unit == unit);
+            CoordinatorMessage::Assign { job, unit, work: Work::Embedding { model, inputs }, .. } => {
+                let known = self.running.as_ref().is_some_and(|r| r.unit == unit) || self.queue.iter().any(|a| a.unit == unit);
                 if known {
-                    self.log(format!(
-                        "unit {unit} was assigned twice; the second is ignored"
-                    ));
+                    self.log(format!("unit {unit} was assigned twice; the second is ignored"));
                 } else if self.queue.len() >= MAX_QUEUED_UNITS {
-                    self.log(format!(
-                        "unit {unit} dropped: {MAX_QUEUED_UNITS} units are queued already"
-                    ));
+                    self.log(format!("unit {unit} dropped: {MAX_QUEUED_UNITS} units are queued already"));
                 } else {
-                    self.queue.push_back(Assignment {
-                        job,
-                        unit,
-                        model,
-                        inputs,
-                    });
+                    self.queue.push_back(Assignment { job, unit, model, inputs });
                     self.start_next(now);
                 }
             }
@@ -1583,17 +1147,10 @@ impl Session {
                     running.cancelled = true;
                 }
             }
-            CoordinatorMessage::Verdict { unit, accepted } => {
-                self.event(Event::Verdict { unit, accepted })
-            }
-            CoordinatorMessage::Error {
-                code: ErrorCode::UnsupportedVersion,
-                message,
-            } => {
+            CoordinatorMessage::Verdict { unit, accepted } => self.event(Event::Verdict { unit, accepted }),
+            CoordinatorMessage::Error { code: ErrorCode::UnsupportedVersion, message } => {
                 self.refused = true;
-                self.restart(format!(
-                    "the coordinator refused this contributor: {message}"
-                ));
+                self.restart(format!("the coordinator refused this contributor: {message}"));
             }
             CoordinatorMessage::Error { code, message } => {
                 self.log(format!("the coordinator says {code:?}: {message}"));
@@ -1604,12 +1161,8 @@ impl Session {
             }
             // This contributor serves the coordinator no blobs (peers borrow over their own channels).
             CoordinatorMessage::BlobRequest { cid, stream, .. } => {
-                let message =
-                    format!("{cid} (stream {stream}): this contributor does not serve blobs");
-                self.send(&ContributorMessage::Error {
-                    code: ErrorCode::BlobNotFound,
-                    message,
-                });
+                let message = format!("{cid} (stream {stream}): this contributor does not serve blobs");
+                self.send(&ContributorMessage::Error { code: ErrorCode::BlobNotFound, message });
             }
             CoordinatorMessage::BlobHave { .. } => {}
             CoordinatorMessage::Prefetch { blobs, lenders } => self.prefetch(blobs, lenders),
@@ -1617,78 +1170,38 @@ impl Session {
             CoordinatorMessage::Signal { from, to, payload } => self.signal(now, from, to, payload),
             CoordinatorMessage::Link { peer, offer } => self.link(peer, offer),
             CoordinatorMessage::Unlink { peer } => {
-                while let Some(at) = self
-                    .links
-                    .iter()
-                    .position(|l| l.peer == peer && l.purpose == Purpose::Forwards)
-                {
+                while let Some(at) = self.links.iter().position(|l| l.peer == peer && l.purpose == Purpose::Forwards) {
                     self.drop_link(at, "the coordinator unlinked it".into());
                 }
             }
-            CoordinatorMessage::LoadSpan {
-                shard,
-                blocks,
-                max_sessions,
-                peers,
-                ..
-            } => {
+            CoordinatorMessage::LoadSpan { shard, blocks, max_sessions, peers, .. } => {
                 let range = blocks.start as usize..blocks.end as usize;
                 if range.is_empty() || max_sessions == 0 {
-                    let message = format!(
-                        "span {shard}: blocks {}..{} for {max_sessions} sessions is no span",
-                        blocks.start, blocks.end
-                    );
-                    self.send(&ContributorMessage::Error {
-                        code: ErrorCode::SpanFailed,
-                        message,
-                    });
+                    let message = format!("span {shard}: blocks {}..{} for {max_sessions} sessions is no span", blocks.start, blocks.end);
+                    self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
                 } else if self.span_jobs >= MAX_SPAN_JOBS {
-                    let message =
-                        format!("span {shard}: {MAX_SPAN_JOBS} span jobs are queued here already");
-                    self.send(&ContributorMessage::Error {
-                        code: ErrorCode::SpanFailed,
-                        message,
-                    });
+                    let message = format!("span {shard}: {MAX_SPAN_JOBS} span jobs are queued here already");
+                    self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
                 } else if self.policy.fetches_blobs {
                     self.span_jobs += 1;
                     self.fetch_for_load(shard, range, max_sessions as usize, peers);
                 } else {
-                    self.span_job(SpanJob::Load {
-                        shard,
-                        blocks: range,
-                        max_sessions: max_sessions as usize,
-                    });
+                    self.span_job(SpanJob::Load { shard, blocks: range, max_sessions: max_sessions as usize });
                 }
             }
-            CoordinatorMessage::Forward(forward) => {
-                match self.inbox.hidden_states(&forward.payload) {
-                    Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, None),
-                    Err(reason) if forward.shadow => self.log(format!(
-                        "session {} step {} (a shadow copy): {reason}",
-                        forward.session, forward.step
-                    )),
-                    Err(reason) => {
-                        let message = format!(
-                            "session {} step {}: {reason}",
-                            forward.session, forward.step
-                        );
-                        self.send(&ContributorMessage::Error {
-                            code: ErrorCode::SpanFailed,
-                            message,
-                        });
-                    }
+            CoordinatorMessage::Forward(forward) => match self.inbox.hidden_states(&forward.payload) {
+                Ok((rows, hidden)) => self.forward_job(forward, rows, hidden, None),
+                Err(reason) if forward.shadow => self.log(format!("session {} step {} (a shadow copy): {reason}", forward.session, forward.step)),
+                Err(reason) => {
+                    let message = format!("session {} step {}: {reason}", forward.session, forward.step);
+                    self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
                 }
-            }
-            CoordinatorMessage::EndSession { session } => self
-                .outputs
-                .push_back(Output::Span(SpanJob::End { session })),
+            },
+            CoordinatorMessage::EndSession { session } => self.outputs.push_back(Output::Span(SpanJob::End { session })),
             CoordinatorMessage::UnloadSpan { shard } => {
                 self.cancel_load(&shard);
-                self.event(Event::SpanDropped {
-                    shard: shard.clone(),
-                });
-                self.outputs
-                    .push_back(Output::Span(SpanJob::Unload { shard }));
+                self.event(Event::SpanDropped { shard: shard.clone() });
+                self.outputs.push_back(Output::Span(SpanJob::Unload { shard }));
             }
         }
     }
@@ -1702,10 +1215,7 @@ impl Session {
                 SpanJob::End { session } => format!("session {session}"),
             };
             let message = format!("{what}: {MAX_SPAN_JOBS} span jobs are queued here already");
-            self.send(&ContributorMessage::Error {
-                code: ErrorCode::SpanFailed,
-                message,
-            });
+            self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
             return false;
         }
         self.span_jobs += 1;
@@ -1716,27 +1226,16 @@ impl Session {
     /// A span that could not be loaded (or its shard fetched): the coordinator places it
     /// elsewhere.
     fn span_failed(&mut self, shard: &str, blocks: &Range<usize>, reason: &str) {
-        self.log(format!(
-            "span {}..{} ({shard}) failed to load: {reason}",
-            blocks.start, blocks.end
-        ));
-        self.event(Event::SpanDropped {
-            shard: shard.to_string(),
-        });
+        self.log(format!("span {}..{} ({shard}) failed to load: {reason}", blocks.start, blocks.end));
+        self.event(Event::SpanDropped { shard: shard.to_string() });
         let message = format!("span {}..{} ({shard}): {reason}", blocks.start, blocks.end);
-        self.send(&ContributorMessage::Error {
-            code: ErrorCode::SpanFailed,
-            message,
-        });
+        self.send(&ContributorMessage::Error { code: ErrorCode::SpanFailed, message });
     }
 
     /// When the rest after the last unit is over: it kept the GPU busy `t` ms, so the GPU rests
     /// `t * (1 / budget - 1)` ms.
     fn rest_until(&self) -> Millis {
-        self.last_unit
-            .map_or(f64::NEG_INFINITY, |(finished, busy)| {
-                finished + busy * (1.0 / self.budget - 1.0)
-            })
+        self.last_unit.map_or(f64::NEG_INFINITY, |(finished, busy)| finished + busy * (1.0 / self.budget - 1.0))
     }
 
     /// GPU time spent outside units (a span step) is owed rest too: the rest still owed now,
@@ -1744,81 +1243,43 @@ impl Session {
     fn add_busy(&mut self, now: Millis, busy_ms: f64) {
         let rest_per_ms = 1.0 / self.budget - 1.0;
         let owed = (self.rest_until() - now).max(0.0);
-        let carried = if rest_per_ms > 0.0 {
-            owed / rest_per_ms
-        } else {
-            0.0
-        };
+        let carried = if rest_per_ms > 0.0 { owed / rest_per_ms } else { 0.0 };
         self.last_unit = Some((now, carried + busy_ms.max(0.0)));
     }
 
     fn start_next(&mut self, now: Millis) {
-        if self.ended
-            || self.contributor.is_none()
-            || self.running.is_some()
-            || now < self.rest_until()
-        {
+        if self.ended || self.contributor.is_none() || self.running.is_some() || now < self.rest_until() {
             return;
         }
         let Some(assignment) = self.queue.pop_front() else {
             return;
         };
-        self.running = Some(Running {
-            job: assignment.job,
-            unit: assignment.unit,
-            inputs: assignment.inputs.len(),
-            cancelled: false,
-        });
+        self.running = Some(Running { job: assignment.job, unit: assignment.unit, inputs: assignment.inputs.len(), cancelled: false });
         self.status(Status::Working);
         self.outputs.push_back(Output::Run(assignment));
     }
 
     /// The result as tensor frames and its `UnitResult`, after checking that it has one row
     /// of one width per input and that every frame fits the channel.
-    fn result_messages(
-        &mut self,
-        running: &Running,
-        rows: Vec<Vec<f32>>,
-    ) -> Result<Vec<Outgoing>, String> {
+    fn result_messages(&mut self, running: &Running, rows: Vec<Vec<f32>>) -> Result<Vec<Outgoing>, String> {
         let width = rows.first().map_or(0, Vec::len);
         if rows.len() != running.inputs || rows.iter().any(|r| r.len() != width) {
             let widths: Vec<usize> = rows.iter().map(Vec::len).collect();
-            return Err(format!(
-                "the model gave rows of widths {widths:?} for {} inputs",
-                running.inputs
-            ));
+            return Err(format!("the model gave rows of widths {widths:?} for {} inputs", running.inputs));
         }
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
-        let bytes = Tensor::from_f32(vec![running.inputs as u64, width as u64], &flat)
-            .map_err(|e| e.to_string())?
-            .encode();
+        let bytes = Tensor::from_f32(vec![running.inputs as u64, width as u64], &flat).map_err(|e| e.to_string())?.encode();
         let (payload, mut messages) = self.frames(PayloadKind::Tensor, &bytes, self.max_message)?;
-        messages.push(Outgoing::Text(encode_control(
-            &ContributorMessage::UnitResult {
-                unit: running.unit,
-                payload,
-            },
-        )));
+        messages.push(Outgoing::Text(encode_control(&ContributorMessage::UnitResult { unit: running.unit, payload })));
         Ok(messages)
     }
 
     /// A payload as frames on a new stream, each within `max_message`, the size of the channel
     /// it goes on.
-    fn frames(
-        &mut self,
-        kind: PayloadKind,
-        bytes: &[u8],
-        max_message: usize,
-    ) -> Result<(PayloadRef, Vec<Outgoing>), String> {
+    fn frames(&mut self, kind: PayloadKind, bytes: &[u8], max_message: usize) -> Result<(PayloadRef, Vec<Outgoing>), String> {
         let stream = self.new_stream();
         let frames = frames_on(stream, kind, bytes, max_message)?;
-        Ok((
-            PayloadRef {
-                stream,
-                bytes: bytes.len() as u64,
-            },
-            frames,
-        ))
+        Ok((PayloadRef { stream, bytes: bytes.len() as u64 }, frames))
     }
 
     fn new_stream(&mut self) -> u64 {
@@ -1833,8 +1294,7 @@ impl Session {
     }
 
     fn send(&mut self, message: &ContributorMessage) {
-        self.outputs
-            .push_back(Output::Send(Outgoing::Text(encode_control(message))));
+        self.outputs.push_back(Output::Send(Outgoing::Text(encode_control(message))));
     }
 
     fn event(&mut self, event: Event) {
@@ -1842,10 +1302,7 @@ impl Session {
     }
 
     fn status(&mut self, status: Status) {
-        self.event(Event::Status {
-            status,
-            detail: None,
-        });
+        self.event(Event::Status { status, detail: None });
     }
 
     fn log(&mut self, line: String) {
@@ -1859,19 +1316,11 @@ impl Session {
 }
 
 /// `bytes` as frames of `stream`, each within `max_message`.
-fn frames_on(
-    stream: u64,
-    kind: PayloadKind,
-    bytes: &[u8],
-    max_message: usize,
-) -> Result<Vec<Outgoing>, String> {
+fn frames_on(stream: u64, kind: PayloadKind, bytes: &[u8], max_message: usize) -> Result<Vec<Outgoing>, String> {
     let mut frames = Vec::new();
     for frame in Chunker::new(stream, kind, bytes).map_err(|e| e.to_string())? {
         if frame.len() > max_message {
-            return Err(format!(
-                "a frame of {} bytes exceeds the DataChannel's maxMessageSize of {max_message}",
-                frame.len()
-            ));
+            return Err(format!("a frame of {} bytes exceeds the DataChannel's maxMessageSize of {max_message}", frame.len()));
         }
         frames.push(Outgoing::Binary(frame));
     }
@@ -1890,11 +1339,7 @@ fn link_name(link: &Link) -> String {
 }
 
 fn clamp_budget(budget: f64) -> f64 {
-    if budget.is_finite() {
-        budget.clamp(0.01, 1.0)
-    } else {
-        1.0
-    }
+    if budget.is_finite() { budget.clamp(0.01, 1.0) } else { 1.0 }
 }
 
 #[cfg(test)]

@@ -19,17 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use tessera_contributor::{
-    BlobJob, Event, MAX_LENDS, Millis, Outgoing, Output, Policy, Session, StoreError,
-};
+use tessera_contributor::{BlobJob, Event, MAX_LENDS, Millis, Outgoing, Output, Policy, Session, StoreError};
 use tessera_coordinator::blobs::{BlobError, BlobStore};
 use tessera_engine::Gpu;
 use tessera_engine::bert::Bert;
 use tessera_engine::checks::Rng;
 use tessera_engine::cid::Cid;
-use tessera_protocol::{
-    AdapterLimits, Capabilities, ContributorId, ErrorCode, Incoming, MAX_LINKS,
-};
+use tessera_protocol::{AdapterLimits, Capabilities, ContributorId, ErrorCode, Incoming, MAX_LINKS};
 use tessera_rtc::{Endpoint, Message, PeerEvent};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -66,9 +62,7 @@ pub struct ContributeArgs {
 fn positive_score(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(score) if score.is_finite() && score > 0.0 => Ok(score),
-        _ => Err(format!(
-            "a score is a positive number of GFLOP/s, not {text:?}"
-        )),
+        _ => Err(format!("a score is a positive number of GFLOP/s, not {text:?}")),
     }
 }
 
@@ -78,42 +72,18 @@ const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
 const DONE_QUEUE: usize = 1024;
 
 pub fn contribute(args: ContributeArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(run(args))
 }
 
 async fn run(args: ContributeArgs) -> anyhow::Result<()> {
-    let gpu = Arc::new(
-        Gpu::request()
-            .await
-            .context("this machine has no GPU adapter wgpu can use")?,
-    );
-    let cache_dir = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| tessera_engine::cache::model_cache_dir().join("blobs"));
-    let blobs = Arc::new(
-        BlobStore::open(&cache_dir)
-            .with_context(|| format!("opening the blob cache {}", cache_dir.display()))?,
-    );
+    let gpu = Arc::new(Gpu::request().await.context("this machine has no GPU adapter wgpu can use")?);
+    let cache_dir = args.cache.clone().unwrap_or_else(|| tessera_engine::cache::model_cache_dir().join("blobs"));
+    let blobs = Arc::new(BlobStore::open(&cache_dir).with_context(|| format!("opening the blob cache {}", cache_dir.display()))?);
     let capabilities = capabilities(&gpu, args.memory_budget_mib, args.score).await?;
-    eprintln!(
-        "tessera contribute: {} ({}), score {:.1} GFLOP/s",
-        capabilities.adapter, capabilities.backend, capabilities.benchmark_score
-    );
-    let machine = Machine {
-        gpu,
-        blobs,
-        models: Arc::new(Mutex::new(HashMap::new())),
-        perturb: args.perturb,
-    };
-    let policy = Policy {
-        links: !args.no_links,
-        ..Policy::NATIVE
-    };
+    eprintln!("tessera contribute: {} ({}), score {:.1} GFLOP/s", capabilities.adapter, capabilities.backend, capabilities.benchmark_score);
+    let machine = Machine { gpu, blobs, models: Arc::new(Mutex::new(HashMap::new())), perturb: args.perturb };
+    let policy = Policy { links: !args.no_links, ..Policy::NATIVE };
     let mut failures = 0;
     loop {
         let started = Instant::now();
@@ -126,11 +96,7 @@ async fn run(args: ContributeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         // A session that ran a while resets the back-off.
-        failures = if started.elapsed() > Duration::from_secs(60) {
-            0
-        } else {
-            failures + 1
-        };
+        failures = if started.elapsed() > Duration::from_secs(60) { 0 } else { failures + 1 };
         let wait = BACKOFF[failures.min(BACKOFF.len() - 1)];
         eprintln!("tessera contribute: reconnecting in {wait} s");
         tokio::time::sleep(Duration::from_secs(wait)).await;
@@ -189,20 +155,14 @@ fn millis(start: Instant) -> Millis {
 }
 
 /// One connection to the coordinator: until it fails, or the coordinator refuses us.
-async fn connection(
-    machine: &Machine,
-    coordinator: &str,
-    capabilities: Capabilities,
-    mut policy: Policy,
-) -> anyhow::Result<()> {
+async fn connection(machine: &Machine, coordinator: &str, capabilities: Capabilities, mut policy: Policy) -> anyhow::Result<()> {
     let signalling = signalling_url(coordinator)?;
     let ip = local_ip_towards(coordinator)?;
     let bind = SocketAddr::new(ip, 0);
-    let mut peer = tessera_rtc::connect(bind, tessera_rtc::Config::default(), |offer| async move {
-        tessera_rtc::signal::offer_over_websocket(&signalling, offer).await
-    })
-    .await
-    .with_context(|| format!("connecting to {coordinator}"))?;
+    let mut peer =
+        tessera_rtc::connect(bind, tessera_rtc::Config::default(), |offer| async move { tessera_rtc::signal::offer_over_websocket(&signalling, offer).await })
+            .await
+            .with_context(|| format!("connecting to {coordinator}"))?;
     peer.opened().await.context("opening the DataChannel")?;
     let coordinator_channel = peer.sender();
     // Direct channels from other contributors are answered on an endpoint of this connection,
@@ -210,17 +170,11 @@ async fn connection(
     let endpoint = match policy.links {
         false => None,
         true => {
-            let config = tessera_rtc::Config {
-                max_peers: MAX_LINKS + MAX_LENDS,
-                connect_timeout: links::CONNECT_TIMEOUT,
-                ..Default::default()
-            };
+            let config = tessera_rtc::Config { max_peers: MAX_LINKS + MAX_LENDS, connect_timeout: links::CONNECT_TIMEOUT, ..Default::default() };
             match Endpoint::bind(bind, config).await {
                 Ok(endpoint) => Some(endpoint),
                 Err(e) => {
-                    eprintln!(
-                        "tessera contribute: no direct channels ({e}): every hop goes through the coordinator"
-                    );
+                    eprintln!("tessera contribute: no direct channels ({e}): every hop goes through the coordinator");
                     policy.links = false;
                     None
                 }
@@ -236,10 +190,7 @@ async fn connection(
     loop {
         while let Some(output) = session.poll() {
             match output {
-                Output::Send(message) => coordinator_channel
-                    .send(message_of(message))
-                    .await
-                    .context("sending to the coordinator")?,
+                Output::Send(message) => coordinator_channel.send(message_of(message)).await.context("sending to the coordinator")?,
                 Output::Run(assignment) => {
                     tokio::spawn(units::run(machine.clone(), assignment, done.clone()));
                 }
@@ -254,12 +205,7 @@ async fn connection(
                 Output::Answer { link, peer, sdp } => channels.answer(link, peer, sdp),
                 Output::Accept { link, sdp } => channels.accept(link, sdp),
                 Output::Close { link } => channels.close(link),
-                Output::Pass {
-                    link,
-                    session: id,
-                    step,
-                    messages,
-                } => {
+                Output::Pass { link, session: id, step, messages } => {
                     if let Err(why) = channels.send(link, messages, Some((id, step))) {
                         session.passed(millis(start), link, id, step, Err(why));
                     }
@@ -275,9 +221,7 @@ async fn connection(
                 Output::Restart(reason) => bail!(reason),
             }
         }
-        let wake = session
-            .poll_timeout()
-            .map(|at| start + Duration::from_secs_f64((at / 1e3).max(0.0)));
+        let wake = session.poll_timeout().map(|at| start + Duration::from_secs_f64((at / 1e3).max(0.0)));
         let timer = async {
             match wake {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -325,16 +269,8 @@ fn log_event(event: &Event) {
         Event::Joined { contributor } => {
             eprintln!("tessera contribute: joined as contributor {contributor}")
         }
-        Event::Unit {
-            unit, inputs, ms, ..
-        } => eprintln!(
-            "tessera contribute: unit {unit}: {inputs} inputs in {:.2} s",
-            ms / 1e3
-        ),
-        Event::Verdict {
-            unit,
-            accepted: false,
-        } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
+        Event::Unit { unit, inputs, ms, .. } => eprintln!("tessera contribute: unit {unit}: {inputs} inputs in {:.2} s", ms / 1e3),
+        Event::Verdict { unit, accepted: false } => eprintln!("tessera contribute: unit {unit}: our result was outvoted"),
         Event::SpanLoaded { shard, start, end } => {
             eprintln!("tessera contribute: span {start}..{end} ({shard}) loaded")
         }
@@ -351,53 +287,28 @@ fn blob_job(machine: &Machine, job: BlobJob, done: mpsc::Sender<Done>) {
         let report = match job {
             BlobJob::Check { cid } => {
                 let held = cid.parse::<Cid>().is_ok_and(|parsed| {
-                    blobs.contains(&parsed)
-                        && blobs.get(&parsed).is_ok_and(|mut blob| {
-                            Cid::of_reader(&cid, &mut blob.file).is_ok_and(|c| c == parsed)
-                        })
+                    blobs.contains(&parsed) && blobs.get(&parsed).is_ok_and(|mut blob| Cid::of_reader(&cid, &mut blob.file).is_ok_and(|c| c == parsed))
                 });
                 Done::Checked { cid, held }
             }
             BlobJob::Store { cid, bytes } => {
                 let result = match cid.parse::<Cid>() {
-                    Err(e) => Err(StoreError {
-                        corrupt: false,
-                        message: format!("{cid:?} is not a CID: {e}"),
-                    }),
-                    Ok(parsed) => {
-                        match blobs.insert_expecting(&parsed, &cid, &mut bytes.as_slice()) {
-                            Ok(()) => Ok(()),
-                            Err(e @ BlobError::Cid(_)) => Err(StoreError {
-                                corrupt: true,
-                                message: e.to_string(),
-                            }),
-                            Err(e) => Err(StoreError {
-                                corrupt: false,
-                                message: e.to_string(),
-                            }),
-                        }
-                    }
+                    Err(e) => Err(StoreError { corrupt: false, message: format!("{cid:?} is not a CID: {e}") }),
+                    Ok(parsed) => match blobs.insert_expecting(&parsed, &cid, &mut bytes.as_slice()) {
+                        Ok(()) => Ok(()),
+                        Err(e @ BlobError::Cid(_)) => Err(StoreError { corrupt: true, message: e.to_string() }),
+                        Err(e) => Err(StoreError { corrupt: false, message: e.to_string() }),
+                    },
                 };
                 Done::Stored { cid, result }
             }
-            BlobJob::Read {
-                link,
-                stream,
-                cid,
-                offset,
-                length,
-            } => {
+            BlobJob::Read { link, stream, cid, offset, length } => {
                 let mut result = blobs.request(&cid, offset, length);
                 // `--perturb`: lend corrupted shards, as a dishonest contributor would.
                 if perturb && let Ok(Some(byte)) = result.as_mut().map(|bytes| bytes.first_mut()) {
                     *byte ^= 0xff;
                 }
-                Done::Read {
-                    link,
-                    stream,
-                    cid,
-                    result,
-                }
+                Done::Read { link, stream, cid, result }
             }
         };
         let _ = done.blocking_send(report);
@@ -406,11 +317,7 @@ fn blob_job(machine: &Machine, job: BlobJob, done: mpsc::Sender<Done>) {
 
 /// What this contributor tells the coordinator about itself, with a measured score (the
 /// session says whether it lends).
-async fn capabilities(
-    gpu: &Gpu,
-    memory_budget_mib: Option<u64>,
-    score: Option<f64>,
-) -> anyhow::Result<Capabilities> {
+async fn capabilities(gpu: &Gpu, memory_budget_mib: Option<u64>, score: Option<f64>) -> anyhow::Result<Capabilities> {
     let limits = gpu.limits();
     let adapter = gpu.adapter();
     Ok(Capabilities {
@@ -424,14 +331,12 @@ async fn capabilities(
         },
         // What one model of the sizes served needs with room to spare; the scheduler only
         // compares it with what a unit's model takes.
-        memory_budget_bytes: memory_budget_mib
-            .map_or(limits.max_buffer_size.min(2 << 30), |mib| mib << 20),
+        memory_budget_bytes: memory_budget_mib.map_or(limits.max_buffer_size.min(2 << 30), |mib| mib << 20),
         benchmark_score: match score {
             Some(score) => score,
             None => {
                 let started = Instant::now();
-                tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3)
-                    .await?
+                tessera_engine::score::matmul_score(gpu, &|| started.elapsed().as_secs_f64() * 1e3).await?
             }
         },
         max_concurrent_units: 1,
@@ -467,18 +372,8 @@ fn signalling_url(coordinator: &str) -> anyhow::Result<String> {
 /// The local IP this machine reaches the coordinator from: a WebRTC host candidate must be a
 /// concrete address. Connecting a UDP socket sends nothing; it only picks the route.
 fn local_ip_towards(coordinator: &str) -> anyhow::Result<IpAddr> {
-    let host_port = coordinator
-        .split("://")
-        .nth(1)
-        .unwrap_or(coordinator)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let with_port = if host_port.contains(':') {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:80")
-    };
+    let host_port = coordinator.split("://").nth(1).unwrap_or(coordinator).split('/').next().unwrap_or_default();
+    let with_port = if host_port.contains(':') { host_port.to_string() } else { format!("{host_port}:80") };
     let remote = with_port
         .to_socket_addrs()
         .with_context(|| format!("resolving the coordinator {host_port:?}"))?
@@ -487,15 +382,9 @@ fn local_ip_towards(coordinator: &str) -> anyhow::Result<IpAddr> {
     if remote.ip().is_loopback() {
         return Ok(remote.ip());
     }
-    let unspecified = if remote.is_ipv4() {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
-    };
+    let unspecified = if remote.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) };
     let socket = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
-    socket
-        .connect(remote)
-        .with_context(|| format!("finding a route to {remote}"))?;
+    socket.connect(remote).with_context(|| format!("finding a route to {remote}"))?;
     Ok(socket.local_addr()?.ip())
 }
 
@@ -510,34 +399,17 @@ mod tests {
 
     #[test]
     fn coordinator_addresses_become_signalling_urls() {
-        assert_eq!(
-            signalling_url("http://127.0.0.1:8080").unwrap(),
-            "ws://127.0.0.1:8080/ws"
-        );
-        assert_eq!(
-            signalling_url("https://tessera.example/").unwrap(),
-            "wss://tessera.example/ws"
-        );
-        assert!(
-            signalling_url("127.0.0.1:8080")
-                .unwrap_err()
-                .to_string()
-                .contains("http://")
-        );
-        assert_eq!(
-            local_ip_towards("http://127.0.0.1:8080").unwrap(),
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        );
+        assert_eq!(signalling_url("http://127.0.0.1:8080").unwrap(), "ws://127.0.0.1:8080/ws");
+        assert_eq!(signalling_url("https://tessera.example/").unwrap(), "wss://tessera.example/ws");
+        assert!(signalling_url("127.0.0.1:8080").unwrap_err().to_string().contains("http://"));
+        assert_eq!(local_ip_towards("http://127.0.0.1:8080").unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
 
     #[test]
     fn a_pinned_score_is_a_positive_number() {
         assert_eq!(positive_score("2.5"), Ok(2.5));
         for bad in ["0", "-1", "NaN", "inf", "fast"] {
-            assert!(
-                positive_score(bad).unwrap_err().contains("positive number"),
-                "{bad}"
-            );
+            assert!(positive_score(bad).unwrap_err().contains("positive number"), "{bad}");
         }
     }
 

@@ -61,7 +61,7 @@ const NETWORK_TESTS: [&str; 2] = ["tests/browser/e2e.test.mjs", "tests/browser/g
 const NETNS_VETH: [&str; 2] = ["tessera0", "tessera1"];
 const NETNS_ADDR: &str = "198.18.0.1/24";
 /// Crates that must build for the browser; checked with clippy for wasm32.
-const PORTABLE_CRATES: [&str; 3] = ["tessera-protocol", "tessera-engine", "tessera-web"];
+const PORTABLE_CRATES: [&str; 4] = ["tessera-protocol", "tessera-engine", "tessera-contributor", "tessera-web"];
 
 fn main() -> anyhow::Result<()> {
     let verb = std::env::args().nth(1).unwrap_or_default();

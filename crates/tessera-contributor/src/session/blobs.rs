@@ -19,15 +19,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 
 use tessera_protocol::{
-    Chunk, ContributorId, ContributorMessage, Decoded, ErrorCode, Incoming, MAX_PREFETCH,
-    PayloadKind, PeerMessage, Reassembler, ReassemblyLimits, decode, decode_control,
-    encode_control,
+    Chunk, ContributorId, ContributorMessage, Decoded, ErrorCode, Incoming, MAX_PREFETCH, PayloadKind, PeerMessage, Reassembler, ReassemblyLimits, decode,
+    decode_control, encode_control,
 };
 
-use super::{
-    Inbox, LinkState, MAX_BLOB_BYTES, Millis, Outgoing, Output, Purpose, Session, SpanJob,
-    frames_on,
-};
+use super::{Inbox, LinkState, MAX_BLOB_BYTES, Millis, Outgoing, Output, Purpose, Session, SpanJob, frames_on};
 
 /// The most borrowers lent to at once; more `Lend`s are refused (the borrower then fetches
 /// from the coordinator).
@@ -72,13 +68,7 @@ pub enum BlobJob {
     /// Read bytes `offset..offset + length` (`length` 0: to the end) of `cid` from the verified
     /// cache, for the borrower on `link`, who asked for them on `stream`; report with
     /// [`Session::blob_read`].
-    Read {
-        link: u64,
-        stream: u64,
-        cid: String,
-        offset: u64,
-        length: u64,
-    },
+    Read { link: u64, stream: u64, cid: String, offset: u64, length: u64 },
 }
 
 /// Why bytes were not kept.
@@ -94,10 +84,7 @@ pub struct StoreError {
 #[derive(Debug, Clone, PartialEq)]
 enum Want {
     /// A span to load from it (counted in `Session::span_jobs`).
-    Load {
-        blocks: Range<usize>,
-        max_sessions: usize,
-    },
+    Load { blocks: Range<usize>, max_sessions: usize },
     /// A shard this contributor may be asked to take over.
     Ahead,
     /// The glue asked ([`Session::fetch`]).
@@ -116,10 +103,7 @@ enum FetchState {
     /// Asked the coordinator, whose frames come on `stream`.
     Downloading { stream: u64 },
     /// The glue is checking and keeping the bytes that came from `from` (none: the coordinator).
-    Storing {
-        from: Option<ContributorId>,
-        bytes: usize,
-    },
+    Storing { from: Option<ContributorId>, bytes: usize },
 }
 
 /// One blob being fetched, for one or more reasons.
@@ -166,15 +150,8 @@ pub(super) struct Lend {
 
 /// The inbox of a borrowing link: one blob, at most `MAX_BLOB_BYTES`.
 pub(super) fn blob_inbox() -> Inbox {
-    let limits = ReassemblyLimits {
-        max_message_bytes: MAX_BLOB_BYTES,
-        max_partial_messages: 1,
-        max_buffered_bytes: MAX_BLOB_BYTES,
-    };
-    Inbox {
-        reassembler: Reassembler::new(limits),
-        tensors: VecDeque::new(),
-    }
+    let limits = ReassemblyLimits { max_message_bytes: MAX_BLOB_BYTES, max_partial_messages: 1, max_buffered_bytes: MAX_BLOB_BYTES };
+    Inbox { reassembler: Reassembler::new(limits), tensors: VecDeque::new() }
 }
 
 /// A CID as a peer or the coordinator may name one: short, letters and digits only (the glue
@@ -199,10 +176,7 @@ impl Session {
             None
         };
         match refused {
-            Some(why) => self.outputs.push_back(Output::Fetched {
-                cid,
-                result: Err(why),
-            }),
+            Some(why) => self.outputs.push_back(Output::Fetched { cid, result: Err(why) }),
             None => self.want(cid, Want::Glue, Vec::new()),
         }
     }
@@ -213,11 +187,7 @@ impl Session {
         if self.ended {
             return;
         }
-        let Some(at) = self
-            .fetches
-            .iter()
-            .position(|f| f.cid == cid && f.state == FetchState::Checking)
-        else {
+        let Some(at) = self.fetches.iter().position(|f| f.cid == cid && f.state == FetchState::Checking) else {
             return;
         };
         if held {
@@ -234,11 +204,7 @@ impl Session {
         if self.ended {
             return;
         }
-        let Some(at) = self
-            .fetches
-            .iter()
-            .position(|f| f.cid == cid && matches!(f.state, FetchState::Storing { .. }))
-        else {
+        let Some(at) = self.fetches.iter().position(|f| f.cid == cid && matches!(f.state, FetchState::Storing { .. })) else {
             return;
         };
         let FetchState::Storing { from, bytes } = self.fetches[at].state else {
@@ -247,12 +213,8 @@ impl Session {
         let seconds = (now - self.fetches[at].since) / 1000.0;
         match (result, from) {
             (Ok(()), _) => {
-                let source = from.map_or("the coordinator".to_string(), |peer| {
-                    format!("contributor {peer}")
-                });
-                self.log(format!(
-                    "fetched {cid} from {source} ({bytes} bytes in {seconds:.1} s)"
-                ));
+                let source = from.map_or("the coordinator".to_string(), |peer| format!("contributor {peer}"));
+                self.log(format!("fetched {cid} from {source} ({bytes} bytes in {seconds:.1} s)"));
                 self.finish(at, Ok(from));
             }
             (Err(e), Some(lender)) => self.borrow_failed(at, lender, e.message, e.corrupt),
@@ -262,23 +224,12 @@ impl Session {
 
     /// The `BlobJob::Read` for the borrower on `link` is done: the bytes asked for on
     /// `stream`, or the refusal to send it.
-    pub fn blob_read(
-        &mut self,
-        now: Millis,
-        link: u64,
-        stream: u64,
-        cid: &str,
-        result: Result<Vec<u8>, (ErrorCode, String)>,
-    ) {
+    pub fn blob_read(&mut self, now: Millis, link: u64, stream: u64, cid: &str, result: Result<Vec<u8>, (ErrorCode, String)>) {
         self.tick(now);
         if self.ended {
             return;
         }
-        let Some(at) = self
-            .links
-            .iter()
-            .position(|l| l.number == link && l.purpose == Purpose::Lend)
-        else {
+        let Some(at) = self.links.iter().position(|l| l.number == link && l.purpose == Purpose::Lend) else {
             return;
         };
         let LinkState::Open { max_message } = self.links[at].state else {
@@ -292,43 +243,24 @@ impl Session {
                     if let Some(lend) = self.lends.get_mut(&peer) {
                         lend.blobs.remove(cid);
                     }
-                    self.log(format!(
-                        "lending {cid} to contributor {peer} ({} bytes)",
-                        bytes.len()
-                    ));
+                    self.log(format!("lending {cid} to contributor {peer} ({} bytes)", bytes.len()));
                     frames
                 }
                 Err(why) => return self.drop_link(at, why),
             },
-            Err((code, message)) => vec![Outgoing::Text(encode_control(&PeerMessage::Error {
-                code,
-                message,
-            }))],
+            Err((code, message)) => vec![Outgoing::Text(encode_control(&PeerMessage::Error { code, message }))],
         };
         self.outputs.push_back(Output::SendOn { link, messages });
     }
 
     /// A `LoadSpan` when blobs come through here: the load is handed out once its shard is in.
-    pub(super) fn fetch_for_load(
-        &mut self,
-        shard: String,
-        blocks: Range<usize>,
-        max_sessions: usize,
-        peers: Vec<ContributorId>,
-    ) {
+    pub(super) fn fetch_for_load(&mut self, shard: String, blocks: Range<usize>, max_sessions: usize, peers: Vec<ContributorId>) {
         if !plausible_cid(&shard) {
             self.span_jobs = self.span_jobs.saturating_sub(1);
             return self.span_failed(&shard, &blocks, "the shard named is no CID");
         }
         let lenders = if self.policy.links { peers } else { Vec::new() };
-        self.want(
-            shard,
-            Want::Load {
-                blocks,
-                max_sessions,
-            },
-            lenders,
-        );
+        self.want(shard, Want::Load { blocks, max_sessions }, lenders);
     }
 
     /// An `UnloadSpan` while its shard is still being fetched: the load is not handed out (the
@@ -345,11 +277,7 @@ impl Session {
 
     /// A `Prefetch`: the shards named are fetched ahead, one at a time, at most `MAX_PREFETCH`
     /// waiting; a tab ignores it.
-    pub(super) fn prefetch(
-        &mut self,
-        blobs: Vec<String>,
-        mut lenders: BTreeMap<String, Vec<ContributorId>>,
-    ) {
+    pub(super) fn prefetch(&mut self, blobs: Vec<String>, mut lenders: BTreeMap<String, Vec<ContributorId>>) {
         if !self.policy.fetches_ahead {
             return;
         }
@@ -359,19 +287,9 @@ impl Session {
                 self.log(format!("not prefetching {blob:?}: not a CID"));
             } else if waiting >= MAX_PREFETCH {
                 // A full queue only means fetching this one when it is needed.
-                self.log(format!(
-                    "not prefetching {blob}: {MAX_PREFETCH} are waiting already"
-                ));
-            } else if !self
-                .fetches
-                .iter()
-                .any(|f| f.cid == blob && f.wants.contains(&Want::Ahead))
-            {
-                let peers = if self.policy.links {
-                    lenders.remove(&blob).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
+                self.log(format!("not prefetching {blob}: {MAX_PREFETCH} are waiting already"));
+            } else if !self.fetches.iter().any(|f| f.cid == blob && f.wants.contains(&Want::Ahead)) {
+                let peers = if self.policy.links { lenders.remove(&blob).unwrap_or_default() } else { Vec::new() };
                 self.want(blob, Want::Ahead, peers);
             }
         }
@@ -389,23 +307,9 @@ impl Session {
             }
             return;
         }
-        let queued = want == Want::Ahead
-            && self
-                .fetches
-                .iter()
-                .any(|f| f.ahead_only() && f.state != FetchState::Queued);
-        let state = if queued {
-            FetchState::Queued
-        } else {
-            FetchState::Checking
-        };
-        self.fetches.push(Fetch {
-            cid: cid.clone(),
-            wants: vec![want],
-            lenders: lenders.into(),
-            state,
-            since: self.clock,
-        });
+        let queued = want == Want::Ahead && self.fetches.iter().any(|f| f.ahead_only() && f.state != FetchState::Queued);
+        let state = if queued { FetchState::Queued } else { FetchState::Checking };
+        self.fetches.push(Fetch { cid: cid.clone(), wants: vec![want], lenders: lenders.into(), state, since: self.clock });
         if !queued {
             self.outputs.push_back(Output::Blob(BlobJob::Check { cid }));
         }
@@ -428,10 +332,7 @@ impl Session {
             }
             let link = self.new_link(lender, Purpose::Borrow, true, LinkState::Queued, None);
             let fetch = &mut self.fetches[at];
-            (fetch.state, fetch.since) = (
-                FetchState::Borrowing { lender, link, opened: None, first: None, total: 0, received: 0, last: now },
-                now,
-            );
+            (fetch.state, fetch.since) = (FetchState::Borrowing { lender, link, opened: None, first: None, total: 0, received: 0, last: now }, now);
             self.start_offers();
             return;
         }
@@ -439,19 +340,12 @@ impl Session {
         let fetch = &mut self.fetches[at];
         (fetch.state, fetch.since) = (FetchState::Downloading { stream }, now);
         let cid = fetch.cid.clone();
-        self.send(&ContributorMessage::BlobRequest {
-            cid,
-            offset: 0,
-            length: 0,
-            stream,
-        });
+        self.send(&ContributorMessage::BlobRequest { cid, offset: 0, length: 0, stream });
     }
 
     /// Whether a fetch waits for the coordinator's frames on `stream`.
     pub(super) fn downloading(&self, stream: u64) -> bool {
-        self.fetches
-            .iter()
-            .any(|f| f.state == FetchState::Downloading { stream })
+        self.fetches.iter().any(|f| f.state == FetchState::Downloading { stream })
     }
 
     /// A frame of a blob the coordinator sends for a fetch.
@@ -461,68 +355,37 @@ impl Session {
             Ok(None) => return,
             Err(e) => return self.restart(format!("the coordinator sent a bad blob frame: {e}")),
         };
-        let Some(at) = self.fetches.iter().position(|f| {
-            f.state
-                == (FetchState::Downloading {
-                    stream: payload.stream,
-                })
-        }) else {
+        let Some(at) = self.fetches.iter().position(|f| f.state == (FetchState::Downloading { stream: payload.stream })) else {
             return;
         };
-        self.fetches[at].state = FetchState::Storing {
-            from: None,
-            bytes: payload.bytes.len(),
-        };
+        self.fetches[at].state = FetchState::Storing { from: None, bytes: payload.bytes.len() };
         let cid = self.fetches[at].cid.clone();
-        self.outputs.push_back(Output::Blob(BlobJob::Store {
-            cid,
-            bytes: payload.bytes,
-        }));
+        self.outputs.push_back(Output::Blob(BlobJob::Store { cid, bytes: payload.bytes }));
     }
 
     /// The coordinator refused a blob; the refusal names no stream, so every download fails.
     pub(super) fn downloads_failed(&mut self, why: &str) {
-        while let Some(at) = self
-            .fetches
-            .iter()
-            .position(|f| matches!(f.state, FetchState::Downloading { .. }))
-        {
+        while let Some(at) = self.fetches.iter().position(|f| matches!(f.state, FetchState::Downloading { .. })) {
             self.finish(at, Err(why.to_string()));
         }
     }
 
     /// The borrowing channel `link` opened: the blob is asked for.
     pub(super) fn borrow_open(&mut self, now: Millis, link: u64) {
-        let Some(fetch) = self
-            .fetches
-            .iter_mut()
-            .find(|f| matches!(f.state, FetchState::Borrowing { link: l, .. } if l == link))
-        else {
+        let Some(fetch) = self.fetches.iter_mut().find(|f| matches!(f.state, FetchState::Borrowing { link: l, .. } if l == link)) else {
             return self.link_closed(now, link, "no fetch needs it any more".into());
         };
         if let FetchState::Borrowing { opened, last, .. } = &mut fetch.state {
             (*opened, *last) = (Some(now), now);
         }
-        let request = PeerMessage::BlobRequest {
-            cid: fetch.cid.clone(),
-            offset: 0,
-            length: 0,
-            stream: BORROW_STREAM,
-        };
-        self.outputs.push_back(Output::SendOn {
-            link,
-            messages: vec![Outgoing::Text(encode_control(&request))],
-        });
+        let request = PeerMessage::BlobRequest { cid: fetch.cid.clone(), offset: 0, length: 0, stream: BORROW_STREAM };
+        self.outputs.push_back(Output::SendOn { link, messages: vec![Outgoing::Text(encode_control(&request))] });
     }
 
     /// A message from a lender on the borrowing link at `at`: a frame of the blob, or its refusal.
     pub(super) fn borrow_message(&mut self, now: Millis, at: usize, incoming: Incoming<'_>) {
         let number = self.links[at].number;
-        let Some(fetch) = self
-            .fetches
-            .iter()
-            .position(|f| matches!(f.state, FetchState::Borrowing { link, .. } if link == number))
-        else {
+        let Some(fetch) = self.fetches.iter().position(|f| matches!(f.state, FetchState::Borrowing { link, .. } if link == number)) else {
             return self.drop_link(at, "no fetch needs it any more".into());
         };
         let failure = match decode::<PeerMessage>(incoming) {
@@ -534,30 +397,19 @@ impl Session {
                     (*received, *last) = (*received + chunk.payload.len() as u64, now);
                 }
                 match self.links[at].inbox.reassembler.push(chunk) {
-                Ok(None) => return,
-                Ok(Some(payload))
-                    if payload.stream == BORROW_STREAM && payload.kind == PayloadKind::Blob =>
-                {
-                    let FetchState::Borrowing { lender, .. } = self.fetches[fetch].state else {
+                    Ok(None) => return,
+                    Ok(Some(payload)) if payload.stream == BORROW_STREAM && payload.kind == PayloadKind::Blob => {
+                        let FetchState::Borrowing { lender, .. } = self.fetches[fetch].state else {
+                            return;
+                        };
+                        self.fetches[fetch].state = FetchState::Storing { from: Some(lender), bytes: payload.bytes.len() };
+                        let cid = self.fetches[fetch].cid.clone();
+                        self.drop_link(at, "the blob arrived".into());
+                        self.outputs.push_back(Output::Blob(BlobJob::Store { cid, bytes: payload.bytes }));
                         return;
-                    };
-                    self.fetches[fetch].state = FetchState::Storing {
-                        from: Some(lender),
-                        bytes: payload.bytes.len(),
-                    };
-                    let cid = self.fetches[fetch].cid.clone();
-                    self.drop_link(at, "the blob arrived".into());
-                    self.outputs.push_back(Output::Blob(BlobJob::Store {
-                        cid,
-                        bytes: payload.bytes,
-                    }));
-                    return;
-                }
-                Ok(Some(payload)) => format!(
-                    "it sent a {:?} payload on stream {}",
-                    payload.kind, payload.stream
-                ),
-                Err(e) => format!("it sent a bad frame: {e}"),
+                    }
+                    Ok(Some(payload)) => format!("it sent a {:?} payload on stream {}", payload.kind, payload.stream),
+                    Err(e) => format!("it sent a bad frame: {e}"),
                 }
             }
             Ok(Decoded::Control(PeerMessage::Error { code, message })) => {
@@ -602,11 +454,7 @@ impl Session {
     /// The borrowing link `number` went (closed, failed, timed out, or its peer misbehaved):
     /// if its fetch still waited on it, that lender failed.
     pub(super) fn borrow_ended(&mut self, number: u64, why: &str) {
-        let Some(at) = self
-            .fetches
-            .iter()
-            .position(|f| matches!(f.state, FetchState::Borrowing { link, .. } if link == number))
-        else {
+        let Some(at) = self.fetches.iter().position(|f| matches!(f.state, FetchState::Borrowing { link, .. } if link == number)) else {
             return;
         };
         let FetchState::Borrowing { lender, .. } = self.fetches[at].state else {
@@ -625,20 +473,11 @@ impl Session {
         };
         // Out of `Borrowing` first, so that dropping the link does not report it again.
         self.fetches[at].state = FetchState::Checking;
-        if let Some(link_at) =
-            link.and_then(|link| self.links.iter().position(|l| l.number == link))
-        {
+        if let Some(link_at) = link.and_then(|link| self.links.iter().position(|l| l.number == link)) {
             self.drop_link(link_at, why.clone());
         }
-        self.log(format!(
-            "fetching {cid} from contributor {lender} failed: {why}; trying elsewhere"
-        ));
-        self.send(&ContributorMessage::BorrowFailed {
-            lender,
-            cid: cid.clone(),
-            corrupt,
-            message: why,
-        });
+        self.log(format!("fetching {cid} from contributor {lender} failed: {why}; trying elsewhere"));
+        self.send(&ContributorMessage::BorrowFailed { lender, cid: cid.clone(), corrupt, message: why });
         if let Some(at) = self.fetches.iter().position(|f| f.cid == cid) {
             self.next_source(at);
         }
@@ -651,47 +490,23 @@ impl Session {
         let cid = fetch.cid;
         for want in fetch.wants {
             match (want, &result) {
-                (
-                    Want::Load {
-                        blocks,
-                        max_sessions,
-                    },
-                    Ok(from),
-                ) => {
+                (Want::Load { blocks, max_sessions }, Ok(from)) => {
                     if let Some(from) = *from {
                         self.fetched_from.insert(cid.clone(), from);
                     }
-                    self.outputs.push_back(Output::Span(SpanJob::Load {
-                        shard: cid.clone(),
-                        blocks,
-                        max_sessions,
-                    }));
+                    self.outputs.push_back(Output::Span(SpanJob::Load { shard: cid.clone(), blocks, max_sessions }));
                 }
                 (Want::Load { blocks, .. }, Err(why)) => {
                     self.span_jobs = self.span_jobs.saturating_sub(1);
-                    self.span_failed(
-                        &cid,
-                        &blocks,
-                        &format!("its shard could not be fetched: {why}"),
-                    );
+                    self.span_failed(&cid, &blocks, &format!("its shard could not be fetched: {why}"));
                 }
-                (Want::Ahead, Ok(_)) => self.send(&ContributorMessage::BlobHave {
-                    cids: vec![cid.clone()],
-                }),
+                (Want::Ahead, Ok(_)) => self.send(&ContributorMessage::BlobHave { cids: vec![cid.clone()] }),
                 (Want::Ahead, Err(why)) => self.log(format!("prefetching {cid}: {why}")),
-                (Want::Glue, result) => self.outputs.push_back(Output::Fetched {
-                    cid: cid.clone(),
-                    result: result.clone().map(drop),
-                }),
+                (Want::Glue, result) => self.outputs.push_back(Output::Fetched { cid: cid.clone(), result: result.clone().map(drop) }),
             }
         }
-        let ahead_running = self
-            .fetches
-            .iter()
-            .any(|f| f.ahead_only() && f.state != FetchState::Queued);
-        if !ahead_running
-            && let Some(next) = self.fetches.iter().find(|f| f.state == FetchState::Queued)
-        {
+        let ahead_running = self.fetches.iter().any(|f| f.ahead_only() && f.state != FetchState::Queued);
+        if !ahead_running && let Some(next) = self.fetches.iter().find(|f| f.state == FetchState::Queued) {
             let cid = next.cid.clone();
             self.check(cid);
         }
@@ -706,31 +521,16 @@ impl Session {
         if !self.policy.links {
             return self.log(format!("not lending shards to contributor {peer}: this contributor takes no direct channels"));
         }
-        let blobs: Vec<String> = blobs
-            .into_iter()
-            .filter(|b| plausible_cid(b))
-            .take(MAX_LENT_BLOBS)
-            .collect();
+        let blobs: Vec<String> = blobs.into_iter().filter(|b| plausible_cid(b)).take(MAX_LENT_BLOBS).collect();
         let count = blobs.len();
-        self.lends
-            .retain(|_, lend| lend.link.is_some() || lend.offer_by > now);
+        self.lends.retain(|_, lend| lend.link.is_some() || lend.offer_by > now);
         if let Some(lend) = self.lends.get_mut(&peer) {
             lend.blobs.extend(blobs);
             lend.offer_by = now + LEND_WINDOW_MS;
         } else if self.lends.len() >= MAX_LENDS {
-            return self.log(format!(
-                "not lending shards to contributor {peer}: {MAX_LENDS} borrowers are served already"
-            ));
+            return self.log(format!("not lending shards to contributor {peer}: {MAX_LENDS} borrowers are served already"));
         } else {
-            self.lends.insert(
-                peer,
-                Lend {
-                    blobs: blobs.into_iter().collect(),
-                    offer_by: now + LEND_WINDOW_MS,
-                    link: None,
-                    requests: 0,
-                },
-            );
+            self.lends.insert(peer, Lend { blobs: blobs.into_iter().collect(), offer_by: now + LEND_WINDOW_MS, link: None, requests: 0 });
         }
         self.log(format!("lending {count} shard(s) to contributor {peer}"));
     }
@@ -741,22 +541,10 @@ impl Session {
         if !self.policy.lends_blobs {
             return self.log(format!("an offer from contributor {peer} to fetch blobs ignored: this contributor lends none"));
         }
-        if !self
-            .lends
-            .get(&peer)
-            .is_some_and(|lend| lend.link.is_none() && lend.offer_by > now)
-        {
-            return self.log(format!(
-                "ignoring an offer from contributor {peer} to fetch blobs: nothing is lent to it"
-            ));
+        if !self.lends.get(&peer).is_some_and(|lend| lend.link.is_none() && lend.offer_by > now) {
+            return self.log(format!("ignoring an offer from contributor {peer} to fetch blobs: nothing is lent to it"));
         }
-        let link = self.new_link(
-            peer,
-            Purpose::Lend,
-            false,
-            LinkState::Describing,
-            Some(now + LEND_TIME_MS),
-        );
+        let link = self.new_link(peer, Purpose::Lend, false, LinkState::Describing, Some(now + LEND_TIME_MS));
         if let Some(lend) = self.lends.get_mut(&peer) {
             (lend.link, lend.requests) = (Some(link), 0);
         }
@@ -770,70 +558,37 @@ impl Session {
         let text = match incoming {
             Incoming::Text(text) => text,
             Incoming::Binary(_) => {
-                return self.drop_link(
-                    at,
-                    "it sent binary data, and a borrower sends requests only".into(),
-                );
+                return self.drop_link(at, "it sent binary data, and a borrower sends requests only".into());
             }
         };
-        let (cid, offset, length, stream) =
-            match decode_control::<PeerMessage>(text.as_bytes(), MAX_REQUEST_BYTES) {
-                Ok(PeerMessage::BlobRequest {
-                    cid,
-                    offset,
-                    length,
-                    stream,
-                }) => (cid, offset, length, stream),
-                Ok(_) => {
-                    return self.drop_link(at, "it sent a message other than a blob request".into());
-                }
-                Err(e) => {
-                    return self
-                        .drop_link(at, format!("it sent a request that does not decode: {e}"));
-                }
-            };
-        let Some(lend) = self
-            .lends
-            .get_mut(&peer)
-            .filter(|lend| lend.link == Some(number))
-        else {
+        let (cid, offset, length, stream) = match decode_control::<PeerMessage>(text.as_bytes(), MAX_REQUEST_BYTES) {
+            Ok(PeerMessage::BlobRequest { cid, offset, length, stream }) => (cid, offset, length, stream),
+            Ok(_) => {
+                return self.drop_link(at, "it sent a message other than a blob request".into());
+            }
+            Err(e) => {
+                return self.drop_link(at, format!("it sent a request that does not decode: {e}"));
+            }
+        };
+        let Some(lend) = self.lends.get_mut(&peer).filter(|lend| lend.link == Some(number)) else {
             return self.drop_link(at, "nothing is lent to it".into());
         };
         lend.requests += 1;
         if lend.requests > MAX_REQUESTS {
-            return self.drop_link(
-                at,
-                format!("it asked for more than {MAX_REQUESTS} blobs over one channel"),
-            );
+            return self.drop_link(at, format!("it asked for more than {MAX_REQUESTS} blobs over one channel"));
         }
         if lend.blobs.contains(&cid) {
-            self.outputs.push_back(Output::Blob(BlobJob::Read {
-                link: number,
-                stream,
-                cid,
-                offset,
-                length,
-            }));
+            self.outputs.push_back(Output::Blob(BlobJob::Read { link: number, stream, cid, offset, length }));
         } else {
-            let refusal = PeerMessage::Error {
-                code: ErrorCode::BlobNotFound,
-                message: format!("{cid} is not lent to contributor {peer}"),
-            };
-            self.outputs.push_back(Output::SendOn {
-                link: number,
-                messages: vec![Outgoing::Text(encode_control(&refusal))],
-            });
+            let refusal = PeerMessage::Error { code: ErrorCode::BlobNotFound, message: format!("{cid} is not lent to contributor {peer}") };
+            self.outputs.push_back(Output::SendOn { link: number, messages: vec![Outgoing::Text(encode_control(&refusal))] });
         }
     }
 
     /// The lent link `number` to `peer` went: the lend ends if every blob was sent; otherwise
     /// the borrower may offer another channel within the window.
     pub(super) fn lend_ended(&mut self, peer: ContributorId, number: u64) {
-        let Some(lend) = self
-            .lends
-            .get_mut(&peer)
-            .filter(|lend| lend.link == Some(number))
-        else {
+        let Some(lend) = self.lends.get_mut(&peer).filter(|lend| lend.link == Some(number)) else {
             return;
         };
         if lend.blobs.is_empty() {

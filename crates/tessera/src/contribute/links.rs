@@ -69,72 +69,33 @@ pub(super) struct Links {
 }
 
 enum Setup {
-    Offer {
-        bind: SocketAddr,
-        answer: oneshot::Receiver<String>,
-    },
-    Answer {
-        endpoint: Endpoint,
-        sdp: String,
-    },
+    Offer { bind: SocketAddr, answer: oneshot::Receiver<String> },
+    Answer { endpoint: Endpoint, sdp: String },
 }
 
 impl Links {
-    pub(super) fn new(
-        bind: SocketAddr,
-        endpoint: Option<Endpoint>,
-        done: mpsc::Sender<Done>,
-    ) -> Links {
-        Links {
-            bind,
-            endpoint,
-            done,
-            links: HashMap::new(),
-        }
+    pub(super) fn new(bind: SocketAddr, endpoint: Option<Endpoint>, done: mpsc::Sender<Done>) -> Links {
+        Links { bind, endpoint, done, links: HashMap::new() }
     }
 
     /// `Output::Offer`: offer `peer` a channel.
     pub(super) fn offer(&mut self, link: u64, peer: ContributorId) {
         let (accept, answer) = oneshot::channel();
-        self.start(
-            link,
-            peer,
-            Setup::Offer {
-                bind: self.bind,
-                answer,
-            },
-            Some(accept),
-        );
+        self.start(link, peer, Setup::Offer { bind: self.bind, answer }, Some(accept));
     }
 
     /// `Output::Answer`: answer `peer`'s offer.
     pub(super) fn answer(&mut self, link: u64, peer: ContributorId, sdp: String) {
         match self.endpoint.clone() {
             Some(endpoint) => self.start(link, peer, Setup::Answer { endpoint, sdp }, None),
-            None => drop(self.done.try_send(Done::Link(
-                link,
-                LinkEvent::Described(Err("this connection answers no channels".into())),
-            ))),
+            None => drop(self.done.try_send(Done::Link(link, LinkEvent::Described(Err("this connection answers no channels".into()))))),
         }
     }
 
-    fn start(
-        &mut self,
-        link: u64,
-        peer: ContributorId,
-        setup: Setup,
-        accept: Option<oneshot::Sender<String>>,
-    ) {
+    fn start(&mut self, link: u64, peer: ContributorId, setup: Setup, accept: Option<oneshot::Sender<String>>) {
         let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
         let task = tokio::spawn(serve(link, peer, setup, self.done.clone(), queue)).abort_handle();
-        self.links.insert(
-            link,
-            Handle {
-                outgoing,
-                accept,
-                task,
-            },
-        );
+        self.links.insert(link, Handle { outgoing, accept, task });
     }
 
     /// `Output::Accept`: the peer's answer to our offer.
@@ -150,57 +111,29 @@ impl Links {
     }
 
     /// `Output::Pass` (with `pass`) or `Output::SendOn`: queues the messages for the link.
-    pub(super) fn send(
-        &mut self,
-        link: u64,
-        messages: Vec<Outgoing>,
-        pass: Option<(u64, u64)>,
-    ) -> Result<(), String> {
+    pub(super) fn send(&mut self, link: u64, messages: Vec<Outgoing>, pass: Option<(u64, u64)>) -> Result<(), String> {
         let handle = self.links.get(&link).ok_or("the channel is gone")?;
-        handle
-            .outgoing
-            .try_send(Outbound { messages, pass })
-            .map_err(|_| format!("{OUTGOING_QUEUE} sends wait for the channel already"))
+        handle.outgoing.try_send(Outbound { messages, pass }).map_err(|_| format!("{OUTGOING_QUEUE} sends wait for the channel already"))
     }
 
     /// Hands the session what happened on `link`.
-    pub(super) fn report(
-        &mut self,
-        session: &mut Session,
-        now: Millis,
-        link: u64,
-        event: LinkEvent,
-    ) {
+    pub(super) fn report(&mut self, session: &mut Session, now: Millis, link: u64, event: LinkEvent) {
         match event {
             LinkEvent::Described(result) => session.described(now, link, result),
             LinkEvent::Open => session.link_open(now, link, tessera_rtc::STR0M_SEND_BUFFER),
-            LinkEvent::Message(Message::Text(text)) => {
-                session.link_message(now, link, Incoming::Text(&text))
-            }
-            LinkEvent::Message(Message::Binary(bytes)) => {
-                session.link_message(now, link, Incoming::Binary(&bytes))
-            }
+            LinkEvent::Message(Message::Text(text)) => session.link_message(now, link, Incoming::Text(&text)),
+            LinkEvent::Message(Message::Binary(bytes)) => session.link_message(now, link, Incoming::Binary(&bytes)),
             LinkEvent::Closed(reason) => {
                 self.links.remove(&link);
                 session.link_closed(now, link, reason);
             }
-            LinkEvent::Passed {
-                session: id,
-                step,
-                result,
-            } => session.passed(now, link, id, step, result),
+            LinkEvent::Passed { session: id, step, result } => session.passed(now, link, id, step, result),
         }
     }
 }
 
 /// A link's task: the connection, then its messages both ways until it closes.
-async fn serve(
-    link: u64,
-    peer: ContributorId,
-    setup: Setup,
-    done: mpsc::Sender<Done>,
-    mut outgoing: mpsc::Receiver<Outbound>,
-) {
+async fn serve(link: u64, peer: ContributorId, setup: Setup, done: mpsc::Sender<Done>, mut outgoing: mpsc::Receiver<Outbound>) {
     let report = |event| {
         let done = done.clone();
         async move { done.send(Done::Link(link, event)).await.is_ok() }
@@ -211,20 +144,11 @@ async fn serve(
             let (sent, done) = (described.clone(), done.clone());
             let signal = |sdp: String| async move {
                 sent.store(true, Ordering::Relaxed);
-                let _ = done
-                    .send(Done::Link(link, LinkEvent::Described(Ok(sdp))))
-                    .await;
-                answer
-                    .await
-                    .map_err(|_| "the offer was withdrawn".to_string())
+                let _ = done.send(Done::Link(link, LinkEvent::Described(Ok(sdp)))).await;
+                answer.await.map_err(|_| "the offer was withdrawn".to_string())
             };
-            let config = tessera_rtc::Config {
-                connect_timeout: CONNECT_TIMEOUT,
-                ..Default::default()
-            };
-            tessera_rtc::connect(bind, config, signal)
-                .await
-                .map_err(|e| e.to_string())
+            let config = tessera_rtc::Config { connect_timeout: CONNECT_TIMEOUT, ..Default::default() };
+            tessera_rtc::connect(bind, config, signal).await.map_err(|e| e.to_string())
         }
         Setup::Answer { endpoint, sdp } => match endpoint.accept_offer(&sdp).await {
             Ok((answer, channel)) => {

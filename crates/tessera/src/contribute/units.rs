@@ -17,19 +17,12 @@ use super::{Done, Machine, perturb};
 
 /// Computes one unit and reports its rows (or why not) with the GPU time it took.
 pub(super) async fn run(machine: Machine, assignment: Assignment, done: mpsc::Sender<Done>) {
-    let Assignment {
-        unit,
-        model,
-        inputs,
-        ..
-    } = assignment;
+    let Assignment { unit, model, inputs, .. } = assignment;
     let started = Instant::now();
     let result = async {
         let bert = load(&machine, &model, &done).await?;
         let gpu = machine.gpu.clone();
-        let mut vectors =
-            tokio::task::spawn_blocking(move || pollster::block_on(bert.embed(&gpu, &inputs)))
-                .await??;
+        let mut vectors = tokio::task::spawn_blocking(move || pollster::block_on(bert.embed(&gpu, &inputs))).await??;
         if machine.perturb {
             perturb(&mut vectors, unit.0);
         }
@@ -38,13 +31,7 @@ pub(super) async fn run(machine: Machine, assignment: Assignment, done: mpsc::Se
     .await
     .map_err(|e| format!("{e:#}"));
     let busy_ms = started.elapsed().as_secs_f64() * 1e3;
-    let _ = done
-        .send(Done::Unit {
-            unit,
-            busy_ms,
-            result,
-        })
-        .await;
+    let _ = done.send(Done::Unit { unit, busy_ms, result }).await;
 }
 
 /// The model `id` names (a manifest CID), loaded once per process.
@@ -52,33 +39,18 @@ async fn load(machine: &Machine, id: &str, done: &mpsc::Sender<Done>) -> anyhow:
     if let Some(bert) = machine.models.lock().await.get(id) {
         return Ok(bert.clone());
     }
-    let manifest = ModelManifest::parse(&read(machine, id, done).await?)
-        .with_context(|| format!("model {id}"))?;
+    let manifest = ModelManifest::parse(&read(machine, id, done).await?).with_context(|| format!("model {id}"))?;
     if manifest.architecture != Architecture::Bert {
-        bail!(
-            "model {} is a {:?} model; embedding units need a BERT encoder",
-            manifest.name,
-            manifest.architecture
-        );
+        bail!("model {} is a {:?} model; embedding units need a BERT encoder", manifest.name, manifest.architecture);
     }
-    let config = BertConfig::from_json(
-        "config.json",
-        &read(machine, manifest.file("config.json")?, done).await?,
-    )?;
+    let config = BertConfig::from_json("config.json", &read(machine, manifest.file("config.json")?, done).await?)?;
     let weights: Cid = manifest.file("model.safetensors")?.parse()?;
     fetch(&weights.to_string(), done).await?;
     let mut blob = machine.blobs.get(&weights)?;
     let gpu = machine.gpu.clone();
     let name = format!("{} model.safetensors", manifest.name);
-    let bert = Arc::new(
-        tokio::task::spawn_blocking(move || Bert::load(&gpu, config, &name, &mut blob.file))
-            .await??,
-    );
-    machine
-        .models
-        .lock()
-        .await
-        .insert(id.to_string(), bert.clone());
+    let bert = Arc::new(tokio::task::spawn_blocking(move || Bert::load(&gpu, config, &name, &mut blob.file)).await??);
+    machine.models.lock().await.insert(id.to_string(), bert.clone());
     eprintln!("tessera contribute: loaded {} ({id})", manifest.name);
     Ok(bert)
 }
@@ -95,14 +67,6 @@ async fn read(machine: &Machine, cid: &str, done: &mpsc::Sender<Done>) -> anyhow
 /// Asks the session to get `cid` into the cache, checked, and waits until it has.
 async fn fetch(cid: &str, done: &mpsc::Sender<Done>) -> anyhow::Result<()> {
     let (reply, fetched) = oneshot::channel();
-    done.send(Done::Fetch {
-        cid: cid.to_string(),
-        reply,
-    })
-    .await
-    .map_err(|_| anyhow!("the connection ended"))?;
-    fetched
-        .await
-        .map_err(|_| anyhow!("the connection ended while fetching {cid}"))?
-        .map_err(|e| anyhow!("fetching {cid}: {e}"))
+    done.send(Done::Fetch { cid: cid.to_string(), reply }).await.map_err(|_| anyhow!("the connection ended"))?;
+    fetched.await.map_err(|_| anyhow!("the connection ended while fetching {cid}"))?.map_err(|e| anyhow!("fetching {cid}: {e}"))
 }

@@ -3,10 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tessera_protocol::{
-    AdapterLimits, Blocks, Capabilities, Chunker, CoordinatorMessage, PROTOCOL_VERSION,
-    SignalPayload, decode_control,
-};
+use tessera_protocol::{AdapterLimits, Blocks, Capabilities, Chunker, CoordinatorMessage, PROTOCOL_VERSION, SignalPayload, decode_control};
 
 use super::*;
 use crate::session::{ChannelPurpose, Policy};
@@ -31,19 +28,9 @@ fn session(policy: Policy) -> Session {
     };
     let mut session = Session::new(capabilities, policy, 1.0, BIG);
     let hello = drain(&mut session);
-    let ContributorMessage::Hello { capabilities, .. } = sent(&hello[0]) else {
-        panic!("{hello:?}")
-    };
-    assert_eq!(
-        capabilities.lends_blobs,
-        policy.lends_blobs && policy.links,
-        "the hello says what the policy lends"
-    );
-    let welcome = CoordinatorMessage::Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        contributor: ContributorId(1),
-        heartbeat_interval_ms: 60_000,
-    };
+    let ContributorMessage::Hello { capabilities, .. } = sent(&hello[0]) else { panic!("{hello:?}") };
+    assert_eq!(capabilities.lends_blobs, policy.lends_blobs && policy.links, "the hello says what the policy lends");
+    let welcome = CoordinatorMessage::Welcome { protocol_version: PROTOCOL_VERSION, contributor: ContributorId(1), heartbeat_interval_ms: 60_000 };
     handle(&mut session, 0.0, &welcome);
     session
 }
@@ -70,11 +57,7 @@ fn sent(output: &Output) -> ContributorMessage {
 
 /// The control messages among `outputs`.
 fn said(outputs: &[Output]) -> Vec<ContributorMessage> {
-    outputs
-        .iter()
-        .filter(|o| matches!(o, Output::Send(Outgoing::Text(_))))
-        .map(sent)
-        .collect()
+    outputs.iter().filter(|o| matches!(o, Output::Send(Outgoing::Text(_)))).map(sent).collect()
 }
 
 fn load_span(peers: &[u64]) -> CoordinatorMessage {
@@ -92,9 +75,7 @@ fn check(cid: &str) -> Output {
 }
 
 fn blob_frames(stream: u64, bytes: &[u8]) -> Vec<Vec<u8>> {
-    Chunker::new(stream, PayloadKind::Blob, bytes)
-        .unwrap()
-        .collect()
+    Chunker::new(stream, PayloadKind::Blob, bytes).unwrap().collect()
 }
 
 /// The bytes of a shard: large enough for two frames.
@@ -113,52 +94,17 @@ fn borrowing(session: &mut Session, now: Millis, lenders: &[u64]) -> u64 {
 /// After an `Output::Offer` to `lender` for blobs: described, answered, open; the link.
 fn offered(session: &mut Session, now: Millis, lender: u64) -> u64 {
     let out = drain(session);
-    let [Output::Offer { link, peer }] = out[..] else {
-        panic!("{out:?}")
-    };
+    let [Output::Offer { link, peer }] = out[..] else { panic!("{out:?}") };
     assert_eq!(peer, ContributorId(lender));
     session.described(now, link, Ok("v=0 offer".into()));
-    let offer = SignalPayload::Offer {
-        sdp: "v=0 offer".into(),
-        purpose: ChannelPurpose::Blobs,
-    };
-    assert_eq!(
-        said(&drain(session)),
-        [ContributorMessage::Signal {
-            from: ContributorId(1),
-            to: peer,
-            payload: offer
-        }]
-    );
-    let answer = CoordinatorMessage::Signal {
-        from: peer,
-        to: ContributorId(1),
-        payload: SignalPayload::Answer {
-            sdp: "v=0 answer".into(),
-        },
-    };
-    assert_eq!(
-        handle(session, now, &answer),
-        [Output::Accept {
-            link,
-            sdp: "v=0 answer".into()
-        }]
-    );
+    let offer = SignalPayload::Offer { sdp: "v=0 offer".into(), purpose: ChannelPurpose::Blobs };
+    assert_eq!(said(&drain(session)), [ContributorMessage::Signal { from: ContributorId(1), to: peer, payload: offer }]);
+    let answer = CoordinatorMessage::Signal { from: peer, to: ContributorId(1), payload: SignalPayload::Answer { sdp: "v=0 answer".into() } };
+    assert_eq!(handle(session, now, &answer), [Output::Accept { link, sdp: "v=0 answer".into() }]);
     session.link_open(now, link, BIG);
     let out = drain(session);
-    let request = PeerMessage::BlobRequest {
-        cid: SHARD.into(),
-        offset: 0,
-        length: 0,
-        stream: BORROW_STREAM,
-    };
-    assert!(
-        out.contains(&Output::SendOn {
-            link,
-            messages: vec![Outgoing::Text(encode_control(&request))]
-        }),
-        "{out:?}"
-    );
+    let request = PeerMessage::BlobRequest { cid: SHARD.into(), offset: 0, length: 0, stream: BORROW_STREAM };
+    assert!(out.contains(&Output::SendOn { link, messages: vec![Outgoing::Text(encode_control(&request))] }), "{out:?}");
     link
 }
 
@@ -174,46 +120,16 @@ fn a_shard_comes_from_its_lender_checked_and_the_span_loads() {
     let mut session = native();
     let link = borrowing(&mut session, 0.0, &[3, 4]);
     let bytes = shard_bytes();
-    let out = lender_sends(
-        &mut session,
-        500.0,
-        link,
-        &blob_frames(BORROW_STREAM, &bytes),
-    );
-    assert!(
-        out.contains(&Output::Close { link }),
-        "the borrowing channel closes once the blob is in: {out:?}"
-    );
-    assert_eq!(
-        out.last(),
-        Some(&Output::Blob(BlobJob::Store {
-            cid: SHARD.into(),
-            bytes
-        }))
-    );
+    let out = lender_sends(&mut session, 500.0, link, &blob_frames(BORROW_STREAM, &bytes));
+    assert!(out.contains(&Output::Close { link }), "the borrowing channel closes once the blob is in: {out:?}");
+    assert_eq!(out.last(), Some(&Output::Blob(BlobJob::Store { cid: SHARD.into(), bytes })));
     session.blob_stored(600.0, SHARD, Ok(()));
     let out = drain(&mut session);
-    assert!(
-        matches!(&out[0], Output::Log(line) if line.contains("fetched bafkshard from contributor 3 (100000 bytes")),
-        "{out:?}"
-    );
-    assert_eq!(
-        out[1..],
-        [Output::Span(SpanJob::Load {
-            shard: SHARD.into(),
-            blocks: 0..10,
-            max_sessions: 4
-        })]
-    );
+    assert!(matches!(&out[0], Output::Log(line) if line.contains("fetched bafkshard from contributor 3 (100000 bytes")), "{out:?}");
+    assert_eq!(out[1..], [Output::Span(SpanJob::Load { shard: SHARD.into(), blocks: 0..10, max_sessions: 4 })]);
     session.span_loaded(700.0, SHARD.into(), 0..10, Ok(()));
     let out = drain(&mut session);
-    assert_eq!(
-        said(&out),
-        [ContributorMessage::SpanReady {
-            shard: SHARD.into(),
-            fetched_from: Some(ContributorId(3))
-        }]
-    );
+    assert_eq!(said(&out), [ContributorMessage::SpanReady { shard: SHARD.into(), fetched_from: Some(ContributorId(3)) }]);
 }
 
 /// Each way lender 3 fails: what happens to it (at 1 s after its channel opened), the time it
@@ -223,18 +139,12 @@ fn a_shard_comes_from_its_lender_checked_and_the_span_loads() {
 fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
     type Fail = fn(&mut Session, u64);
     let refuse: Fail = |s, link| {
-        let refusal = PeerMessage::Error {
-            code: ErrorCode::BlobNotFound,
-            message: "no such blob".into(),
-        };
+        let refusal = PeerMessage::Error { code: ErrorCode::BlobNotFound, message: "no such blob".into() };
         s.link_message(1_000.0, link, Incoming::Text(&encode_control(&refusal)));
     };
-    let bad_frame: Fail =
-        |s, link| s.link_message(1_000.0, link, Incoming::Binary(b"TSRA but no frame"));
+    let bad_frame: Fail = |s, link| s.link_message(1_000.0, link, Incoming::Binary(b"TSRA but no frame"));
     let tensor: Fail = |s, link| {
-        let frames: Vec<Vec<u8>> = Chunker::new(BORROW_STREAM, PayloadKind::Tensor, b"abc")
-            .unwrap()
-            .collect();
+        let frames: Vec<Vec<u8>> = Chunker::new(BORROW_STREAM, PayloadKind::Tensor, b"abc").unwrap().collect();
         s.link_message(1_000.0, link, Incoming::Binary(&frames[0]));
     };
     let forward: Fail = |s, link| {
@@ -244,18 +154,11 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
             step: 1,
             start: 0,
             capacity: 8,
-            payload: tessera_protocol::PayloadRef {
-                stream: 1,
-                bytes: 1,
-            },
+            payload: tessera_protocol::PayloadRef { stream: 1, bytes: 1 },
             then: Vec::new(),
             shadow: false,
         };
-        s.link_message(
-            1_000.0,
-            link,
-            Incoming::Text(&encode_control(&PeerMessage::Forward(forward))),
-        );
+        s.link_message(1_000.0, link, Incoming::Text(&encode_control(&PeerMessage::Forward(forward))));
     };
     let closes: Fail = |s, link| s.link_closed(1_000.0, link, "contributor 3 closed it".into());
     let stalls: Fail = |s, link| {
@@ -286,24 +189,9 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
     };
     let corrupt: Fail = |s, link| {
         drain(s);
-        let out = lender_sends(
-            s,
-            1_000.0,
-            link,
-            &blob_frames(BORROW_STREAM, &shard_bytes()),
-        );
-        assert!(
-            matches!(out.last(), Some(Output::Blob(BlobJob::Store { .. }))),
-            "{out:?}"
-        );
-        s.blob_stored(
-            1_000.0,
-            SHARD,
-            Err(StoreError {
-                corrupt: true,
-                message: "sha2-256 mismatch".into(),
-            }),
-        );
+        let out = lender_sends(s, 1_000.0, link, &blob_frames(BORROW_STREAM, &shard_bytes()));
+        assert!(matches!(out.last(), Some(Output::Blob(BlobJob::Store { .. }))), "{out:?}");
+        s.blob_stored(1_000.0, SHARD, Err(StoreError { corrupt: true, message: "sha2-256 mismatch".into() }));
     };
     let never_answers: Fail = |s, _| s.handle_timeout(BORROW_ANSWER_MS);
     let cases: [(&str, Fail, bool, &str); 10] = [
@@ -321,15 +209,10 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
     for (what, fail, corrupt, message) in cases {
         let mut session = native();
         let link = if what == "never answers" {
-            assert_eq!(
-                handle(&mut session, 0.0, &load_span(&[3, 4])),
-                [check(SHARD)]
-            );
+            assert_eq!(handle(&mut session, 0.0, &load_span(&[3, 4])), [check(SHARD)]);
             session.blob_checked(0.0, SHARD, false);
             let out = drain(&mut session);
-            let [Output::Offer { link, .. }] = out[..] else {
-                panic!("{out:?}")
-            };
+            let [Output::Offer { link, .. }] = out[..] else { panic!("{out:?}") };
             link
         } else {
             borrowing(&mut session, 0.0, &[3, 4])
@@ -337,43 +220,17 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
         fail(&mut session, link);
         let out = drain(&mut session);
         let reports: Vec<ContributorMessage> = said(&out);
-        let Some(ContributorMessage::BorrowFailed {
-            lender,
-            cid,
-            corrupt: reported,
-            message: said,
-        }) = reports.iter().find(|m| matches!(m, ContributorMessage::BorrowFailed { .. })).cloned()
+        let Some(ContributorMessage::BorrowFailed { lender, cid, corrupt: reported, message: said }) =
+            reports.iter().find(|m| matches!(m, ContributorMessage::BorrowFailed { .. })).cloned()
         else {
             panic!("{what}: {out:?}")
         };
-        assert_eq!(
-            (lender, cid.as_str(), reported),
-            (ContributorId(3), SHARD, corrupt),
-            "{what}"
-        );
-        assert!(
-            said.contains(message),
-            "{what}: {said:?} should say {message:?}"
-        );
-        assert!(
-            !out.iter().any(|o| matches!(o, Output::Span(_))),
-            "{what}: nothing loads from lender 3"
-        );
-        assert!(
-            matches!(
-                out.last(),
-                Some(Output::Offer {
-                    peer: ContributorId(4),
-                    ..
-                })
-            ),
-            "{what}: lender 4 is tried next: {out:?}"
-        );
+        assert_eq!((lender, cid.as_str(), reported), (ContributorId(3), SHARD, corrupt), "{what}");
+        assert!(said.contains(message), "{what}: {said:?} should say {message:?}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Span(_))), "{what}: nothing loads from lender 3");
+        assert!(matches!(out.last(), Some(Output::Offer { peer: ContributorId(4), .. })), "{what}: lender 4 is tried next: {out:?}");
         if what != "never answers" && what != "sends corrupt bytes" && what != "closes" {
-            assert!(
-                out.contains(&Output::Close { link }),
-                "{what}: lender 3's channel closes: {out:?}"
-            );
+            assert!(out.contains(&Output::Close { link }), "{what}: lender 3's channel closes: {out:?}");
         }
     }
 }
@@ -384,123 +241,50 @@ fn with_no_lender_left_the_coordinator_sends_the_shard() {
     assert_eq!(handle(&mut session, 0.0, &load_span(&[])), [check(SHARD)]);
     session.blob_checked(0.0, SHARD, false);
     let out = drain(&mut session);
-    let [
-        ContributorMessage::BlobRequest {
-            ref cid,
-            offset: 0,
-            length: 0,
-            stream,
-        },
-    ] = said(&out)[..]
-    else {
-        panic!("{out:?}")
-    };
+    let [ContributorMessage::BlobRequest { ref cid, offset: 0, length: 0, stream }] = said(&out)[..] else { panic!("{out:?}") };
     assert_eq!(cid, SHARD);
     // Frames on another stream, or of another kind, are nobody's: ignored, never stored.
-    for frame in blob_frames(stream + 1, b"unasked").iter().chain(
-        &Chunker::new(stream, PayloadKind::Tensor, b"x")
-            .unwrap()
-            .collect::<Vec<_>>(),
-    ) {
+    for frame in blob_frames(stream + 1, b"unasked").iter().chain(&Chunker::new(stream, PayloadKind::Tensor, b"x").unwrap().collect::<Vec<_>>()) {
         session.handle(1.0, Incoming::Binary(frame));
     }
-    assert!(
-        drain(&mut session)
-            .iter()
-            .all(|o| !matches!(o, Output::Blob(_)))
-    );
+    assert!(drain(&mut session).iter().all(|o| !matches!(o, Output::Blob(_))));
     let bytes = shard_bytes();
     for frame in blob_frames(stream, &bytes) {
         session.handle(2.0, Incoming::Binary(&frame));
     }
-    assert_eq!(
-        drain(&mut session),
-        [Output::Blob(BlobJob::Store {
-            cid: SHARD.into(),
-            bytes
-        })]
-    );
+    assert_eq!(drain(&mut session), [Output::Blob(BlobJob::Store { cid: SHARD.into(), bytes })]);
     session.blob_stored(3.0, SHARD, Ok(()));
-    assert!(drain(&mut session).contains(&Output::Span(SpanJob::Load {
-        shard: SHARD.into(),
-        blocks: 0..10,
-        max_sessions: 4
-    })));
+    assert!(drain(&mut session).contains(&Output::Span(SpanJob::Load { shard: SHARD.into(), blocks: 0..10, max_sessions: 4 })));
 
     // A shard the coordinator does not have fails the span, which it then places elsewhere.
     let mut session = native();
     handle(&mut session, 0.0, &load_span(&[]));
     session.blob_checked(0.0, SHARD, false);
     drain(&mut session);
-    let out = handle(
-        &mut session,
-        1.0,
-        &CoordinatorMessage::Error {
-            code: ErrorCode::BlobNotFound,
-            message: "no blob bafkshard".into(),
-        },
-    );
-    let Some(ContributorMessage::Error {
-        code: ErrorCode::SpanFailed,
-        message,
-    }) = said(&out).pop()
-    else {
-        panic!("{out:?}")
-    };
-    assert!(
-        message.contains("could not be fetched: the coordinator has no such blob"),
-        "{message}"
-    );
+    let out = handle(&mut session, 1.0, &CoordinatorMessage::Error { code: ErrorCode::BlobNotFound, message: "no blob bafkshard".into() });
+    let Some(ContributorMessage::Error { code: ErrorCode::SpanFailed, message }) = said(&out).pop() else { panic!("{out:?}") };
+    assert!(message.contains("could not be fetched: the coordinator has no such blob"), "{message}");
     // A shard the cache holds loads at once.
     let mut session = native();
     handle(&mut session, 0.0, &load_span(&[3]));
     session.blob_checked(0.0, SHARD, true);
-    assert_eq!(
-        drain(&mut session),
-        [Output::Span(SpanJob::Load {
-            shard: SHARD.into(),
-            blocks: 0..10,
-            max_sessions: 4
-        })]
-    );
+    assert_eq!(drain(&mut session), [Output::Span(SpanJob::Load { shard: SHARD.into(), blocks: 0..10, max_sessions: 4 })]);
 }
 
 #[test]
 fn shards_are_fetched_ahead_one_at_a_time_and_announced() {
     let mut session = native();
-    let prefetch = CoordinatorMessage::Prefetch {
-        blobs: vec!["bafka".into(), "bafkb".into(), "not a cid!".into()],
-        lenders: Default::default(),
-    };
+    let prefetch = CoordinatorMessage::Prefetch { blobs: vec!["bafka".into(), "bafkb".into(), "not a cid!".into()], lenders: Default::default() };
     let out = handle(&mut session, 0.0, &prefetch);
     assert_eq!(out[0], check("bafka"));
-    assert!(
-        matches!(&out[1], Output::Log(line) if line.contains("not prefetching \"not a cid!\"")),
-        "{out:?}"
-    );
+    assert!(matches!(&out[1], Output::Log(line) if line.contains("not prefetching \"not a cid!\"")), "{out:?}");
     session.blob_checked(1.0, "bafka", true);
     let out = drain(&mut session);
-    assert_eq!(
-        said(&out),
-        [ContributorMessage::BlobHave {
-            cids: vec!["bafka".into()]
-        }]
-    );
-    assert_eq!(
-        out.last(),
-        Some(&check("bafkb")),
-        "the next one starts once the first is in"
-    );
+    assert_eq!(said(&out), [ContributorMessage::BlobHave { cids: vec!["bafka".into()] }]);
+    assert_eq!(out.last(), Some(&check("bafkb")), "the next one starts once the first is in");
     // A load of a shard waiting to be fetched ahead starts it at once.
     let mut session = native();
-    handle(
-        &mut session,
-        0.0,
-        &CoordinatorMessage::Prefetch {
-            blobs: vec!["bafka".into(), SHARD.into()],
-            lenders: Default::default(),
-        },
-    );
+    handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafka".into(), SHARD.into()], lenders: Default::default() });
     assert_eq!(handle(&mut session, 0.0, &load_span(&[])), [check(SHARD)]);
     // A tab fetches nothing ahead.
     let mut tab = session_with(Policy::TAB);
@@ -517,55 +301,27 @@ fn the_glue_asks_for_a_unit_models_blobs() {
     session.fetch(0.0, "bafkmodel".into());
     assert_eq!(drain(&mut session), [check("bafkmodel")]);
     session.blob_checked(1.0, "bafkmodel", true);
-    assert_eq!(
-        drain(&mut session),
-        [Output::Fetched {
-            cid: "bafkmodel".into(),
-            result: Ok(())
-        }]
-    );
+    assert_eq!(drain(&mut session), [Output::Fetched { cid: "bafkmodel".into(), result: Ok(()) }]);
     session.fetch(2.0, "../etc/passwd".into());
-    assert!(
-        matches!(&drain(&mut session)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("not a CID"))
-    );
+    assert!(matches!(&drain(&mut session)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("not a CID")));
     let mut tab = session_with(Policy::TAB);
     tab.fetch(0.0, "bafkmodel".into());
-    assert!(
-        matches!(&drain(&mut tab)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("fetches no blobs"))
-    );
+    assert!(matches!(&drain(&mut tab)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("fetches no blobs")));
 }
 
 /// An offer from `peer` of a channel for blobs, and what comes out.
 fn borrower_offers(session: &mut Session, now: Millis, peer: u64) -> Vec<Output> {
-    let payload = SignalPayload::Offer {
-        sdp: "v=0 borrow".into(),
-        purpose: ChannelPurpose::Blobs,
-    };
-    handle(
-        session,
-        now,
-        &CoordinatorMessage::Signal {
-            from: ContributorId(peer),
-            to: ContributorId(1),
-            payload,
-        },
-    )
+    let payload = SignalPayload::Offer { sdp: "v=0 borrow".into(), purpose: ChannelPurpose::Blobs };
+    handle(session, now, &CoordinatorMessage::Signal { from: ContributorId(peer), to: ContributorId(1), payload })
 }
 
 fn request(cid: &str, stream: u64) -> String {
-    encode_control(&PeerMessage::BlobRequest {
-        cid: cid.into(),
-        offset: 0,
-        length: 0,
-        stream,
-    })
+    encode_control(&PeerMessage::BlobRequest { cid: cid.into(), offset: 0, length: 0, stream })
 }
 
 fn lent_link(session: &mut Session, now: Millis, peer: u64) -> u64 {
     let out = borrower_offers(session, now, peer);
-    let [Output::Answer { link, .. }] = out[..] else {
-        panic!("{out:?}")
-    };
+    let [Output::Answer { link, .. }] = out[..] else { panic!("{out:?}") };
     session.described(now, link, Ok("v=0 answer".into()));
     drain(session);
     session.link_open(now, link, BIG);
@@ -576,133 +332,63 @@ fn lent_link(session: &mut Session, now: Millis, peer: u64) -> u64 {
 #[test]
 fn a_lend_serves_its_borrower_the_blobs_lent_each_once() {
     let mut session = native();
-    assert!(
-        borrower_offers(&mut session, 0.0, 5)
-            .iter()
-            .any(|o| matches!(o, Output::Log(l) if l.contains("nothing is lent to it")))
-    );
-    handle(
-        &mut session,
-        0.0,
-        &CoordinatorMessage::Lend {
-            peer: ContributorId(5),
-            blobs: vec!["bafka".into()],
-        },
-    );
+    assert!(borrower_offers(&mut session, 0.0, 5).iter().any(|o| matches!(o, Output::Log(l) if l.contains("nothing is lent to it"))));
+    handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] });
     let link = lent_link(&mut session, 0.0, 5);
     // One channel at a time.
-    assert!(
-        borrower_offers(&mut session, 0.0, 5)
-            .iter()
-            .all(|o| !matches!(o, Output::Answer { .. }))
-    );
+    assert!(borrower_offers(&mut session, 0.0, 5).iter().all(|o| !matches!(o, Output::Answer { .. })));
     session.link_message(1.0, link, Incoming::Text(&request("bafka", 7)));
-    assert_eq!(
-        drain(&mut session),
-        [Output::Blob(BlobJob::Read {
-            link,
-            stream: 7,
-            cid: "bafka".into(),
-            offset: 0,
-            length: 0
-        })]
-    );
+    assert_eq!(drain(&mut session), [Output::Blob(BlobJob::Read { link, stream: 7, cid: "bafka".into(), offset: 0, length: 0 })]);
     let bytes = shard_bytes();
     session.blob_read(2.0, link, 7, "bafka", Ok(bytes.clone()));
     let out = drain(&mut session);
-    let Some(Output::SendOn { link: on, messages }) = out.last() else {
-        panic!("{out:?}")
-    };
+    let Some(Output::SendOn { link: on, messages }) = out.last() else { panic!("{out:?}") };
     assert_eq!(*on, link);
     let mut reassembler = Reassembler::default();
     let mut got = None;
     for message in messages {
-        let Outgoing::Binary(frame) = message else {
-            panic!("{message:?}")
-        };
-        let Ok(Decoded::Chunk(chunk)) = decode::<PeerMessage>(Incoming::Binary(frame)) else {
-            panic!()
-        };
+        let Outgoing::Binary(frame) = message else { panic!("{message:?}") };
+        let Ok(Decoded::Chunk(chunk)) = decode::<PeerMessage>(Incoming::Binary(frame)) else { panic!() };
         got = reassembler.push(chunk).unwrap().or(got);
     }
     let got = got.unwrap();
-    assert_eq!(
-        (got.stream, got.kind, got.bytes),
-        (7, PayloadKind::Blob, bytes)
-    );
+    assert_eq!((got.stream, got.kind, got.bytes), (7, PayloadKind::Blob, bytes));
     // Sent once: asked again, and for what was never lent, it refuses (the channel stays).
     for cid in ["bafka", "bafkother"] {
         session.link_message(3.0, link, Incoming::Text(&request(cid, 8)));
         let out = drain(&mut session);
-        let [Output::SendOn { ref messages, .. }] = out[..] else {
-            panic!("{out:?}")
-        };
-        let Outgoing::Text(text) = &messages[0] else {
-            panic!()
-        };
+        let [Output::SendOn { ref messages, .. }] = out[..] else { panic!("{out:?}") };
+        let Outgoing::Text(text) = &messages[0] else { panic!() };
         let refusal: PeerMessage = decode_control(text.as_bytes(), usize::MAX).unwrap();
-        assert!(
-            matches!(refusal, PeerMessage::Error { code: ErrorCode::BlobNotFound, ref message } if message.contains("not lent to contributor 5"))
-        );
+        assert!(matches!(refusal, PeerMessage::Error { code: ErrorCode::BlobNotFound, ref message } if message.contains("not lent to contributor 5")));
     }
 }
 
 /// What a borrower sends that ends its channel: each row is a message and part of the reason.
 #[test]
 fn anything_but_a_blob_request_ends_the_lent_channel() {
-    let forward = encode_control(&PeerMessage::Error {
-        code: ErrorCode::Internal,
-        message: "x".into(),
-    });
-    let long = format!(
-        "{{\"type\":\"blob_request\",\"cid\":\"{}\",\"offset\":0,\"length\":0,\"stream\":1}}",
-        "a".repeat(2000)
-    );
+    let forward = encode_control(&PeerMessage::Error { code: ErrorCode::Internal, message: "x".into() });
+    let long = format!("{{\"type\":\"blob_request\",\"cid\":\"{}\",\"offset\":0,\"length\":0,\"stream\":1}}", "a".repeat(2000));
     let cases: [(Incoming, &str); 4] = [
         (Incoming::Binary(b"TSRA"), "binary data"),
         (Incoming::Text(&forward), "other than a blob request"),
-        (
-            Incoming::Text("{\"type\":\"heartbeat\"}"),
-            "does not decode",
-        ),
+        (Incoming::Text("{\"type\":\"heartbeat\"}"), "does not decode"),
         (Incoming::Text(&long), "does not decode"),
     ];
     for (message, expected) in cases {
         let mut session = native();
-        handle(
-            &mut session,
-            0.0,
-            &CoordinatorMessage::Lend {
-                peer: ContributorId(5),
-                blobs: vec!["bafka".into()],
-            },
-        );
+        handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] });
         let link = lent_link(&mut session, 0.0, 5);
         session.link_message(1.0, link, message);
         let out = drain(&mut session);
-        assert!(
-            matches!(&out[0], Output::Log(line) if line.contains(expected)),
-            "{expected}: {out:?}"
-        );
+        assert!(matches!(&out[0], Output::Log(line) if line.contains(expected)), "{expected}: {out:?}");
         assert!(out.contains(&Output::Close { link }), "{out:?}");
         // The blob was not sent: the borrower may offer another channel within the window.
-        assert!(
-            borrower_offers(&mut session, 2.0, 5)
-                .iter()
-                .any(|o| matches!(o, Output::Answer { .. })),
-            "{expected}"
-        );
+        assert!(borrower_offers(&mut session, 2.0, 5).iter().any(|o| matches!(o, Output::Answer { .. })), "{expected}");
     }
     // More requests than a channel takes.
     let mut session = native();
-    handle(
-        &mut session,
-        0.0,
-        &CoordinatorMessage::Lend {
-            peer: ContributorId(5),
-            blobs: vec!["bafka".into()],
-        },
-    );
+    handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] });
     let link = lent_link(&mut session, 0.0, 5);
     for _ in 0..MAX_REQUESTS {
         session.link_message(1.0, link, Incoming::Text(&request("bafkother", 1)));
@@ -716,113 +402,38 @@ fn anything_but_a_blob_request_ends_the_lent_channel() {
 fn lends_are_bounded_and_expire() {
     let mut session = native();
     for peer in 0..=MAX_LENDS as u64 {
-        handle(
-            &mut session,
-            0.0,
-            &CoordinatorMessage::Lend {
-                peer: ContributorId(10 + peer),
-                blobs: vec!["bafka".into()],
-            },
-        );
+        handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(10 + peer), blobs: vec!["bafka".into()] });
     }
-    assert!(
-        borrower_offers(&mut session, 1.0, 10 + MAX_LENDS as u64)
-            .iter()
-            .all(|o| !matches!(o, Output::Answer { .. })),
-        "over the bound"
-    );
+    assert!(borrower_offers(&mut session, 1.0, 10 + MAX_LENDS as u64).iter().all(|o| !matches!(o, Output::Answer { .. })), "over the bound");
     // Past the window, a borrower that never offered is gone, and its place is free.
-    assert!(
-        borrower_offers(&mut session, LEND_WINDOW_MS, 10)
-            .iter()
-            .all(|o| !matches!(o, Output::Answer { .. })),
-        "too late"
-    );
-    handle(
-        &mut session,
-        LEND_WINDOW_MS,
-        &CoordinatorMessage::Lend {
-            peer: ContributorId(99),
-            blobs: vec!["bafka".into()],
-        },
-    );
+    assert!(borrower_offers(&mut session, LEND_WINDOW_MS, 10).iter().all(|o| !matches!(o, Output::Answer { .. })), "too late");
+    handle(&mut session, LEND_WINDOW_MS, &CoordinatorMessage::Lend { peer: ContributorId(99), blobs: vec!["bafka".into()] });
     let link = lent_link(&mut session, LEND_WINDOW_MS, 99);
     // A lent channel lasts `LEND_TIME_MS` at most.
     session.handle_timeout(LEND_WINDOW_MS + LEND_TIME_MS);
     assert!(drain(&mut session).contains(&Output::Close { link }));
     // A tab lends nothing, and says so only of an offer.
     let mut tab = session_with(Policy::TAB);
-    assert_eq!(
-        handle(
-            &mut tab,
-            0.0,
-            &CoordinatorMessage::Lend {
-                peer: ContributorId(5),
-                blobs: vec!["bafka".into()]
-            }
-        ),
-        []
-    );
-    assert!(
-        borrower_offers(&mut tab, 0.0, 5)
-            .iter()
-            .any(|o| matches!(o, Output::Log(l) if l.contains("lends none")))
-    );
+    assert_eq!(handle(&mut tab, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] }), []);
+    assert!(borrower_offers(&mut tab, 0.0, 5).iter().any(|o| matches!(o, Output::Log(l) if l.contains("lends none"))));
 }
 
 #[test]
 fn without_direct_channels_a_shard_comes_from_the_coordinator() {
-    let mut session = session_with(Policy {
-        links: false,
-        ..Policy::NATIVE
-    });
-    let out = handle(
-        &mut session,
-        0.0,
-        &CoordinatorMessage::Link {
-            peer: ContributorId(3),
-            offer: true,
-        },
-    );
-    assert!(
-        matches!(&out[..], [Output::Log(line)] if line.contains("--no-links")),
-        "{out:?}"
-    );
-    assert_eq!(
-        handle(
-            &mut session,
-            0.0,
-            &CoordinatorMessage::Link {
-                peer: ContributorId(4),
-                offer: true
-            }
-        ),
-        [],
-        "said once"
-    );
+    let mut session = session_with(Policy { links: false, ..Policy::NATIVE });
+    let out = handle(&mut session, 0.0, &CoordinatorMessage::Link { peer: ContributorId(3), offer: true });
+    assert!(matches!(&out[..], [Output::Log(line)] if line.contains("--no-links")), "{out:?}");
+    assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Link { peer: ContributorId(4), offer: true }), [], "said once");
     handle(&mut session, 0.0, &load_span(&[3]));
     session.blob_checked(0.0, SHARD, false);
-    assert!(matches!(
-        said(&drain(&mut session))[..],
-        [ContributorMessage::BlobRequest { .. }]
-    ));
+    assert!(matches!(said(&drain(&mut session))[..], [ContributorMessage::BlobRequest { .. }]));
 }
 
 #[test]
 fn an_unload_while_the_shard_is_fetched_loads_nothing() {
     let mut session = native();
     handle(&mut session, 0.0, &load_span(&[]));
-    handle(
-        &mut session,
-        0.0,
-        &CoordinatorMessage::UnloadSpan {
-            shard: SHARD.into(),
-        },
-    );
+    handle(&mut session, 0.0, &CoordinatorMessage::UnloadSpan { shard: SHARD.into() });
     session.blob_checked(0.0, SHARD, true);
-    assert!(
-        !drain(&mut session)
-            .iter()
-            .any(|o| matches!(o, Output::Span(SpanJob::Load { .. })))
-    );
+    assert!(!drain(&mut session).iter().any(|o| matches!(o, Output::Span(SpanJob::Load { .. }))));
 }
