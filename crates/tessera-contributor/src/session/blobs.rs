@@ -301,7 +301,11 @@ impl Session {
         if let Some(fetch) = self.fetches.iter_mut().find(|f| f.cid == cid) {
             let urgent = want != Want::Ahead;
             fetch.wants.push(want);
-            fetch.lenders.extend(lenders);
+            for lender in lenders {
+                if !fetch.lenders.contains(&lender) {
+                    fetch.lenders.push_back(lender);
+                }
+            }
             if urgent && fetch.state == FetchState::Queued {
                 self.check(cid);
             }

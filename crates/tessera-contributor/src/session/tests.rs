@@ -10,7 +10,8 @@ const BIG: usize = 256 << 10;
 /// The engine's `EXACT_BATCH_ROWS`, which the glue hands `next_span_jobs`.
 const EXACT_BATCH_ROWS: usize = 8;
 
-fn capabilities() -> Capabilities {
+/// A tab's adapter, as a page reports it (the blob tests use it too).
+pub(super) fn capabilities() -> Capabilities {
     Capabilities {
         adapter: "SwiftShader".into(),
         backend: "webgpu".into(),

@@ -269,11 +269,7 @@ impl Sim {
     fn deliver(&mut self, delivery: Delivery) {
         let now = self.now;
         match delivery {
-            Delivery::ToCoordinator { node, conn, wire } => {
-                if self.live(node, conn) {
-                    self.coordinator_receives(node, conn, &wire);
-                }
-            }
+            Delivery::ToCoordinator { node, conn, wire } if self.live(node, conn) => self.coordinator_receives(node, conn, &wire),
             Delivery::ToNode { node, conn, wire } if self.live(node, conn) => {
                 self.nodes[node].session.handle(now, wire.incoming());
                 self.pump(node);

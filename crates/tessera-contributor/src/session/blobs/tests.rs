@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tessera_protocol::{AdapterLimits, Blocks, Capabilities, Chunker, CoordinatorMessage, PROTOCOL_VERSION, SignalPayload, decode_control};
+use tessera_protocol::{Blocks, Chunker, CoordinatorMessage, PROTOCOL_VERSION, SignalPayload, decode_control};
 
 use super::*;
 use crate::session::{ChannelPurpose, Policy};
@@ -12,20 +12,7 @@ const BIG: usize = 256 << 10;
 const SHARD: &str = "bafkshard";
 
 fn session(policy: Policy) -> Session {
-    let capabilities = Capabilities {
-        adapter: "lavapipe".into(),
-        backend: "vulkan".into(),
-        limits: AdapterLimits {
-            max_storage_buffer_binding_size: 1 << 27,
-            max_buffer_size: 1 << 28,
-            max_compute_workgroup_storage_size: 16384,
-            max_compute_invocations_per_workgroup: 256,
-        },
-        memory_budget_bytes: 1 << 28,
-        benchmark_score: 3.5,
-        max_concurrent_units: 1,
-        lends_blobs: true,
-    };
+    let capabilities = crate::session::tests::capabilities();
     let mut session = Session::new(capabilities, policy, 1.0, BIG);
     let hello = drain(&mut session);
     let ContributorMessage::Hello { capabilities, .. } = sent(&hello[0]) else { panic!("{hello:?}") };
