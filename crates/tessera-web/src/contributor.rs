@@ -1,10 +1,10 @@
 //! `Contributor`: the page's volunteer. It opens the GPU, then in the background connects to the
 //! coordinator (`rtc`), feeds what arrives to the session machine (`tessera_contributor`), runs
-//! the units it hands out (`worker`) and reports to the page through `onEvent`. Failure is a state: a lost
-//! connection or refused signalling shows as status `error` and reconnects with back-off, a lost
-//! GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop is. The direct
-//! channels to other contributors that the session asks for are made, fed and closed here too;
-//! they end with the connection.
+//! the jobs it hands out (`worker`) and reports to the page through `onEvent`. Failure is a
+//! state: a lost connection or refused signalling shows as status `error` and reconnects with
+//! back-off, a lost GPU is reopened, and `pause`/`resume`/`stop` are honoured wherever the loop
+//! is. The direct channels to other contributors that the session asks for are made, fed and
+//! closed here too; they end with the connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -17,13 +17,13 @@ use futures::{FutureExt, StreamExt, pin_mut, select};
 use gloo_timers::future::TimeoutFuture;
 use serde::Serialize;
 use tessera_engine::AdapterSummary;
+use tessera_contributor::{Event, Outgoing, Output, Policy, Session, SpanJob, Status, next_span_jobs};
+use tessera_engine::stage::EXACT_BATCH_ROWS;
 use tessera_protocol::{Capabilities, Incoming};
 use wasm_bindgen::prelude::*;
 
 use crate::lifecycle::{Backoff, Options, Stats, check_budget};
 use crate::rtc::{self, Channel, Received};
-use tessera_contributor::{Event, Outgoing, Output, Policy, Session, SpanJob, Status, next_span_jobs};
-use tessera_engine::stage::EXACT_BATCH_ROWS;
 use crate::worker::{self, Finished, SpanDone, Worker};
 use crate::{js_error, log, now_ms, to_json};
 

@@ -2,9 +2,8 @@
 //! gave them, the reconnection back-off, and the counters `stats()` reports.
 
 use serde::{Deserialize, Serialize};
-use tessera_protocol::ContributorId;
-
 use tessera_contributor::{Event, Millis, Status};
+use tessera_protocol::ContributorId;
 
 /// Waits before reconnecting, in seconds, one more step per failure in a row.
 pub const BACKOFF_S: [u64; 6] = [1, 2, 4, 8, 15, 30];

@@ -14,6 +14,7 @@ use futures::channel::mpsc;
 use futures::{FutureExt, StreamExt, select};
 use gloo_timers::future::TimeoutFuture;
 use js_sys::{ArrayBuffer, Reflect, Uint8Array};
+use tessera_contributor::Outgoing;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -23,8 +24,6 @@ use web_sys::{
 };
 
 use crate::js_detail;
-use tessera_contributor::Outgoing;
-
 use crate::signal::{self, CHANNEL_LABEL};
 
 /// Messages off the channel waiting for the session; a peer that floods past this is cut off.

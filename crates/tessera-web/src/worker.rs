@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use js_sys::{Reflect, Uint8Array};
+use tessera_contributor::{Assignment, Event, SpanJob};
 use tessera_engine::bert::{Bert, BertConfig};
 use tessera_engine::cid::Cid;
 use tessera_engine::llama::{Llama, Stages};
@@ -24,7 +25,6 @@ use wasm_bindgen_futures::JsFuture;
 use crate::blobs;
 use crate::bytes::JsBytes;
 use crate::lifecycle::Options;
-use tessera_contributor::{Assignment, Event, SpanJob};
 
 /// Models kept loaded at once; loading another drops them.
 const MAX_MODELS: usize = 2;
@@ -135,7 +135,7 @@ impl Worker {
         self.spans.borrow_mut().drain().map(|(shard, _)| shard).collect()
     }
 
-    /// Runs span jobs as `tessera_contributor::next_span_jobs` groups them: one load, end or unload, or a
+    /// Runs span jobs as `next_span_jobs` groups them: one load, end or unload, or a
     /// batch of forwards through one span. The glue runs one group at a time, in order.
     pub async fn span(self: Rc<Self>, jobs: Vec<SpanJob>) -> SpanDone {
         match jobs.first() {
