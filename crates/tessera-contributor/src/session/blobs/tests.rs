@@ -424,3 +424,92 @@ fn an_unload_while_the_shard_is_fetched_loads_nothing() {
     session.blob_checked(0.0, SHARD, true);
     assert!(!drain(&mut session).iter().any(|o| matches!(o, Output::Span(SpanJob::Load { .. }))));
 }
+
+/// Noise from the network, on every kind of channel a native contributor has (the coordinator's,
+/// a link for forwards each way, a borrowing and a lent one): frames with a valid header and
+/// random bodies, control messages of every type with random fields, and plain garbage. Nothing
+/// panics, and what the coordinator sends wrong ends the session while what a peer sends wrong
+/// closes that link only.
+#[test]
+fn noise_from_anyone_panics_nothing() {
+    let mut seed = 0x5eed_u64;
+    let mut next = move || {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let z = (seed ^ (seed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb) ^ (z >> 31)
+    };
+    let types = ["welcome", "assign", "forward", "signal", "link", "lend", "blob_request", "error", "prefetch", "load_span", "passed", "heartbeat"];
+    let mut noise = |n: u64| -> Vec<Wire> {
+        (0..n)
+            .map(|i| match next() % 3 {
+                0 => {
+                    let mut frame = b"TSRA".to_vec();
+                    frame.extend((0..28 + next() % 100).map(|_| next() as u8));
+                    Wire::Binary(frame)
+                }
+                1 => {
+                    let kind = types[(next() % types.len() as u64) as usize];
+                    let number = next() % 1_000_000;
+                    Wire::Text(format!(
+                        "{{\"type\":\"{kind}\",\"session\":{number},\"step\":{i},\"stream\":{number},\"cid\":\"bafk{number}\",\"peer\":{number},\"from\":{number},\"to\":1}}"
+                    ))
+                }
+                _ => Wire::Binary((0..next() % 64).map(|_| next() as u8).collect()),
+            })
+            .collect()
+    };
+    for round in 0..20 {
+        let mut session = native();
+        handle(&mut session, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] });
+        let lent = lent_link(&mut session, 0.0, 5);
+        let borrow = borrowing(&mut session, 0.0, &[3]);
+        let (up, down) = (link_both_ways(&mut session, 7, false), link_both_ways(&mut session, 8, true));
+        for wire in noise(200) {
+            for link in [lent, borrow, up, down] {
+                session.link_message(1.0, link, wire.incoming());
+            }
+        }
+        let peers_only = drain(&mut session);
+        assert!(!peers_only.iter().any(|o| matches!(o, Output::Restart(_))), "round {round}: a peer ended the session");
+        for wire in noise(50) {
+            session.handle(2.0, wire.incoming());
+        }
+        session.handle_timeout(1e9);
+        drain(&mut session);
+    }
+}
+
+enum Wire {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+impl Wire {
+    fn incoming(&self) -> Incoming<'_> {
+        match self {
+            Wire::Text(text) => Incoming::Text(text),
+            Wire::Binary(bytes) => Incoming::Binary(bytes),
+        }
+    }
+}
+
+/// An open link for forwards with `peer`, offered by this side (`offer`) or by the peer.
+fn link_both_ways(session: &mut Session, peer: u64, offer: bool) -> u64 {
+    let out = handle(session, 0.0, &CoordinatorMessage::Link { peer: ContributorId(peer), offer });
+    let link = if offer {
+        let [Output::Offer { link, .. }] = out[..] else { panic!("{out:?}") };
+        session.described(0.0, link, Ok("v=0".into()));
+        let answer = SignalPayload::Answer { sdp: "v=0 answer".into() };
+        handle(session, 0.0, &CoordinatorMessage::Signal { from: ContributorId(peer), to: ContributorId(1), payload: answer });
+        link
+    } else {
+        let offer = SignalPayload::Offer { sdp: "v=0 offer".into(), purpose: ChannelPurpose::Forwards };
+        let out = handle(session, 0.0, &CoordinatorMessage::Signal { from: ContributorId(peer), to: ContributorId(1), payload: offer });
+        let [Output::Answer { link, .. }] = out[..] else { panic!("{out:?}") };
+        session.described(0.0, link, Ok("v=0".into()));
+        link
+    };
+    session.link_open(0.0, link, BIG);
+    drain(session);
+    link
+}
