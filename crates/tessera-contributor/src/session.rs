@@ -560,11 +560,6 @@ impl Session {
         self.refused
     }
 
-    /// The id the coordinator gave this contributor, once welcomed.
-    pub fn contributor(&self) -> Option<ContributorId> {
-        self.contributor
-    }
-
     /// One message off the coordinator's DataChannel.
     pub fn handle(&mut self, now: Millis, incoming: Incoming<'_>) {
         self.tick(now);

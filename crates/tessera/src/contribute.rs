@@ -25,7 +25,7 @@ use tessera_engine::Gpu;
 use tessera_engine::bert::Bert;
 use tessera_engine::checks::Rng;
 use tessera_engine::cid::Cid;
-use tessera_protocol::{AdapterLimits, Capabilities, ContributorId, ErrorCode, Incoming, MAX_LINKS};
+use tessera_protocol::{AdapterLimits, Capabilities, ErrorCode, Incoming, MAX_LINKS};
 use tessera_rtc::{Endpoint, Message, PeerEvent};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -386,11 +386,6 @@ fn local_ip_towards(coordinator: &str) -> anyhow::Result<IpAddr> {
     let socket = UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
     socket.connect(remote).with_context(|| format!("finding a route to {remote}"))?;
     Ok(socket.local_addr()?.ip())
-}
-
-/// A contributor's name in logs.
-fn who(peer: ContributorId) -> String {
-    format!("contributor {peer}")
 }
 
 #[cfg(test)]

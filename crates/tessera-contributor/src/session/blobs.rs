@@ -48,8 +48,8 @@ pub(super) const BORROW_ANSWER_MS: Millis = 30_000.0;
 const BORROW_FIRST_BYTE_MS: Millis = 60_000.0;
 /// How long a borrower waits for the next part of a blob before trying elsewhere.
 const BORROW_IDLE_MS: Millis = 20_000.0;
-/// From its first byte, a blob of `total` bytes must be whole within `BORROW_GRACE_MS` plus its
-/// time at `MIN_BORROW_RATE` bytes a second: a trickle would hold the span's load up for good,
+/// From its first byte, a blob must keep coming at `MIN_BORROW_RATE` bytes a second on average,
+/// after a grace of `BORROW_GRACE_MS`: a trickle would hold the span's load up for good,
 /// and a lender starved of CPU for a while still makes it.
 const BORROW_GRACE_MS: Millis = 10_000.0;
 const MIN_BORROW_RATE: f64 = 256.0 * 1024.0;
@@ -98,8 +98,8 @@ enum FetchState {
     /// The glue is checking its cache.
     Checking,
     /// Asking `lender` over `link`; `opened` when its channel opened, `first` when the first
-    /// byte of the blob's `total` came, `received` bytes since, the last at `last`.
-    Borrowing { lender: ContributorId, link: u64, opened: Option<Millis>, first: Option<Millis>, total: u64, received: u64, last: Millis },
+    /// byte came, `received` bytes since, the last at `last`.
+    Borrowing { lender: ContributorId, link: u64, opened: Option<Millis>, first: Option<Millis>, received: u64, last: Millis },
     /// Asked the coordinator, whose frames come on `stream`.
     Downloading { stream: u64 },
     /// The glue is checking and keeping the bytes that came from `from` (none: the coordinator).
@@ -123,7 +123,7 @@ impl Fetch {
     pub(super) fn deadline(&self) -> Option<Millis> {
         match self.state {
             FetchState::Borrowing { opened: Some(opened), first: None, .. } => Some(opened + BORROW_FIRST_BYTE_MS),
-            FetchState::Borrowing { first: Some(first), total, last, .. } => Some((last + BORROW_IDLE_MS).min(whole_by(first, total))),
+            FetchState::Borrowing { first: Some(first), received, last, .. } => Some((last + BORROW_IDLE_MS).min(behind_at(first, received))),
             _ => None,
         }
     }
@@ -133,9 +133,11 @@ impl Fetch {
     }
 }
 
-/// When a blob of `total` bytes whose first byte came at `first` must be whole.
-fn whole_by(first: Millis, total: u64) -> Millis {
-    first + BORROW_GRACE_MS + total as f64 * 1000.0 / MIN_BORROW_RATE
+/// When `received` bytes, the first of which came at `first`, fall behind `MIN_BORROW_RATE`
+/// after the grace. It moves only with bytes received, never with what a lender says is still to
+/// come (a frame's `total` is the lender's word, and a liar would claim a gigabyte to trickle).
+fn behind_at(first: Millis, received: u64) -> Millis {
+    first + BORROW_GRACE_MS + received as f64 * 1000.0 / MIN_BORROW_RATE
 }
 
 /// A borrower's permit: the blobs it may still fetch, until when it may offer a channel, and
@@ -336,7 +338,7 @@ impl Session {
             }
             let link = self.new_link(lender, Purpose::Borrow, true, LinkState::Queued, None);
             let fetch = &mut self.fetches[at];
-            (fetch.state, fetch.since) = (FetchState::Borrowing { lender, link, opened: None, first: None, total: 0, received: 0, last: now }, now);
+            (fetch.state, fetch.since) = (FetchState::Borrowing { lender, link, opened: None, first: None, received: 0, last: now }, now);
             self.start_offers();
             return;
         }
@@ -394,9 +396,9 @@ impl Session {
         };
         let failure = match decode::<PeerMessage>(incoming) {
             Ok(Decoded::Chunk(chunk)) => {
-                if let FetchState::Borrowing { first, total, received, last, .. } = &mut self.fetches[fetch].state {
+                if let FetchState::Borrowing { first, received, last, .. } = &mut self.fetches[fetch].state {
                     if first.is_none() {
-                        (*first, *total) = (Some(now), chunk.header.total);
+                        *first = Some(now);
                     }
                     (*received, *last) = (*received + chunk.payload.len() as u64, now);
                 }
@@ -434,14 +436,14 @@ impl Session {
             .fetches
             .iter()
             .filter_map(|f| {
-                let FetchState::Borrowing { lender, opened: Some(opened), first, total, received, last, .. } = f.state else {
+                let FetchState::Borrowing { lender, opened: Some(opened), first, received, last, .. } = f.state else {
                     return None;
                 };
                 let why = match first {
                     None if now - opened >= BORROW_FIRST_BYTE_MS => format!("nothing arrived for {} s", BORROW_FIRST_BYTE_MS / 1000.0),
                     Some(_) if now - last >= BORROW_IDLE_MS => format!("nothing arrived for {} s", BORROW_IDLE_MS / 1000.0),
-                    Some(first) if now >= whole_by(first, total) => {
-                        format!("{received} of {total} bytes in {:.0} s is too slow", (now - first) / 1000.0)
+                    Some(first) if now >= behind_at(first, received) => {
+                        format!("{received} bytes in {:.0} s is too slow", (now - first) / 1000.0)
                     }
                     _ => return None,
                 };

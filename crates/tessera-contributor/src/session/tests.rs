@@ -28,7 +28,7 @@ pub(super) fn capabilities() -> Capabilities {
     }
 }
 
-fn drain(session: &mut Session) -> Vec<Output> {
+pub(super) fn drain(session: &mut Session) -> Vec<Output> {
     std::iter::from_fn(|| session.poll()).collect()
 }
 
@@ -36,12 +36,12 @@ fn text(message: &CoordinatorMessage) -> String {
     encode_control(message)
 }
 
-fn handle(session: &mut Session, now: Millis, message: &CoordinatorMessage) -> Vec<Output> {
+pub(super) fn handle(session: &mut Session, now: Millis, message: &CoordinatorMessage) -> Vec<Output> {
     session.handle(now, Incoming::Text(&text(message)));
     drain(session)
 }
 
-fn sent(output: &Output) -> ContributorMessage {
+pub(super) fn sent(output: &Output) -> ContributorMessage {
     match output {
         Output::Send(Outgoing::Text(text)) => decode_control(text.as_bytes(), usize::MAX).unwrap(),
         other => panic!("expected a control message, got {other:?}"),

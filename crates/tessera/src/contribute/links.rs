@@ -15,7 +15,7 @@ use tessera_protocol::{ContributorId, Incoming};
 use tessera_rtc::{Endpoint, Message, Peer, PeerEvent};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Done, message_of, who};
+use super::{Done, message_of};
 
 /// How long `tessera_rtc` lets a channel take to open; the session's own deadlines are shorter.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -189,7 +189,7 @@ async fn serve(link: u64, peer: ContributorId, setup: Setup, done: mpsc::Sender<
                 }
                 Some(PeerEvent::Connected | PeerEvent::Open) => {}
                 Some(PeerEvent::Closed(reason)) => {
-            report(LinkEvent::Closed(format!("{} closed it: {reason}", who(peer)))).await;
+            report(LinkEvent::Closed(format!("contributor {peer} closed it: {reason}"))).await;
             return;
         },
                 None => {

@@ -6,12 +6,13 @@
 use tessera_protocol::{Blocks, Chunker, CoordinatorMessage, PROTOCOL_VERSION, SignalPayload, decode_control};
 
 use super::*;
+use crate::session::tests::{drain, handle, sent};
 use crate::session::{ChannelPurpose, Policy};
 
 const BIG: usize = 256 << 10;
 const SHARD: &str = "bafkshard";
 
-fn session(policy: Policy) -> Session {
+fn with_policy(policy: Policy) -> Session {
     let capabilities = crate::session::tests::capabilities();
     let mut session = Session::new(capabilities, policy, 1.0, BIG);
     let hello = drain(&mut session);
@@ -23,23 +24,7 @@ fn session(policy: Policy) -> Session {
 }
 
 fn native() -> Session {
-    session(Policy::NATIVE)
-}
-
-fn drain(session: &mut Session) -> Vec<Output> {
-    std::iter::from_fn(|| session.poll()).collect()
-}
-
-fn handle(session: &mut Session, now: Millis, message: &CoordinatorMessage) -> Vec<Output> {
-    session.handle(now, Incoming::Text(&encode_control(message)));
-    drain(session)
-}
-
-fn sent(output: &Output) -> ContributorMessage {
-    match output {
-        Output::Send(Outgoing::Text(text)) => decode_control(text.as_bytes(), usize::MAX).unwrap(),
-        other => panic!("expected a control message, got {other:?}"),
-    }
+    with_policy(Policy::NATIVE)
 }
 
 /// The control messages among `outputs`.
@@ -159,15 +144,21 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
         s.handle_timeout(21_000.0);
     };
     let trickles: Fail = |s, link| {
-        // The first of two frames at 5 s, and the second still missing once the blob's time at
-        // 256 KiB/s and the grace after its first byte are over.
+        // The first of two frames at 5 s, and nothing more by the time its bytes at 256 KiB/s and
+        // the grace after them are over.
         let frames = blob_frames(BORROW_STREAM, &shard_bytes());
         s.link_message(5_000.0, link, Incoming::Binary(&frames[0]));
-        let whole_by = 5_000.0 + BORROW_GRACE_MS + 100_000.0 * 1000.0 / MIN_BORROW_RATE;
-        assert_eq!(s.poll_timeout(), Some(whole_by));
-        s.handle_timeout(whole_by - 1.0);
-        assert!(said(&drain(s)).is_empty(), "not too slow yet");
-        s.handle_timeout(whole_by);
+        trickled(s, 5_000.0);
+    };
+    let claims_a_big_blob: Fail = |s, link| {
+        // The same, with a first frame whose header says 64 MiB are coming: what a lender says
+        // is still to come buys it no time.
+        let mut frame = blob_frames(BORROW_STREAM, &shard_bytes()).swap_remove(0);
+        let total: u64 = 64 << 20;
+        frame[20..24].copy_from_slice(&(total.div_ceil(tessera_protocol::MAX_CHUNK_PAYLOAD as u64) as u32).to_le_bytes());
+        frame[24..32].copy_from_slice(&total.to_le_bytes());
+        s.link_message(5_000.0, link, Incoming::Binary(&frame));
+        trickled(s, 5_000.0);
     };
     let silent: Fail = |s, _| {
         s.handle_timeout(59_999.0);
@@ -181,14 +172,15 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
         s.blob_stored(1_000.0, SHARD, Err(StoreError { corrupt: true, message: "sha2-256 mismatch".into() }));
     };
     let never_answers: Fail = |s, _| s.handle_timeout(BORROW_ANSWER_MS);
-    let cases: [(&str, Fail, bool, &str); 10] = [
+    let cases: [(&str, Fail, bool, &str); 11] = [
         ("refuses", refuse, false, "it refused (BlobNotFound): no such blob"),
         ("a bad frame", bad_frame, false, "does not decode"),
         ("a tensor", tensor, false, "Tensor payload"),
         ("a forward", forward, false, "other than the blob"),
         ("closes", closes, false, "contributor 3 closed it"),
         ("stalls", stalls, false, "nothing arrived for 20 s"),
-        ("trickles", trickles, false, "65536 of 100000 bytes in 10 s is too slow"),
+        ("trickles", trickles, false, "65536 bytes in 10 s is too slow"),
+        ("claims a big blob and trickles", claims_a_big_blob, false, "65536 bytes in 10 s is too slow"),
         ("sends nothing", silent, false, "nothing arrived for 60 s"),
         ("sends corrupt bytes", corrupt, true, "sha2-256 mismatch"),
         ("never answers", never_answers, false, "did not open within 30 s"),
@@ -220,6 +212,16 @@ fn a_lender_that_fails_or_lies_is_reported_and_the_next_source_tried() {
             assert!(out.contains(&Output::Close { link }), "{what}: lender 3's channel closes: {out:?}");
         }
     }
+}
+
+/// After 64 KiB that came at `first`: the borrow is too slow once their time at 256 KiB/s and
+/// the grace are over, and not a millisecond before.
+fn trickled(session: &mut Session, first: Millis) {
+    let behind_at = first + BORROW_GRACE_MS + 65_536.0 * 1000.0 / MIN_BORROW_RATE;
+    assert_eq!(session.poll_timeout(), Some(behind_at));
+    session.handle_timeout(behind_at - 1.0);
+    assert!(said(&drain(session)).is_empty(), "not too slow yet");
+    session.handle_timeout(behind_at);
 }
 
 #[test]
@@ -274,12 +276,8 @@ fn shards_are_fetched_ahead_one_at_a_time_and_announced() {
     handle(&mut session, 0.0, &CoordinatorMessage::Prefetch { blobs: vec!["bafka".into(), SHARD.into()], lenders: Default::default() });
     assert_eq!(handle(&mut session, 0.0, &load_span(&[])), [check(SHARD)]);
     // A tab fetches nothing ahead.
-    let mut tab = session_with(Policy::TAB);
+    let mut tab = with_policy(Policy::TAB);
     assert_eq!(handle(&mut tab, 0.0, &prefetch), []);
-}
-
-fn session_with(policy: Policy) -> Session {
-    session(policy)
 }
 
 #[test]
@@ -291,7 +289,7 @@ fn the_glue_asks_for_a_unit_models_blobs() {
     assert_eq!(drain(&mut session), [Output::Fetched { cid: "bafkmodel".into(), result: Ok(()) }]);
     session.fetch(2.0, "../etc/passwd".into());
     assert!(matches!(&drain(&mut session)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("not a CID")));
-    let mut tab = session_with(Policy::TAB);
+    let mut tab = with_policy(Policy::TAB);
     tab.fetch(0.0, "bafkmodel".into());
     assert!(matches!(&drain(&mut tab)[..], [Output::Fetched { result: Err(e), .. }] if e.contains("fetches no blobs")));
 }
@@ -400,14 +398,14 @@ fn lends_are_bounded_and_expire() {
     session.handle_timeout(LEND_WINDOW_MS + LEND_TIME_MS);
     assert!(drain(&mut session).contains(&Output::Close { link }));
     // A tab lends nothing, and says so only of an offer.
-    let mut tab = session_with(Policy::TAB);
+    let mut tab = with_policy(Policy::TAB);
     assert_eq!(handle(&mut tab, 0.0, &CoordinatorMessage::Lend { peer: ContributorId(5), blobs: vec!["bafka".into()] }), []);
     assert!(borrower_offers(&mut tab, 0.0, 5).iter().any(|o| matches!(o, Output::Log(l) if l.contains("lends none"))));
 }
 
 #[test]
 fn without_direct_channels_a_shard_comes_from_the_coordinator() {
-    let mut session = session_with(Policy { links: false, ..Policy::NATIVE });
+    let mut session = with_policy(Policy { links: false, ..Policy::NATIVE });
     let out = handle(&mut session, 0.0, &CoordinatorMessage::Link { peer: ContributorId(3), offer: true });
     assert!(matches!(&out[..], [Output::Log(line)] if line.contains("--no-links")), "{out:?}");
     assert_eq!(handle(&mut session, 0.0, &CoordinatorMessage::Link { peer: ContributorId(4), offer: true }), [], "said once");
